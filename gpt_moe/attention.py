@@ -1,0 +1,139 @@
+"""Multi-head Latent Attention (MLA, DeepSeek-V2 sec. 2.1).
+
+Queries go through an optional low-rank bottleneck (`q_a_proj` -> RMSNorm -> `q_b_proj`).
+Keys and values share one down-projection `kv_a_proj_with_mqa` to a latent of
+`kv_lora_rank` numbers plus one RoPE key of `qk_rope_head_dim` shared by all heads;
+the latent is normalised (`kv_a_layernorm`) and expanded per head by `kv_b_proj`.
+
+Two ways to compute the same attention:
+
+* `forward` (training, prefill of a full sequence): expand the latent to per-head
+  keys/values and call `scaled_dot_product_attention` (flash / memory-efficient kernels).
+* `decode` (generation): the cache holds only the normalised latent and the rotated
+  RoPE key per token, i.e. (kv_lora_rank + qk_rope_head_dim) numbers instead of
+  heads * (qk_head_dim + v_head_dim). The key up-projection is absorbed into the query
+  and the value up-projection into the output, so attention runs directly on the latent
+  as a single-KV-head (MQA) attention of width kv_lora_rank + qk_rope_head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt_moe.config import ModelConfig
+from gpt_moe.norm import RMSNorm
+from gpt_moe.rope import apply_rope
+
+
+@dataclass
+class LatentCache:
+    """One layer's decode cache: normalised KV latents and rotated RoPE keys.
+
+    latent: [batch, capacity, kv_lora_rank]; rope_key: [batch, capacity, qk_rope_head_dim];
+    `length` positions are filled.
+    """
+
+    latent: torch.Tensor
+    rope_key: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, capacity: int, device: torch.device | str,
+              dtype: torch.dtype) -> "LatentCache":
+        return cls(torch.zeros(batch, capacity, config.kv_lora_rank, device=device, dtype=dtype),
+                   torch.zeros(batch, capacity, config.qk_rope_head_dim, device=device, dtype=dtype))
+
+    def append(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores [batch, new, *] entries; returns views of everything cached so far."""
+        end = self.length + latent.shape[1]
+        if end > self.latent.shape[1]:
+            raise ValueError(f"latent cache full: capacity {self.latent.shape[1]}, need {end}")
+        self.latent[:, self.length:end] = latent
+        self.rope_key[:, self.length:end] = rope_key
+        self.length = end
+        return self.latent[:, :end], self.rope_key[:, :end]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA with HF `deepseek_v3` parameter names. x: [batch, seq, hidden] -> [batch, seq, hidden]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        h, nh = config.hidden_size, config.num_attention_heads
+        self.num_heads = nh
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
+        self.scale = config.softmax_scale
+        if config.q_lora_rank:
+            self.q_a_proj = nn.Linear(h, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, nh * config.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(h, nh * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, nh * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(nh * self.v_dim, h, bias=False)
+
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [b, s, hidden] -> (q_nope [b, heads, s, nope], rotated q_rope [b, heads, s, rope])."""
+        b, s, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.config.q_lora_rank else self.q_proj(x)
+        q = q.view(b, s, self.num_heads, -1).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin, self.config.rope_interleave)
+
+    def _latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [b, s, hidden] -> (normalised latent [b, s, kv_rank], rotated rope key [b, s, rope])."""
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, self.config.rope_interleave).squeeze(1)
+        return self.kv_a_layernorm(latent), k_rope
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over the whole sequence. cos/sin: [seq, rope/2]."""
+        b, s, _ = x.shape
+        q_nope, q_rope = self._queries(x, cos, sin)
+        latent, k_rope = self._latents(x, cos, sin)
+        kv = self.kv_b_proj(latent).view(b, s, self.num_heads, -1).transpose(1, 2)
+        k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        query = torch.cat((q_nope, q_rope), dim=-1)
+        key = torch.cat((k_nope, k_rope.unsqueeze(1).expand(-1, self.num_heads, -1, -1)), dim=-1)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of `x` ([b, new, hidden], positions cache.length ...) over the cache plus itself.
+
+        Absorbed form: score = (q_nope W_UK) . latent + q_rope . k_rope; out = (p . latent) W_UV.
+        key_mask: optional [b, total] bool, False for padded cache slots. cos/sin: [b, 1, new, rope/2] or [new, rope/2].
+        """
+        b, new, _ = x.shape
+        past = cache.length
+        q_nope, q_rope = self._queries(x, cos, sin)
+        latent_new, k_rope_new = self._latents(x, cos, sin)
+        latent, k_rope = cache.append(latent_new, k_rope_new)
+
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # [heads, nope, rank], [heads, v, rank]
+        q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
+        query = torch.cat((q_latent, q_rope), dim=-1)  # [b, heads, new, rank + rope]
+        key = torch.cat((latent, k_rope), dim=-1).unsqueeze(1)  # [b, 1, total, rank + rope]
+        value = latent.unsqueeze(1)  # [b, 1, total, rank]
+
+        total = past + new
+        mask = None
+        if new > 1 or key_mask is not None:
+            positions = torch.arange(total, device=x.device)
+            mask = positions[None, :] <= (past + torch.arange(new, device=x.device))[:, None]  # [new, total]
+            if key_mask is not None:
+                mask = mask[None, None] & key_mask[:, None, None, :]
+        out_latent = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scale,
+                                                    enable_gqa=True)  # [b, heads, new, rank]
+        out = torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
+        return self.o_proj(out.reshape(b, new, -1))

@@ -1,0 +1,228 @@
+"""The DeepSeek-style decoder: embeddings, MLA + (dense | MoE) blocks, final norm, head, optional MTP.
+
+Module and parameter names follow transformers' `DeepseekV3ForCausalLM`
+(`model.embed_tokens`, `model.layers.{i}.self_attn...`, `model.layers.{i}.mlp...`,
+`model.norm`, `lm_head`), so a state dict maps one to one. The multi-token prediction
+block (V3 sec. 2.2) sits after the main layers at `model.layers.{num_hidden_layers}`
+with the released names `enorm`, `hnorm`, `eh_proj`, `shared_head.norm`; it reuses the
+model's embedding and output head.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt_moe.attention import LatentCache, MultiHeadLatentAttention
+from gpt_moe.config import ModelConfig
+from gpt_moe.moe import MLP, MoE, Experts
+from gpt_moe.norm import RMSNorm
+from gpt_moe.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    """logits: [batch, seq, vocab]. Losses are scalars (None when not computed)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight * mtp_loss + aux_loss
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + MLA(norm(x)), then x + FFN(norm(x)); FFN is dense or MoE by layer index."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, expert_parallel=None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = MoE(config, expert_parallel)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None, key_mask: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [batch, seq, hidden] -> (same shape, balance loss of this layer or None)."""
+        h = self.input_layernorm(x)
+        h = self.self_attn(h, cos, sin) if cache is None else self.self_attn.decode(h, cos, sin, cache, key_mask)
+        x = x + h
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            h, aux = self.mlp(h)
+        else:
+            h, aux = self.mlp(h), None
+        return x + h, aux
+
+
+class SharedHead(nn.Module):
+    """The MTP block's output norm; the projection itself is the model's `lm_head`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MultiTokenPredictionLayer(DecoderLayer):
+    """MTP depth 1: from the main model's hidden state at t and the embedding of token t+1,
+    predict token t+2. Input = eh_proj([enorm(embed(t+1)); hnorm(h_t)]) -- embedding first,
+    the order in which the released weights are laid out."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, expert_parallel=None) -> None:
+        super().__init__(config, layer_idx, expert_parallel)
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = SharedHead(config)
+
+    def predict(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden, next_embeds: [batch, seq, hidden] -> (normalised output [batch, seq, hidden], aux)."""
+        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+        x, aux = self.forward(x, cos, sin)
+        return self.shared_head.norm(x), aux
+
+
+class DeepSeekModel(nn.Module):
+    """Embeddings, decoder layers (+ MTP layer), final norm. Prefix `model.` in the HF layout."""
+
+    def __init__(self, config: ModelConfig, expert_parallel=None) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        layers = [DecoderLayer(config, i, expert_parallel) for i in range(config.num_hidden_layers)]
+        layers += [MultiTokenPredictionLayer(config, config.num_hidden_layers + i, expert_parallel)
+                   for i in range(config.num_nextn_predict_layers)]
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    @property
+    def main_layers(self) -> list[DecoderLayer]:
+        return list(self.layers[: self.config.num_hidden_layers])
+
+    @property
+    def mtp_layer(self) -> MultiTokenPredictionLayer | None:
+        return self.layers[-1] if self.config.num_nextn_predict_layers else None
+
+
+class DeepSeekForCausalLM(nn.Module):
+    """The language model. Call with input_ids [batch, seq] (and labels [batch, seq] for losses)."""
+
+    def __init__(self, config: ModelConfig, expert_parallel=None, seed: int | None = 0) -> None:
+        """seed=None skips initialisation (meta-device models for counting, weights loaded later)."""
+        super().__init__()
+        self.config = config
+        self.model = DeepSeekModel(config, expert_parallel)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if seed is not None:
+            self.init_weights(seed)
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init from (seed, parameter name[, global expert id]).
+
+        Seeding by name rather than by construction order makes the weights independent of
+        the expert-parallel layout: expert e of layer l gets the same values on whichever rank
+        holds it, and different experts never start identical."""
+        std = self.config.initializer_range
+        for module_name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, Experts):
+                first = module.first_expert
+                for pname, param in module.named_parameters(recurse=False):
+                    for i, block in enumerate(param):
+                        _seeded_normal_(block, std, seed, f"{module_name}.{pname}#{first + i}")
+            elif isinstance(module, (nn.Linear, nn.Embedding)) or hasattr(module, "e_score_correction_bias"):
+                _seeded_normal_(module.weight, std, seed, f"{module_name}.weight")
+                if hasattr(module, "e_score_correction_bias"):
+                    module.e_score_correction_bias.zero_()
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids, labels: [batch, seq] (labels[t] is the token after input_ids[t]; -100 ignored)."""
+        cfg = self.config
+        seq = input_ids.shape[1]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(torch.arange(seq, device=input_ids.device), x.dtype)
+        aux_losses = []
+        for layer in self.model.main_layers:
+            x, aux = layer(x, cos, sin)
+            aux_losses.append(aux)
+        logits = self.lm_head(self.model.norm(x))
+        if labels is None:
+            return ModelOutput(logits=logits)
+
+        lm_loss = _cross_entropy(logits, labels)
+        loss = lm_loss
+        mtp_loss = None
+        mtp = self.model.mtp_layer
+        if mtp is not None and seq > 1:
+            # position t sees h_t and the embedding of token t+1 (= labels[t]) and predicts labels[t+1]
+            next_embeds = self.model.embed_tokens(labels[:, :-1].clamp(min=0))
+            mtp_hidden, aux = mtp.predict(x[:, :-1], next_embeds, cos[:-1], sin[:-1])
+            aux_losses.append(aux)
+            mtp_loss = _cross_entropy(self.lm_head(mtp_hidden), labels[:, 1:])
+            loss = loss + cfg.mtp_loss_weight * mtp_loss
+        aux_terms = [a for a in aux_losses if a is not None]
+        aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
+        if aux_loss is not None:
+            loss = loss + aux_loss
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)
+
+    # ------------------------------------------------------------------ incremental decoding
+    def new_cache(self, batch: int, capacity: int) -> list[LatentCache]:
+        """Empty latent caches for the main layers (capacity = prompt + new tokens)."""
+        param = self.lm_head.weight
+        return [LatentCache.empty(self.config, batch, capacity, param.device, param.dtype)
+                for _ in range(self.config.num_hidden_layers)]
+
+    def decode_step(self, input_ids: torch.Tensor, caches: list[LatentCache],
+                    positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs new tokens [batch, new] through the cached model (prefill when the cache is empty).
+
+        positions: [batch, new] (default cache length + 0..new-1); key_mask: [batch, total] bool,
+        False for cache slots to ignore (left padding). Returns (logits [batch, new, vocab],
+        final hidden state before the norm [batch, new, hidden])."""
+        past = caches[0].length
+        x = self.model.embed_tokens(input_ids)
+        if positions is None:
+            positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.model.rotary_emb(positions, x.dtype)
+        if cos.dim() == 3:  # per-row positions: broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for layer, cache in zip(self.model.main_layers, caches):
+            x, _ = layer(x, cos, sin, cache=cache, key_mask=key_mask)
+        return self.lm_head(self.model.norm(x)), x
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in fp32. logits: [batch, seq, vocab]; labels: [batch, seq]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _seeded_normal_(tensor: torch.Tensor, std: float, seed: int, key: str) -> None:
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
+    values = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std
+    tensor.copy_(values.to(device=tensor.device, dtype=tensor.dtype))

@@ -1,0 +1,207 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts, dropless, with aux-loss-free balancing.
+
+Routing (DeepSeek-V3 sec. 2.1.2): scores s = sigmoid(x W_r^T) (or softmax for V2-style
+models). Experts are *selected* on s + b, where b is the per-expert
+`e_score_correction_bias`, optionally restricted to the best `topk_group` of `n_group`
+expert groups; the *mixing weights* are the unbiased scores of the chosen experts,
+renormalised over the top-k and multiplied by `routed_scaling_factor`. The bias is not
+trained by gradients: after each optimizer step it moves by `rate * sign(mean_load -
+load_i)` (`update_bias`), which balances load without an auxiliary loss. An optional
+sequence-wise balance loss (V3 eq. 17-20) can be added with a small coefficient.
+
+Dispatch: the [tokens, top_k] assignments are sorted by expert, the tokens are gathered
+in that order, and all local experts run as two grouped matmuls (`torch._grouped_mm`)
+over contiguous row blocks; the outputs are un-permuted and mixed. No Python loop over
+experts, no host sync, no one-hot dispatch tensor. When expert parallelism is on, the
+sorted rows travel to the rank holding their expert and back (`expert_parallel.py`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt_moe.config import ModelConfig
+
+if TYPE_CHECKING:
+    from gpt_moe.expert_parallel import ExpertParallel
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). x: [..., hidden] -> [..., hidden]."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TopkRouter(nn.Module):
+    """Scores every routed expert and picks `num_experts_per_tok` per token (module name `gate` in HF)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size))
+        # fp32 whatever the model dtype: updates of size 1e-3 must not round away in bf16
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [tokens, hidden] -> (expert ids [tokens, k] int64, mixing weights [tokens, k] fp32,
+        scores [tokens, experts] fp32)."""
+        cfg = self.config
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach() + self.e_score_correction_bias
+        if cfg.n_group > 1:
+            choice = self._keep_top_groups(choice)
+        expert_ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, expert_ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return expert_ids, weights * cfg.routed_scaling_factor, scores
+
+    def _keep_top_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Masks (to -inf) every expert outside the `topk_group` best groups of each token.
+
+        A group's score is the sum of its two best experts for sigmoid routing (V3) and its
+        best expert for softmax routing (V2's group-limited greedy)."""
+        cfg = self.config
+        grouped = choice.view(choice.shape[0], cfg.n_group, cfg.experts_per_group)
+        if cfg.scoring_func == "sigmoid":
+            group_score = grouped.topk(min(2, cfg.experts_per_group), dim=-1).values.sum(dim=-1)
+        else:
+            group_score = grouped.amax(dim=-1)
+        top_groups = group_score.topk(cfg.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top_groups, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Row block i of x (rows offsets[i-1]:offsets[i]) times weight[i].
+
+    x: [rows, in]; weight: [experts, in, out]; offsets: [experts] int32 cumulative row counts
+    -> [rows, out]. One `torch._grouped_mm` where the kernel exists for this device and dtype;
+    otherwise a loop over `weight.unbind(0)` (slices taken once, so backward writes one
+    gradient buffer instead of a full-size one per expert).
+    """
+    if _has_grouped_mm(x):
+        return torch._grouped_mm(x, weight, offs=offsets)
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    blocks = [x[s:e] @ w for s, e, w in zip(starts, ends, weight.unbind(0))]
+    return torch.cat(blocks) if blocks else x.new_zeros(0, weight.shape[-1])
+
+
+def _has_grouped_mm(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":  # the CUDA kernel is bf16-only and needs sm80+
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu"
+
+
+class Experts(nn.Module):
+    """The routed experts held by this rank, stacked: gate_up_proj [E_local, 2*I, hidden] (gate rows
+    first), down_proj [E_local, hidden, I] -- the layout of transformers' `DeepseekV3Experts`."""
+
+    def __init__(self, config: ModelConfig, num_local_experts: int, first_expert: int = 0) -> None:
+        super().__init__()
+        self.num_local_experts = num_local_experts
+        self.first_expert = first_expert  # global id of local expert 0
+        inter, hidden = config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_local_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_local_experts, hidden, inter))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: [rows, hidden] sorted by local expert; counts: [E_local] rows per expert -> [rows, hidden]."""
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = grouped_matmul(x, self.gate_up_proj.transpose(1, 2), offsets).chunk(2, dim=-1)
+        return grouped_matmul(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE feed-forward. x: [batch, seq, hidden] -> ([batch, seq, hidden], aux loss or None).
+
+    After each forward, `tokens_per_expert` ([n_routed_experts] fp32) holds the routed
+    assignments of that forward and `load_since_update` their running sum, which the
+    trainer all-reduces and feeds to `update_bias` once per optimizer step.
+    """
+
+    def __init__(self, config: ModelConfig, expert_parallel: "ExpertParallel | None" = None) -> None:
+        super().__init__()
+        self.config = config
+        self.expert_parallel = expert_parallel
+        ep_size, ep_rank = (expert_parallel.size, expert_parallel.rank) if expert_parallel else (1, 0)
+        local = config.n_routed_experts // ep_size
+        self.gate = TopkRouter(config)
+        self.experts = Experts(config, local, first_expert=ep_rank * local)
+        if config.n_shared_experts:
+            self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        n = config.n_routed_experts
+        self.register_buffer("tokens_per_expert", torch.zeros(n), persistent=False)
+        self.register_buffer("load_since_update", torch.zeros(n), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, s, h = x.shape
+        k = self.config.num_experts_per_tok
+        flat = x.reshape(b * s, h)
+        expert_ids, weights, scores = self.gate(flat)
+
+        assignments = expert_ids.flatten()  # [tokens*k]; assignment j belongs to token j // k
+        counts = torch.zeros(self.config.n_routed_experts, device=x.device).index_add_(
+            0, assignments, torch.ones_like(assignments, dtype=torch.float32))
+        order = assignments.argsort(stable=True)
+        rows = flat[order // k]  # [tokens*k, hidden], grouped by expert
+        if self.expert_parallel is not None:
+            out_rows = self.expert_parallel.run_experts(self.experts, rows, counts)
+        else:
+            out_rows = self.experts(rows, counts.long())
+        unsorted = torch.empty_like(order)
+        unsorted[order] = torch.arange(order.numel(), device=order.device)
+        mixed = (out_rows[unsorted].view(b * s, k, h) * weights.unsqueeze(-1).to(x.dtype)).sum(dim=1)
+
+        out = mixed.view(b, s, h)
+        if self.config.n_shared_experts:
+            out = out + self.shared_experts(x)
+        with torch.no_grad():
+            self.tokens_per_expert.copy_(counts)
+            if self.training:
+                self.load_since_update += counts
+        aux = None
+        if self.training and self.config.seq_aux_loss_coef > 0:
+            aux = self.sequence_balance_loss(scores.view(b, s, -1), expert_ids.view(b, s * k))
+        return out, aux
+
+    def sequence_balance_loss(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
+
+        scores: [batch, seq, experts] fp32; expert_ids: [batch, seq*k]. f_i is expert i's share of
+        the sequence's assignments times E/k (1 when uniform); P_i its mean normalised score.
+        """
+        b, s, n = scores.shape
+        k = self.config.num_experts_per_tok
+        chosen = torch.zeros(b, n, device=scores.device).scatter_add_(
+            1, expert_ids, torch.ones_like(expert_ids, dtype=torch.float32))
+        f = chosen * n / (k * s)
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return self.config.seq_aux_loss_coef * (f * p).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def update_bias(router: TopkRouter, load: torch.Tensor, rate: float) -> None:
+    """Aux-loss-free balancing step: bias_i += rate * sign(mean(load) - load_i).
+
+    load: [n_routed_experts] token counts summed over the whole global batch (all ranks,
+    all micro-batches). Overloaded experts become less likely to be selected, underloaded
+    ones more; mixing weights are untouched because they use unbiased scores."""
+    bias = router.e_score_correction_bias
+    bias += rate * torch.sign(load.float().mean() - load.float()).to(bias.device)
+
