@@ -120,11 +120,16 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_local_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_local_experts, hidden, inter))
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: [rows, hidden] sorted by local expert; counts: [E_local] rows per expert -> [rows, hidden]."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+        """x: [rows, hidden] sorted by local expert; counts: [E_local] rows per expert;
+        row_weights: [rows, 1] mixing weight of each row -> weighted expert outputs [rows, hidden].
+
+        The weight scales the activation before the down projection (linear, so the same result),
+        which is cheaper than scaling the output when moe_intermediate_size < hidden_size."""
         offsets = counts.cumsum(0).to(torch.int32)
         gate, up = grouped_matmul(x, self.gate_up_proj.transpose(1, 2), offsets).chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets)
+        hidden = F.silu(gate) * up * row_weights.to(x.dtype)
+        return grouped_matmul(hidden, self.down_proj.transpose(1, 2), offsets)
 
 
 class MoE(nn.Module):
@@ -158,15 +163,16 @@ class MoE(nn.Module):
         assignments = expert_ids.flatten()  # [tokens*k]; assignment j belongs to token j // k
         counts = torch.zeros(self.config.n_routed_experts, device=x.device).index_add_(
             0, assignments, torch.ones_like(assignments, dtype=torch.float32))
-        order = assignments.argsort(stable=True)
-        rows = flat[order // k]  # [tokens*k, hidden], grouped by expert
+        order = assignments.argsort(stable=True)  # sorted row r is assignment order[r]
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)  # assignment j is sorted row rank[j]
+        rows = GatherSorted.apply(flat, order, rank, k)  # [tokens*k, hidden], grouped by expert
+        row_weights = weights.flatten()[order].unsqueeze(-1)
         if self.expert_parallel is not None:
-            out_rows = self.expert_parallel.run_experts(self.experts, rows, counts)
+            out_rows = self.expert_parallel.run_experts(self.experts, rows, counts, row_weights)
         else:
-            out_rows = self.experts(rows, counts.long())
-        unsorted = torch.empty_like(order)
-        unsorted[order] = torch.arange(order.numel(), device=order.device)
-        mixed = (out_rows[unsorted].view(b * s, k, h) * weights.unsqueeze(-1).to(x.dtype)).sum(dim=1)
+            out_rows = self.experts(rows, counts.long(), row_weights)
+        mixed = UnsortRows.apply(out_rows, rank, order).view(b * s, k, h).sum(dim=1)
 
         out = mixed.view(b, s, h)
         if self.config.n_shared_experts:
@@ -193,6 +199,39 @@ class MoE(nn.Module):
         f = chosen * n / (k * s)
         p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
         return self.config.seq_aux_loss_coef * (f * p).sum(dim=1).mean()
+
+
+class GatherSorted(torch.autograd.Function):
+    """rows = x[order // k]: each token copied once per chosen expert, in expert order.
+
+    Autograd's own backward for this indexing is a scatter-add (slow on CPU, atomic on GPU);
+    as `order` is a permutation of the token-expert pairs, the gradient is a gather by its
+    inverse `rank` followed by a sum over each token's k rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, rank: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(rank)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (rank,) = ctx.saved_tensors
+        return grad[rank].view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
+
+
+class UnsortRows(torch.autograd.Function):
+    """out = rows[rank] (back to token-major order); backward is the gather grad[order]."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, rank: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return rows[rank]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        return grad[order], None, None
 
 
 @torch.no_grad()
