@@ -92,7 +92,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     otherwise a loop over `weight.unbind(0)` (slices taken once, so backward writes one
     gradient buffer instead of a full-size one per expert).
     """
-    if _has_grouped_mm(x):
+    if _has_grouped_mm(x, weight):
         return torch._grouped_mm(x, weight, offs=offsets)
     ends = offsets.tolist()
     starts = [0] + ends[:-1]
@@ -100,10 +100,15 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     return torch.cat(blocks) if blocks else x.new_zeros(0, weight.shape[-1])
 
 
-def _has_grouped_mm(x: torch.Tensor) -> bool:
+def _has_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm has a kernel for these operands: CPU (fp32/bf16) or CUDA sm80+ in bf16,
+    with every non-unit stride a multiple of 16 bytes (the kernels' alignment rule)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if x.device.type == "cuda":  # the CUDA kernel is bf16-only and needs sm80+
+    for t in (x, weight):
+        if any(stride != 1 and (stride * t.element_size()) % 16 for stride in t.stride()):
+            return False
+    if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     return x.device.type == "cpu"
 
@@ -113,7 +118,9 @@ class Experts(nn.Module):
     first), down_proj [E_local, hidden, I] -- the layout of transformers' `DeepseekV3Experts`."""
 
     def __init__(self, config: ModelConfig, num_local_experts: int, first_expert: int = 0) -> None:
-        super().__init__()
+        # nn.Module.__init__ rather than super(): the DeepSpeed-visible subclass also inherits
+        # deepspeed.moe.layer.MoE, whose constructor must not run (see expert_parallel.py)
+        nn.Module.__init__(self)
         self.num_local_experts = num_local_experts
         self.first_expert = first_expert  # global id of local expert 0
         inter, hidden = config.moe_intermediate_size, config.hidden_size
@@ -144,10 +151,11 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.expert_parallel = expert_parallel
-        ep_size, ep_rank = (expert_parallel.size, expert_parallel.rank) if expert_parallel else (1, 0)
-        local = config.n_routed_experts // ep_size
         self.gate = TopkRouter(config)
-        self.experts = Experts(config, local, first_expert=ep_rank * local)
+        if expert_parallel is None:
+            self.experts = Experts(config, config.n_routed_experts)
+        else:
+            self.experts = expert_parallel.build_experts(config)
         if config.n_shared_experts:
             self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
         n = config.n_routed_experts

@@ -1,0 +1,146 @@
+"""DeepSpeed JSON configs: load, reject typos, resolve "auto" values from the training arguments.
+
+DeepSpeed silently ignores unknown top-level keys, so a typo such as "gradient_clip"
+would train without clipping; we reject it. Values may be "auto": they are filled from
+the command line and the hardware. A concrete JSON value that disagrees with an explicit
+command-line flag is a conflict; all conflicts are reported in one error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt_moe.errors import ConfigError
+
+# Top-level sections and keys DeepSpeed 0.17+ reads (runtime/config.py and its sub-configs).
+KNOWN_TOP_LEVEL_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state",
+    "flops_profiler", "activation_checkpointing", "tensorboard", "wandb", "csv_monitor", "comet", "monitor_config",
+    "communication_data_type", "seq_parallel_communication_data_type", "elasticity", "aio", "autotuning",
+    "compression_training", "data_efficiency", "curriculum_learning", "checkpoint", "data_types", "pipeline",
+    "sparse_attention", "disable_allgather", "compile", "nebula", "weight_quantization", "hybrid_engine",
+    "eigenvalue", "progressive_layer_drop", "quantize_training", "timers", "gradient_allreduce_op",
+    "use_data_before_expert_parallelism", "dataloader_drop_last", "zero_quantized_weights",
+    "zero_quantized_gradients", "graph_harvesting", "use_node_local_storage", "load_universal_checkpoint",
+    "tensor_parallel", "expert_parallel", "fp8", "mics_shard_size", "mics_hierarchical_params_gather",
+})
+
+
+@dataclass
+class TrainingShape:
+    """What the trainer decided that the DeepSpeed config must agree with."""
+
+    micro_batch: int
+    grad_accum: int
+    data_parallel_size: int
+    lr: float
+    weight_decay: float
+    clip: float
+    bf16_supported: bool
+    hidden_size: int
+    explicit: frozenset[str] = frozenset()  # names of the flags given on the command line
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.data_parallel_size
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: DeepSpeed config not found; ship one from ds_configs/ "
+                          "(zero1.json, zero2.json, zero3.json, zero2_offload.json)") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - KNOWN_TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r} (DeepSpeed would silently ignore it); "
+                          "check the spelling against the DeepSpeed config reference")
+    return data
+
+
+def resolve_ds_config(raw: dict[str, Any], shape: TrainingShape, source: str = "DeepSpeed config",
+                      ) -> dict[str, Any]:
+    """Returns a copy with every "auto" filled in; raises one ConfigError listing all conflicts.
+
+    A concrete JSON value for a batch size / lr / clipping overrides the trainer's default,
+    unless the matching flag was given explicitly and differs: that is a conflict.
+    Resolved values flow back into `shape`, so the trainer uses what DeepSpeed uses.
+    """
+    cfg = copy.deepcopy(raw)
+    conflicts: list[str] = []
+
+    def settle(section: dict[str, Any], key: str, flag: str, attr: str, label: str) -> None:
+        value = section.get(key, "auto")
+        if value == "auto":
+            section[key] = getattr(shape, attr)
+            return
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            conflicts.append(f"{label}={value!r} is not a number or \"auto\"")
+            return
+        if flag in shape.explicit and value != getattr(shape, attr):
+            conflicts.append(f"{label}={value} but {flag} {getattr(shape, attr)}")
+            return
+        setattr(shape, attr, value)
+
+    settle(cfg, "train_micro_batch_size_per_gpu", "--micro-batch", "micro_batch", "train_micro_batch_size_per_gpu")
+    settle(cfg, "gradient_accumulation_steps", "--grad-accum", "grad_accum", "gradient_accumulation_steps")
+    settle(cfg, "gradient_clipping", "--clip", "clip", "gradient_clipping")
+    batch = cfg.get("train_batch_size", "auto")
+    if batch == "auto":
+        cfg["train_batch_size"] = shape.global_batch
+    elif batch != shape.global_batch:
+        conflicts.append(f"train_batch_size={batch} but micro batch {shape.micro_batch} x accumulation "
+                         f"{shape.grad_accum} x data-parallel ranks {shape.data_parallel_size} = {shape.global_batch}")
+
+    optimizer = cfg.get("optimizer")
+    if isinstance(optimizer, dict):
+        params = optimizer.setdefault("params", {})
+        settle(params, "lr", "--lr", "lr", "optimizer.params.lr")
+        settle(params, "weight_decay", "--weight-decay", "weight_decay", "optimizer.params.weight_decay")
+
+    bf16 = cfg.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = shape.bf16_supported
+    elif bf16["enabled"] and not shape.bf16_supported:
+        conflicts.append("bf16.enabled=true but this device does not support bf16 (use \"auto\")")
+    fp16 = cfg.get("fp16")
+    if isinstance(fp16, dict) and fp16.get("enabled") == "auto":
+        fp16["enabled"] = False  # bf16 is preferred; fp16 only when asked for
+    if isinstance(fp16, dict) and fp16.get("enabled") and bf16.get("enabled"):
+        conflicts.append("fp16.enabled and bf16.enabled are both true")
+
+    zero = cfg.get("zero_optimization", {})
+    h = shape.hidden_size
+    for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                       ("stage3_param_persistence_threshold", 10 * h), ("allgather_bucket_size", h * h)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+    leftover = [path for path in _auto_paths(cfg)]
+    if leftover:
+        conflicts.append(f"cannot resolve \"auto\" at {', '.join(leftover)}")
+    if conflicts:
+        raise ConfigError(f"{source}: " + "; ".join(conflicts))
+    return cfg
+
+
+def _auto_paths(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _auto_paths(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
+
+
+def zero_stage(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
