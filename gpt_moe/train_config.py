@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(*names, dest=field.name, type=kind, default=None,
                             help=f"{HELP[field.name]} (default: {default_text})")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    parser.add_argument("--inject-nan-at", default="", help=argparse.SUPPRESS)  # fault injection for tests
+    # fault injection for the tests: NaN losses at these steps; SIGKILL rank 0 inside this step's save
+    parser.add_argument("--inject-nan-at", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--inject-kill-during-save", type=int, default=-1, help=argparse.SUPPRESS)
     return parser
 
 

@@ -19,3 +19,16 @@ def small_config() -> ModelConfig:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory):
+    """A small prepared corpus (the built-in one, capped) shared by the training tests."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("data") / "builtin_small"
+    subprocess.run([sys.executable, "-m", "data_prep", "--source", "builtin", "--tokenizer", "bpe:1024",
+                    "--max-tokens", "600000", "--val-fraction", "0.1", "--out", str(out), "--no-progress"],
+                   check=True, capture_output=True)
+    return out

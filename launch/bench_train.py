@@ -1,0 +1,89 @@
+"""Training throughput: our model vs transformers' DeepseekV3ForCausalLM, same config, batch and DeepSpeed
+config, measured one after the other in one process (one rank).
+
+    python launch/bench.py train [--model tiny] [--deepspeed ds_configs/zero2.json] [--steps 10]
+
+MTP is switched off for both (transformers does not train it). MFU uses activated-parameter
+FLOPs (gpt_moe.params) against the measured bf16 matmul peak of this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def tokens_per_second(model: torch.nn.Module, ds_config: dict, batch: torch.Tensor, labels: torch.Tensor,
+                      steps: int) -> float:
+    import deepspeed
+
+    from gpt_moe.trainer import param_groups
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds_config)
+    times = []
+    for step in range(steps + 2):
+        start = time.perf_counter()
+        loss = engine(batch, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+        if step >= 2:  # two warm-up steps
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return batch.numel() / times[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--deepspeed", default="ds_configs/zero2.json")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    from gpt_moe.trainer import ensure_single_process_env
+
+    ensure_single_process_env()
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from gpt_moe.config import ModelConfig, to_hf_config
+    from gpt_moe.ds_config import TrainingShape, load_ds_config, resolve_ds_config
+    from gpt_moe.metrics import device_peak_flops
+    from gpt_moe.model import DeepSeekForCausalLM
+    from gpt_moe.params import account
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    config = ModelConfig.load(args.model).replace(num_nextn_predict_layers=0)
+    shape = TrainingShape(args.micro_batch, 1, 1, 1e-3, 0.1, 1.0, get_accelerator().is_bf16_supported(),
+                          config.hidden_size)
+    ds_config = resolve_ds_config(load_ds_config(args.deepspeed), shape)
+    device = torch.device(get_accelerator().current_device_name())
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator)
+    inputs, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+
+    ours = tokens_per_second(DeepSeekForCausalLM(config, seed=0), ds_config, inputs, targets, args.steps)
+    torch.manual_seed(0)
+    theirs_model = DeepseekV3ForCausalLM(DeepseekV3Config(**to_hf_config(config)))
+    # transformers shifts the labels itself: give it the unshifted sequence
+    theirs = tokens_per_second(theirs_model, ds_config, inputs, inputs, args.steps)
+
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    peak, how = device_peak_flops(device, dtype)
+    flops = account(config, args.seq_len).flops_per_token
+    print(f"training throughput, model {config.name} (MTP off), batch {args.micro_batch} x {args.seq_len}, "
+          f"{args.deepspeed} (ZeRO {ds_config['zero_optimization']['stage']}, bf16 {ds_config['bf16']['enabled']}), "
+          f"{torch.get_num_threads()} threads; peak {peak / 1e9:.0f} GFLOP/s ({how})")
+    print(f"{'':>14} {'tokens/s':>10} {'MFU':>7}")
+    for name, rate in (("gpt-moe", ours), ("transformers", theirs)):
+        print(f"{name:>14} {rate:10.0f} {rate * flops / peak:7.1%}")
+    print(f"gpt-moe / transformers: {ours / theirs:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

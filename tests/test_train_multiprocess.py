@@ -1,0 +1,160 @@
+"""Real DeepSpeed launches with 2 CPU ranks (gloo): ZeRO-1/2/3, expert parallelism, exact resume,
+a kill during a checkpoint save, non-finite steps, and bad configurations."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.multiprocess
+
+# the tiny preset, short sequences: a launch is dominated by start-up, not by the steps
+COMMON = ["--seq-len", "64", "--micro-batch", "4", "--grad-accum", "2", "--log-interval", "1",
+          "--eval-interval", "1000", "--eval-batches", "2", "--sample-tokens", "0", "--warmup-steps", "2",
+          "--lr", "3e-3"]
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch(*args: str, ranks: int = 2, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", free_port(), "launch/train.py", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {h["step"]: h["train/loss"] for h in summary(run_dir)["history"]}
+
+
+def assert_falls(run_dir: Path) -> None:
+    values = list(losses(run_dir).values())
+    assert values[-1] < values[0] - 0.3, values
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stage_trains(prepared_data, tmp_path, stage):
+    run = tmp_path / f"z{stage}"
+    launch("--deepspeed", f"ds_configs/zero{stage}.json", "--data", str(prepared_data), "--run-dir", str(run),
+           "--max-steps", "8", "--save-interval", "100", *COMMON)
+    assert_falls(run)
+
+
+def test_ep2_zero2_trains_shards_experts_and_resumes_exactly(prepared_data, tmp_path):
+    """8 uninterrupted steps (checkpoints at 4 and 8), then a fresh run resumed from step 4."""
+    full = tmp_path / "full"
+    launch("--deepspeed", "ds_configs/zero2.json", "--data", str(prepared_data), "--run-dir", str(full),
+           "--max-steps", "8", "--save-interval", "4", "--ep-size", "2", *COMMON)
+    assert_falls(full)
+    layout = summary(full)["layout"]
+    assert layout["expert_ranges"] == [[0, 8], [8, 16]]  # 16 routed experts, each rank holds 8 per layer
+    step4 = full / "checkpoints" / "step_00000004"
+    expert_files = sorted(step4.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
+    assert len(expert_files) == 4 * 16  # 3 MoE layers + the MTP block, one file per global expert
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step4, resumed / "checkpoints" / "step_00000004")
+    launch("--deepspeed", "ds_configs/zero2.json", "--data", str(prepared_data), "--run-dir", str(resumed),
+           "--max-steps", "8", "--save-interval", "4", "--ep-size", "2", *COMMON)
+    full_losses, resumed_losses = losses(full), losses(resumed)
+    assert sorted(resumed_losses) == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert resumed_losses[step] == full_losses[step], (step, resumed_losses[step], full_losses[step])
+
+
+def test_ep2_equals_ep1_in_fp32(prepared_data, tmp_path):
+    """Same global batch, same initial weights: per-step loss and clipped grad norm agree."""
+    ds = tmp_path / "zero2_fp32.json"
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    config["bf16"] = {"enabled": False}
+    ds.write_text(json.dumps(config))
+    runs = {}
+    for ep in (1, 2):
+        runs[ep] = tmp_path / f"ep{ep}"
+        launch("--deepspeed", str(ds), "--data", str(prepared_data), "--run-dir", str(runs[ep]),
+               "--max-steps", "6", "--save-interval", "100", "--ep-size", str(ep), "--clip", "0.5", *COMMON)
+    one, two = summary(runs[1])["history"], summary(runs[2])["history"]
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+    assert one[0]["train/grad_norm"] > 0.5  # clipping was active in these steps
+
+
+def test_kill_during_save_resumes_from_previous_complete(prepared_data, tmp_path):
+    run = tmp_path / "killed"
+    args = ["--deepspeed", "ds_configs/zero2.json", "--data", str(prepared_data), "--run-dir", str(run),
+            "--save-interval", "3", *COMMON]
+    result = launch(*args, "--max-steps", "9", "--inject-kill-during-save", "6", check=False)
+    assert result.returncode != 0
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "step_00000003" / "COMPLETE").is_file()
+    assert (checkpoints / "step_00000006").is_dir() and not (checkpoints / "step_00000006" / "COMPLETE").exists()
+    launch(*args, "--max-steps", "9")
+    history = summary(run)["history"]
+    assert history[0]["step"] == 4  # resumed after step 3, not from the half-written step 6
+    assert (checkpoints / "step_00000009" / "COMPLETE").is_file()
+    assert (checkpoints / "step_00000006" / "COMPLETE").is_file()  # saved again, completely this time
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(prepared_data, tmp_path):
+    run = tmp_path / "nan"
+    result = launch("--deepspeed", "ds_configs/zero2.json", "--data", str(prepared_data), "--run-dir", str(run),
+                    "--max-steps", "12", "--save-interval", "100", "--max-bad-steps", "3",
+                    "--inject-nan-at", "2,5,6,7", *COMMON, check=False)
+    assert result.returncode != 0
+    assert "3 non-finite steps in a row" in result.stderr + result.stdout
+    complete = sorted((run / "checkpoints").glob("step_*/COMPLETE"))
+    # saved when the run stopped; skipped steps leave the weights as they were after step 4
+    assert [p.parent.name for p in complete] == ["step_00000007"]
+    assert summary(run)["skipped_steps"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ep-size", "3"], "--ep-size 3 does not divide the world size 2"),
+    (["--ep-size", "2", "--model", "{model_3_experts}"], "does not divide n_routed_experts=9"),
+    (["--deepspeed", "{typo_config}"], "unknown top-level key 'gradient_clip'"),
+    (["--deepspeed", "{auto_config}"], 'cannot resolve "auto" at zero_optimization.sub_group_size'),
+    (["--data", "{missing}"], "no prepared data (manifest.json missing)"),
+    (["--micro-batch", "8", "--deepspeed", "{fixed_config}"], "train_micro_batch_size_per_gpu=4 but --micro-batch 8"),
+])
+def test_bad_configs_fail_fast_with_one_line(prepared_data, tmp_path, args, message):
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"train_batch_size": "auto", "gradient_clip": 1.0}))
+    auto = tmp_path / "auto.json"
+    auto.write_text(json.dumps({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}))
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    model = tmp_path / "model.json"
+    tiny = json.loads((REPO / "gpt_moe" / "presets" / "tiny.json").read_text())
+    model.write_text(json.dumps({**tiny, "n_routed_experts": 9, "n_group": 1, "topk_group": 1}))
+    values = {"typo_config": typo, "auto_config": auto, "fixed_config": fixed, "missing": tmp_path / "nothing",
+              "model_3_experts": model}
+    args = [a.format(**values) for a in args]
+    env = dict(os.environ, WORLD_SIZE="2")  # as the launcher sets it; the checks run before distributed start
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "launch/train.py", "--data", str(prepared_data), *args],
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert elapsed < 15
