@@ -58,6 +58,35 @@ class LatentCache:
         return self.latent[:, :end], self.rope_key[:, :end]
 
 
+@dataclass
+class ExpandedCache:
+    """Per-head keys and values, as a conventional multi-head attention would cache them (for comparison:
+    heads * (qk_head_dim + v_head_dim) numbers per token instead of kv_lora_rank + qk_rope_head_dim).
+
+    keys: [batch, heads, capacity, qk_head_dim]; values: [batch, heads, capacity, v_head_dim].
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, capacity: int, device: torch.device | str,
+              dtype: torch.dtype) -> "ExpandedCache":
+        nh = config.num_attention_heads
+        return cls(torch.zeros(batch, nh, capacity, config.qk_head_dim, device=device, dtype=dtype),
+                   torch.zeros(batch, nh, capacity, config.v_head_dim, device=device, dtype=dtype))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + keys.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"expanded cache full: capacity {self.keys.shape[2]}, need {end}")
+        self.keys[:, :, self.length:end] = keys
+        self.values[:, :, self.length:end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA with HF `deepseek_v3` parameter names. x: [batch, seq, hidden] -> [batch, seq, hidden]."""
 
@@ -106,17 +135,32 @@ class MultiHeadLatentAttention(nn.Module):
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | ExpandedCache,
                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of `x` ([b, new, hidden], positions cache.length ...) over the cache plus itself.
 
-        Absorbed form: score = (q_nope W_UK) . latent + q_rope . k_rope; out = (p . latent) W_UV.
         key_mask: optional [b, total] bool, False for padded cache slots. cos/sin: [b, 1, new, rope/2] or [new, rope/2].
         """
-        b, new, _ = x.shape
-        past = cache.length
+        past, new = cache.length, x.shape[1]
         q_nope, q_rope = self._queries(x, cos, sin)
         latent_new, k_rope_new = self._latents(x, cos, sin)
+        mask = self._decode_mask(past, new, key_mask, x.device)
+        if isinstance(cache, ExpandedCache):
+            return self._decode_expanded(q_nope, q_rope, latent_new, k_rope_new, cache, mask)
+        return self._decode_absorbed(q_nope, q_rope, latent_new, k_rope_new, cache, mask)
+
+    @staticmethod
+    def _decode_mask(past: int, new: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+        """[new, total] causal mask (or [b, 1, new, total] with key_mask); None for one unmasked new token."""
+        if new == 1 and key_mask is None:
+            return None
+        total = past + new
+        mask = torch.arange(total, device=device)[None, :] <= (past + torch.arange(new, device=device))[:, None]
+        return mask if key_mask is None else mask[None, None] & key_mask[:, None, None, :]
+
+    def _decode_absorbed(self, q_nope, q_rope, latent_new, k_rope_new, cache: LatentCache, mask) -> torch.Tensor:
+        """score = (q_nope W_UK) . latent + q_rope . k_rope; out = (p . latent) W_UV."""
+        b, _, new, _ = q_nope.shape
         latent, k_rope = cache.append(latent_new, k_rope_new)
 
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
@@ -125,15 +169,18 @@ class MultiHeadLatentAttention(nn.Module):
         query = torch.cat((q_latent, q_rope), dim=-1)  # [b, heads, new, rank + rope]
         key = torch.cat((latent, k_rope), dim=-1).unsqueeze(1)  # [b, 1, total, rank + rope]
         value = latent.unsqueeze(1)  # [b, 1, total, rank]
-
-        total = past + new
-        mask = None
-        if new > 1 or key_mask is not None:
-            positions = torch.arange(total, device=x.device)
-            mask = positions[None, :] <= (past + torch.arange(new, device=x.device))[:, None]  # [new, total]
-            if key_mask is not None:
-                mask = mask[None, None] & key_mask[:, None, None, :]
         out_latent = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scale,
                                                     enable_gqa=True)  # [b, heads, new, rank]
         out = torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
         return self.o_proj(out.reshape(b, new, -1))
+
+    def _decode_expanded(self, q_nope, q_rope, latent_new, k_rope_new, cache: ExpandedCache, mask) -> torch.Tensor:
+        """Expand the new tokens' latents to per-head keys/values, cache those, attend as usual."""
+        b, _, new, _ = q_nope.shape
+        kv = self.kv_b_proj(latent_new).view(b, new, self.num_heads, -1).transpose(1, 2)
+        k_nope, value_new = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        key_new = torch.cat((k_nope, k_rope_new.unsqueeze(1).expand(-1, self.num_heads, -1, -1)), dim=-1)
+        keys, values = cache.append(key_new, value_new)
+        out = F.scaled_dot_product_attention(torch.cat((q_nope, q_rope), dim=-1), keys, values, attn_mask=mask,
+                                             scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, new, -1))

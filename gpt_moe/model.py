@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt_moe.attention import LatentCache, MultiHeadLatentAttention
+from gpt_moe.attention import ExpandedCache, LatentCache, MultiHeadLatentAttention
 from gpt_moe.config import ModelConfig
 from gpt_moe.moe import MLP, MoE, Experts
 from gpt_moe.norm import RMSNorm
@@ -188,13 +188,15 @@ class DeepSeekForCausalLM(nn.Module):
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)
 
     # ------------------------------------------------------------------ incremental decoding
-    def new_cache(self, batch: int, capacity: int) -> list[LatentCache]:
-        """Empty latent caches for the main layers (capacity = prompt + new tokens)."""
+    def new_cache(self, batch: int, capacity: int, kind: str = "latent") -> list[LatentCache | ExpandedCache]:
+        """Empty decode caches for the main layers (capacity = prompt + new tokens). "latent" keeps only
+        MLA's compressed latents (the default); "expanded" per-head keys/values, for comparison."""
         param = self.lm_head.weight
-        return [LatentCache.empty(self.config, batch, capacity, param.device, param.dtype)
+        cache_type = {"latent": LatentCache, "expanded": ExpandedCache}[kind]
+        return [cache_type.empty(self.config, batch, capacity, param.device, param.dtype)
                 for _ in range(self.config.num_hidden_layers)]
 
-    def decode_step(self, input_ids: torch.Tensor, caches: list[LatentCache],
+    def decode_step(self, input_ids: torch.Tensor, caches: list[LatentCache | ExpandedCache],
                     positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs new tokens [batch, new] through the cached model (prefill when the cache is empty).

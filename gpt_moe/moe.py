@@ -143,7 +143,7 @@ class MoE(nn.Module):
     """DeepSeekMoE feed-forward. x: [batch, seq, hidden] -> ([batch, seq, hidden], aux loss or None).
 
     After each forward, `tokens_per_expert` ([n_routed_experts] fp32) holds the routed
-    assignments of that forward and `load_since_update` their running sum, which the
+    assignments of that forward (and `last_expert_ids` [batch, seq, k] when `record_routing`) and `load_since_update` their running sum, which the
     trainer all-reduces and feeds to `update_bias` once per optimizer step.
     """
 
@@ -159,6 +159,8 @@ class MoE(nn.Module):
         if config.n_shared_experts:
             self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
         n = config.n_routed_experts
+        self.record_routing = False  # when True, forward keeps `last_expert_ids` (the chat app's routing view)
+        self.last_expert_ids: torch.Tensor | None = None
         self.register_buffer("tokens_per_expert", torch.zeros(n), persistent=False)
         self.register_buffer("load_since_update", torch.zeros(n), persistent=False)
 
@@ -167,6 +169,8 @@ class MoE(nn.Module):
         k = self.config.num_experts_per_tok
         flat = x.reshape(b * s, h)
         expert_ids, weights, scores = self.gate(flat)
+        if self.record_routing:
+            self.last_expert_ids = expert_ids.view(b, s, k).detach()  # [batch, seq, k] global expert ids
 
         assignments = expert_ids.flatten()  # [tokens*k]; assignment j belongs to token j // k
         counts = torch.zeros(self.config.n_routed_experts, device=x.device).index_add_(

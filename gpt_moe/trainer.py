@@ -171,6 +171,7 @@ class Trainer:
         self.tokens_seen = 0
         self.bad_steps_total = 0
         self.bad_steps_in_a_row = 0
+        self.last_val_loss = float("nan")
         self.writer = make_writer(str(self.run_dir / "tensorboard"), self.is_rank0)
 
     # ------------------------------------------------------------------ helpers
@@ -222,9 +223,12 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the tests: die before COMPLETE
         dist.barrier()  # every rank has finished writing
         if self.is_rank0:
+            ckpt.save_inference_files(self.checkpoint_dir / tag, self.model_config, self.shards.manifest.tokenizer,
+                                      self.shards.directory)
             ckpt.mark_complete(self.checkpoint_dir / tag, {"step": self.step, "tokens_seen": self.tokens_seen,
                                                             "world_size": self.world, "ep_size": self.cfg.ep_size,
-                                                            "zero_stage": self.stage})
+                                                            "zero_stage": self.stage, "val_loss": self.last_val_loss,
+                                                            "model": self.model_config.name})
             ckpt.prune(self.checkpoint_dir, self.cfg.keep_last)
         dist.barrier()
         return self.checkpoint_dir / tag
@@ -381,7 +385,7 @@ class Trainer:
                     with open(self.run_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps({"step": self.step, **scalars}) + "\n")
             if self.step % cfg.eval_interval == 0 or self.step == last_step:
-                last_val = self.evaluate()
+                last_val = self.last_val_loss = self.evaluate()
                 self.writer.add_scalar("val/loss", last_val, self.step)
                 self.writer.add_scalar("val/ppl", math.exp(min(last_val, 50)), self.step)
                 if cfg.sample_tokens:

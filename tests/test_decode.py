@@ -1,16 +1,18 @@
 """Incremental decoding with the latent cache equals the full forward."""
 
+import pytest
 import torch
 
 from gpt_moe.model import DeepSeekForCausalLM
 
 
-def test_latent_cache_decode_matches_full_forward(small_config):
+@pytest.mark.parametrize("kind", ["latent", "expanded"])
+def test_cached_decode_matches_full_forward(small_config, kind):
     model = DeepSeekForCausalLM(small_config, seed=2).eval()
     tokens = torch.randint(0, small_config.vocab_size, (2, 45))
     with torch.no_grad():
         full = model(tokens).logits
-        caches = model.new_cache(batch=2, capacity=64)
+        caches = model.new_cache(batch=2, capacity=64, kind=kind)
         pieces = [model.decode_step(tokens[:, :8], caches)[0]]  # prefill 8, then 37 single steps
         pieces += [model.decode_step(tokens[:, t:t + 1], caches)[0] for t in range(8, 45)]
     assert caches[0].length == 45

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
@@ -90,13 +91,21 @@ def test_ep2_equals_ep1_in_fp32(prepared_data, tmp_path):
     for ep in (1, 2):
         runs[ep] = tmp_path / f"ep{ep}"
         launch("--deepspeed", str(ds), "--data", str(prepared_data), "--run-dir", str(runs[ep]),
-               "--max-steps", "6", "--save-interval", "100", "--ep-size", str(ep), "--clip", "0.5", *COMMON)
+               "--max-steps", "6", "--save-interval", "6", "--ep-size", str(ep), "--clip", "0.5", *COMMON)
     one, two = summary(runs[1])["history"], summary(runs[2])["history"]
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
         assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
     assert one[0]["train/grad_norm"] > 0.5  # clipping was active in these steps
+
+    # loading for inference merges the EP=2 expert files into the same model as the EP=1 checkpoint
+    from gpt_moe.checkpoint import load_for_inference
+
+    merged, single = load_for_inference(runs[2]).model.state_dict(), load_for_inference(runs[1]).model.state_dict()
+    assert merged.keys() == single.keys()
+    for key in single:
+        torch.testing.assert_close(merged[key], single[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_kill_during_save_resumes_from_previous_complete(prepared_data, tmp_path):

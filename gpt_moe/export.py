@@ -1,0 +1,145 @@
+"""Export to the Hugging Face `deepseek_v3` layout, and read such a directory back.
+
+    OUT_DIR/
+        config.json                       transformers DeepseekV3Config
+        model.safetensors                 (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+        mtp.safetensors                   the multi-token-prediction block (transformers has none; we read it back)
+        gpt_moe.json                      our exact model config, tokenizer record and training facts
+        tokenizer.tiktoken                the tiktoken BPE file (mergeable ranks)
+        README.md                         a model card with the training figures
+
+`transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads it with no missing or
+unexpected keys, because the parameter names are already transformers'.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt_moe.checkpoint import LoadedModel
+from gpt_moe.config import ModelConfig, to_hf_config
+from gpt_moe.errors import CheckpointError
+from gpt_moe.params import account, human
+from gpt_moe.tokenizer import TokenizerInfo
+
+OUR_FILE = "gpt_moe.json"
+MTP_FILE = "mtp.safetensors"
+SHARD_BYTES = 4 * 1024 ** 3
+
+
+def export(loaded: LoadedModel, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Writes the directory (into a temporary sibling, renamed when complete)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir}: exists and is not empty; choose a new export directory")
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    config = loaded.model.config
+    mtp_prefix = f"model.layers.{config.num_hidden_layers}."
+    state = {k: v.detach().to("cpu").contiguous() for k, v in loaded.model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    main = {k: (v if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in state.items()
+            if not k.startswith(mtp_prefix)}
+    mtp = {k: v.to(dtype) for k, v in state.items() if k.startswith(mtp_prefix)}
+
+    shards = _shard(main)
+    if len(shards) == 1:
+        save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in main.values())
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    if mtp:
+        save_file(mtp, tmp / MTP_FILE, metadata={"format": "pt"})
+
+    info = loaded.tokenizer_info
+    hf = to_hf_config(config)
+    hf.update({"torch_dtype": str(dtype).removeprefix("torch."), "eos_token_id": info.eot_id,
+               "bos_token_id": None, "pad_token_id": None})
+    (tmp / "config.json").write_text(json.dumps(hf, indent=1))
+    ours = {"model_config": config.to_dict(), "tokenizer": info.to_dict(), "training": loaded.info}
+    (tmp / OUR_FILE).write_text(json.dumps(ours, indent=1))
+    shutil.copyfile(loaded.source / info.file, tmp / info.file)
+    (tmp / "README.md").write_text(model_card(config, loaded.info, info))
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked above
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _shard(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    return shards
+
+
+def read_exported(directory: Path) -> tuple[ModelConfig, TokenizerInfo, dict[str, torch.Tensor], dict[str, Any]]:
+    """(model config, tokenizer record, full state dict incl. MTP, training facts) of an export."""
+    from safetensors.torch import load_file
+
+    try:
+        ours = json.loads((directory / OUR_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: {OUR_FILE} is missing; not a gpt-moe export "
+                              "(python launch/export.py CHECKPOINT OUT_DIR makes one)") from None
+    config = ModelConfig.from_dict(ours["model_config"], source=str(directory / OUR_FILE))
+    files = sorted(directory.glob("model*.safetensors")) + sorted(directory.glob(MTP_FILE))
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return config, TokenizerInfo.from_dict(ours["tokenizer"]), state, ours.get("training", {})
+
+
+def model_card(config: ModelConfig, training: dict[str, Any], tokenizer: TokenizerInfo) -> str:
+    a = account(config)
+    val = training.get("val_loss")
+    lines = [
+        f"# {config.name} (gpt-moe)",
+        "",
+        "A DeepSeek-style language model (Multi-head Latent Attention, DeepSeekMoE with aux-loss-free balancing"
+        f"{', multi-token prediction' if config.num_nextn_predict_layers else ''}) trained with gpt-moe.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| parameters | {human(a.total_params)} total, {human(a.active_params)} activated per token |",
+        f"| layers / hidden / heads | {config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} |",
+        f"| experts | {config.n_routed_experts} routed (top-{config.num_experts_per_tok}), "
+        f"{config.n_shared_experts} shared |",
+        f"| tokenizer | {tokenizer.name} ({tokenizer.n_vocab} tokens, tiktoken file `{tokenizer.file}`) |",
+        f"| training step / tokens | {training.get('step', '?')} / {training.get('tokens_seen', '?'):,} |"
+        if isinstance(training.get("tokens_seen"), int) else "| training | unknown |",
+        f"| validation loss | {val:.4f} |" if isinstance(val, float) and val == val else "| validation loss | - |",
+        f"| KV cache per token (bf16) | {a.kv_cache_bytes_per_token:,} B |",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained('.')  # logits match gpt-moe's",
+        "```",
+        "",
+        "The MTP block is in `mtp.safetensors`; gpt-moe's `load_for_inference` reads everything back.",
+    ]
+    return "\n".join(lines) + "\n"

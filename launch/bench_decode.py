@@ -1,0 +1,75 @@
+"""Decode speed and cache size: MLA latent cache (absorbed up-projections) vs an expanded per-head
+key/value cache vs no cache (full forward per token), side by side in one run.
+
+    python launch/bench.py decode [--model tiny] [--contexts 256 1024 4096] [--batches 1 8] [--steps 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from gpt_moe.config import ModelConfig
+from gpt_moe.model import DeepSeekForCausalLM
+from gpt_moe.params import account
+
+
+@torch.no_grad()
+def tokens_per_second(model: DeepSeekForCausalLM, context: torch.Tensor, steps: int, kind: str) -> float:
+    """Decode `steps` greedy tokens after `context` [batch, len]; rate in generated tokens/s (whole batch)."""
+    batch = context.shape[0]
+    if kind == "none":
+        ids = context
+        start = time.perf_counter()
+        for _ in range(steps):
+            ids = torch.cat((ids, model(ids).logits[:, -1:].argmax(-1)), dim=1)
+        return batch * steps / (time.perf_counter() - start)
+    caches = model.new_cache(batch, context.shape[1] + steps, kind=kind)
+    logits, _ = model.decode_step(context, caches)
+    next_ids = logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits, _ = model.decode_step(next_ids, caches)
+        next_ids = logits[:, -1:].argmax(-1)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--no-cache-max-context", type=int, default=1024,
+                        help="skip the (slow) no-cache column above this context")
+    args = parser.parse_args(argv)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    config = ModelConfig.load(args.model)
+    model = DeepSeekForCausalLM(config, seed=0).to(dtype).eval()
+    a = account(config)
+    print(f"decode, model {config.name}, {args.dtype}, {torch.get_num_threads()} threads, {args.steps} new tokens "
+          f"after the context; cache per token: MLA latent {a.kv_cache_bytes_per_token:,} B vs expanded per-head "
+          f"{a.mha_kv_cache_bytes_per_token:,} B ({a.mha_kv_cache_bytes_per_token / a.kv_cache_bytes_per_token:.1f}x)")
+    print(f"{'batch':>5} {'context':>7} {'latent tok/s':>13} {'expanded tok/s':>15} {'no cache tok/s':>15}"
+          f" {'latent/expanded':>16} {'latent/no cache':>16}")
+    generator = torch.Generator().manual_seed(0)
+    for batch in args.batches:
+        for context_len in args.contexts:
+            context = torch.randint(0, config.vocab_size, (batch, context_len), generator=generator)
+            latent = tokens_per_second(model, context, args.steps, "latent")
+            expanded = tokens_per_second(model, context, args.steps, "expanded")
+            if context_len <= args.no_cache_max_context:
+                none = tokens_per_second(model, context, max(4, args.steps // 8), "none")
+                none_text, ratio_text = f"{none:15.1f}", f"{latent / none:15.1f}x"
+            else:
+                none_text, ratio_text = f"{'-':>15}", f"{'-':>16}"
+            print(f"{batch:5d} {context_len:7d} {latent:13.1f} {expanded:15.1f} {none_text} "
+                  f"{latent / expanded:15.2f}x {ratio_text}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
