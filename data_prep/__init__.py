@@ -1,0 +1,12 @@
+"""data_prep: turn a text corpus into token shards for training (`python -m data_prep --help`).
+
+Modules, one concept each: `sources` (where documents come from), `encode` (cutting
+documents into pieces and tokenizing them in parallel, in order), `shards` (the
+train/val assignment and atomic shard files), `manifest` (the output directory's
+state: progress, resume, manifest), `pipeline` (one run, wiring them together: `prepare()`).
+The format of the output is defined and read by `gpt_moe.data`.
+"""
+
+from data_prep.pipeline import DEFAULT_OUT, PrepareConfig, PrepareResult, prepare
+
+__all__ = ["DEFAULT_OUT", "PrepareConfig", "PrepareResult", "prepare"]

@@ -1,0 +1,89 @@
+"""python -m data_prep: turn a text corpus into token shards for training.
+
+examples:
+  python -m data_prep                        # the offline default: builtin corpus, bpe:4096 -> data/builtin
+  python -m data_prep --source hf:roneneldan/TinyStories --tokenizer bpe:8192 --out data/tinystories
+  python -m data_prep --source hf:HuggingFaceFW/fineweb-edu:sample-10BT --tokenizer cl100k_base \\
+      --max-tokens 2B --out data/fineweb-edu
+  python -m data_prep --source 'corpus/*.jsonl' --text-field content --out data/mine
+
+Running the same command again resumes an interrupted run or reports that the data is ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from data_prep.pipeline import DEFAULT_OUT, PrepareConfig, prepare
+from gpt_moe.errors import GptMoeError
+
+_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def count(text: str) -> int:
+    """An integer count, optionally with a k/M/B suffix: 500k, 20M, 1.5B."""
+    text = text.strip().replace("_", "")
+    scale = _SUFFIXES.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1]) * scale if scale != 1 else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 5000000, 500k, 20M, 1.5B)") from None
+    return int(value)
+
+
+def parse_args(argv: list[str] | None = None) -> PrepareConfig:
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split(":", 1)[1].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", nargs="+", default=["builtin"], metavar="SOURCE",
+                        help="builtin (default) | hf:NAME[:CONFIG][@SPLIT] | .txt/.jsonl/.json/.parquet files, dirs or globs")
+    parser.add_argument("--tokenizer", default="bpe:4096",
+                        help="bpe:N (train N tokens on the corpus; default bpe:4096) | cl100k_base | o200k_base | gpt2 "
+                             "| PATH.tiktoken")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output directory (default {DEFAULT_OUT} for --source builtin; required otherwise)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: the CPU count)")
+    parser.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation (default 0.01)")
+    parser.add_argument("--max-tokens", type=count, default=None, help="stop after exactly this many tokens, e.g. 20M (default: no cap)")
+    parser.add_argument("--text-field", default="text", help="column holding the text in jsonl/parquet/hf rows (default text)")
+    parser.add_argument("--shard-tokens", type=count, default=PrepareConfig.shard_tokens,
+                        help="tokens per part (a train and a val shard), the unit of resuming (default 2^24)")
+    parser.add_argument("--bpe-sample-chars", type=count, default=PrepareConfig.bpe_sample_chars,
+                        help="bpe:N trains on the first this many characters (default 2^25)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    out = args.out
+    if out is None:
+        if args.source != ["builtin"]:
+            parser.exit(2, "error: --out DIR is required when --source is not builtin\n")
+        out = DEFAULT_OUT
+    return PrepareConfig(sources=tuple(args.source), tokenizer=args.tokenizer, out=out, workers=args.workers,
+                         val_fraction=args.val_fraction, max_tokens=args.max_tokens, text_field=args.text_field,
+                         shard_tokens=args.shard_tokens, bpe_sample_chars=args.bpe_sample_chars,
+                         progress_bar=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = parse_args(argv)
+    try:
+        result = prepare(config)
+    except GptMoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume into {config.out}", file=sys.stderr)
+        return 130
+    if result.already_prepared:
+        print(f"{result.out} is already prepared; nothing to do")
+    else:
+        print(f"prepared {result.out}: {result.manifest.splits['train'].tokens:,} train + "
+              f"{result.manifest.splits['val'].tokens:,} val tokens, tokenizer {result.manifest.tokenizer.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

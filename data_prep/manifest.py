@@ -1,0 +1,162 @@
+"""The output directory's state: a run's progress record, resume checks, the final manifest.
+
+While a preparation runs, `progress.json` (rewritten atomically after every part) records
+the arguments, the tokenizer and the completed parts. A rerun of the same command keeps
+the parts whose shards still match their size and sha256 and continues after the last
+one; the finished run writes `manifest.json` and removes `progress.json`. A directory
+with a manifest is complete: the same command reports it, another tokenizer or other
+arguments are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gpt_moe.data import MANIFEST_FILE, PROGRESS_FILE, Manifest, ShardInfo, SplitInfo, sha256_file
+from gpt_moe.errors import DataError
+from gpt_moe.tokenizer import TokenizerInfo, write_atomic
+
+log = logging.getLogger(__name__)
+
+# shards, temporary shards, and temporary files of write_atomic (".NAME.PID.tmp")
+_OUR_FILES = re.compile(r"^\.?(train|val)_\d{5}\.bin(\.tmp)?$|^\.(tokenizer\.tiktoken|progress\.json|manifest\.json)\.\d+\.tmp$")
+
+
+@dataclass
+class SplitCount:
+    """Running totals of one split: documents with >= 1 token here, tokens, last document index."""
+
+    documents: int = 0
+    tokens: int = 0
+    last_doc: int = -1
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    """A completed part: cumulative counters after it and its own shards."""
+
+    pieces: int  # pieces consumed from the start of the stream
+    tokens: int  # tokens written, all splits
+    splits: dict[str, SplitCount]
+    shards: tuple[tuple[str, ShardInfo], ...]  # (split, shard)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """progress.json: what a preparation in flight has completed."""
+
+    created_at: str
+    source: str
+    args: dict
+    tokenizer: TokenizerInfo
+    dtype: str
+    parts: tuple[PartRecord, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> str:
+        data = {"created_at": self.created_at, "source": self.source, "args": self.args,
+                "tokenizer": self.tokenizer.to_dict(), "dtype": self.dtype,
+                "parts": [{"pieces": p.pieces, "tokens": p.tokens,
+                           "splits": {k: asdict(v) for k, v in p.splits.items()},
+                           "shards": [{"split": split, **asdict(shard)} for split, shard in p.shards]}
+                          for p in self.parts]}
+        return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def load(cls, directory: Path) -> Progress:
+        path = Path(directory) / PROGRESS_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            parts = tuple(PartRecord(pieces=int(p["pieces"]), tokens=int(p["tokens"]),
+                                     splits={k: SplitCount(**v) for k, v in p["splits"].items()},
+                                     shards=tuple((s["split"], ShardInfo(s["file"], int(s["tokens"]), s["sha256"]))
+                                                  for s in p["shards"]))
+                          for p in data["parts"])
+            return cls(created_at=data["created_at"], source=data["source"], args=data["args"],
+                       tokenizer=TokenizerInfo.from_dict(data["tokenizer"], str(path)), dtype=data["dtype"],
+                       parts=parts)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: unreadable progress record ({type(e).__name__}: {e}); "
+                            f"hint: delete {path.parent} and prepare again") from None
+
+    def save(self, directory: Path) -> None:
+        write_atomic(Path(directory) / PROGRESS_FILE, self.to_json().encode())
+
+    def manifest(self) -> Manifest:
+        """The manifest of the finished run."""
+        counts = self.parts[-1].splits if self.parts else {}
+        splits = {}
+        for name in ("train", "val"):
+            count = counts.get(name, SplitCount())
+            shards = tuple(shard for part in self.parts for split, shard in part.shards if split == name)
+            splits[name] = SplitInfo(documents=count.documents, tokens=count.tokens, shards=shards)
+        return Manifest(created_at=self.created_at, source=self.source, args=self.args, tokenizer=self.tokenizer,
+                        dtype=self.dtype, splits=splits)
+
+
+@dataclass(frozen=True)
+class OutputState:
+    """What an output directory holds for the requested arguments."""
+
+    manifest: Manifest | None = None  # set: already prepared with these arguments
+    progress: Progress | None = None  # set: a run to resume (only verified parts kept)
+
+
+def _normalized(args: dict) -> dict:
+    return json.loads(json.dumps(args))
+
+
+def _check_same(out: Path, recorded: dict, requested: dict, what: str) -> None:
+    if recorded.get("tokenizer") != requested.get("tokenizer"):
+        raise DataError(f"{out} already holds {what} tokenized with {recorded.get('tokenizer')!r}; refusing to mix in "
+                        f"--tokenizer {requested.get('tokenizer')!r}; hint: choose another --out or delete {out}")
+    differing = [k for k in sorted(set(recorded) | set(requested)) if recorded.get(k) != requested.get(k)]
+    if differing:
+        k = differing[0]
+        raise DataError(f"{out} already holds {what} prepared with other arguments ({k}: {recorded.get(k)!r}, "
+                        f"now {requested.get(k)!r}); hint: rerun with the original arguments, "
+                        f"or choose another --out or delete {out}")
+
+
+def _part_intact(out: Path, part: PartRecord, itemsize: int) -> bool:
+    for _, shard in part.shards:
+        path = out / shard.file
+        if not path.is_file() or path.stat().st_size != shard.tokens * itemsize or sha256_file(path) != shard.sha256:
+            log.warning("%s does not match its record; preparing again from there", path)
+            return False
+    return True
+
+
+def inspect_output(out: Path, args: dict) -> OutputState:
+    """Compare an existing output directory with the requested `args` (see the module docstring)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a directory; hint: choose another --out")
+    requested = _normalized(args)
+    if (out / MANIFEST_FILE).is_file():
+        manifest = Manifest.load(out)
+        _check_same(out, manifest.args, requested, "a prepared dataset")
+        return OutputState(manifest=manifest)
+    if (out / PROGRESS_FILE).is_file():
+        progress = Progress.load(out)
+        _check_same(out, progress.args, requested, "an unfinished preparation")
+        itemsize = 2 if progress.dtype == "uint16" else 4
+        kept: list[PartRecord] = []
+        for part in progress.parts:
+            if not _part_intact(out, part, itemsize):
+                break
+            kept.append(part)
+        return OutputState(progress=dataclasses.replace(progress, parts=tuple(kept)))
+    return OutputState()
+
+
+def remove_stale_files(out: Path, progress: Progress | None) -> None:
+    """Delete temporary shards and shard files that no kept part lists (ours only, by name)."""
+    keep = {shard.file for part in (progress.parts if progress else ()) for _, shard in part.shards}
+    for path in Path(out).iterdir():
+        if _OUR_FILES.match(path.name) and path.name not in keep:
+            path.unlink()

@@ -1,0 +1,269 @@
+"""One preparation run: corpus -> tokenizer -> parallel encoding -> shards -> manifest.
+
+    prepare(PrepareConfig(sources=("builtin",), tokenizer="bpe:4096", out=Path("data/builtin")))
+
+Order of work: check the arguments, the corpus and the output directory (an identical
+finished dataset is reported, a different one refused, an unfinished one resumed);
+build the tokenizer (train `bpe:N` on the first `bpe_sample_chars` characters) and save
+it with a progress record; stream the documents through the workers, writing parts;
+write the manifest. Each document is followed by the end-of-text token; `max_tokens`
+stops the stream after exactly that many tokens (cutting the last document).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import chain, islice
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.encode import ParallelEncoder, Piece, batches, pieces
+from data_prep.manifest import PartRecord, Progress, SplitCount, inspect_output, remove_stale_files
+from data_prep.shards import SHARD_NAME, ShardWriter, fsync_dir, is_val
+from data_prep.sources import Corpus, open_corpus
+from gpt_moe.data import MANIFEST_FILE, PROGRESS_FILE, Manifest, dtype_for_vocab
+from gpt_moe.errors import DataError
+from gpt_moe.tokenizer import (load_saved_tokenizer, load_tokenizer, parse_tokenizer_spec, save_tokenizer, train_bpe,
+                               write_atomic)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("data/builtin")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """The options of `python -m data_prep` (see its --help)."""
+
+    sources: tuple[str, ...] = ("builtin",)
+    tokenizer: str = "bpe:4096"
+    out: Path = DEFAULT_OUT
+    workers: int = 1
+    val_fraction: float = 0.01
+    max_tokens: int | None = None
+    text_field: str = "text"
+    shard_tokens: int = 1 << 24
+    bpe_sample_chars: int = 1 << 25
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        checks = [("--workers", self.workers, self.workers >= 1, "an integer >= 1"),
+                  ("--val-fraction", self.val_fraction, 0.0 <= self.val_fraction < 1.0, "a number in [0, 1)"),
+                  ("--max-tokens", self.max_tokens, self.max_tokens is None or self.max_tokens > 0, "a positive count"),
+                  ("--shard-tokens", self.shard_tokens, self.shard_tokens > 0, "a positive count"),
+                  ("--bpe-sample-chars", self.bpe_sample_chars, self.bpe_sample_chars > 0, "a positive count")]
+        for flag, value, ok, expected in checks:
+            if not ok:
+                raise DataError(f"{flag} {value}: expected {expected}")
+
+    def output_args(self) -> dict:
+        """The options that determine the output bytes (recorded in the manifest)."""
+        return {"sources": list(self.sources), "tokenizer": self.tokenizer, "text_field": self.text_field,
+                "val_fraction": self.val_fraction, "max_tokens": self.max_tokens, "shard_tokens": self.shard_tokens,
+                "bpe_sample_chars": self.bpe_sample_chars}
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What a run did: `tokens` and `seconds` cover this run's encoding phase only."""
+
+    out: Path
+    manifest: Manifest
+    already_prepared: bool = False
+    resumed_parts: int = 0
+    tokens: int = 0
+    documents: int = 0
+    seconds: float = 0.0
+
+
+def created_at() -> str:
+    """UTC creation time; `SOURCE_DATE_EPOCH` (reproducible builds convention) fixes it."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ensure_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write there ({e.strerror or type(e).__name__}); "
+                        "hint: choose a writable directory") from None
+
+
+def _sample(corpus: Corpus, limit_chars: int) -> Iterator[str]:
+    """The first `limit_chars` characters of the corpus, as pieces."""
+    seen = 0
+    for piece in pieces(corpus.documents()):
+        yield piece.text
+        seen += len(piece.text)
+        if seen >= limit_chars:
+            return
+
+
+def _build_tokenizer(config: PrepareConfig, corpus: Corpus):
+    spec = parse_tokenizer_spec(config.tokenizer)
+    if spec.kind != "bpe":
+        return load_tokenizer(config.tokenizer)
+    log.info("training %s on up to %.1fM characters of the corpus", config.tokenizer, config.bpe_sample_chars / 1e6)
+    start = time.perf_counter()
+    enc = train_bpe(_sample(corpus, config.bpe_sample_chars), spec.vocab_size, name=config.tokenizer)
+    log.info("trained %s: %d tokens in %.1fs", enc.name, enc.n_vocab, time.perf_counter() - start)
+    return enc
+
+
+class _PartWriter:
+    """Appends encoded pieces to the current part's shards and closes parts as they fill."""
+
+    def __init__(self, out: Path, progress: Progress, config: PrepareConfig):
+        self.out, self.progress, self.config = out, progress, config
+        last = progress.parts[-1] if progress.parts else None
+        self.counts = copy.deepcopy(last.splits) if last else {"train": SplitCount(), "val": SplitCount()}
+        self.pieces = last.pieces if last else 0
+        self.total = last.tokens if last else 0
+        self.dtype = np.dtype(progress.dtype).newbyteorder("<")
+        self.eot = np.array([progress.tokenizer.eot_id], dtype=self.dtype)
+        self.limit = config.max_tokens if config.max_tokens is not None else float("inf")
+        self.writers: dict[str, ShardWriter] = {}
+        self.part_tokens = 0
+
+    def add(self, piece: Piece, tokens: np.ndarray) -> bool:
+        """Write one piece (plus end-of-text if its document ends); False once max_tokens is reached."""
+        split = "val" if is_val(piece.doc, self.config.val_fraction) else "train"
+        if piece.last:
+            tokens = np.concatenate([tokens, self.eot])
+        room = self.limit - self.total
+        if len(tokens) > room:
+            tokens = tokens[:int(room)]
+        if len(tokens):
+            if split not in self.writers:
+                name = SHARD_NAME.format(split=split, part=len(self.progress.parts))
+                self.writers[split] = ShardWriter(self.out / name, self.dtype)
+            self.writers[split].write(tokens)
+            count = self.counts[split]
+            if count.last_doc != piece.doc:
+                count.documents += 1
+                count.last_doc = piece.doc
+            count.tokens += len(tokens)
+            self.total += len(tokens)
+            self.part_tokens += len(tokens)
+        self.pieces += 1
+        if self.total >= self.limit:
+            return False
+        if self.part_tokens >= self.config.shard_tokens:
+            self.close_part()
+        return True
+
+    def close_part(self) -> None:
+        """Rename the part's shards complete and record the part (no-op when it is empty)."""
+        if not self.writers:
+            return
+        shards = tuple((split, self.writers[split].close()) for split in ("train", "val") if split in self.writers)
+        self.writers = {}
+        fsync_dir(self.out)
+        record = PartRecord(pieces=self.pieces, tokens=self.total, splits=copy.deepcopy(self.counts), shards=shards)
+        self.progress = dataclasses.replace(self.progress, parts=self.progress.parts + (record,))
+        self.progress.save(self.out)
+        self.part_tokens = 0
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+        self.writers = {}
+
+
+def prepare(config: PrepareConfig) -> PrepareResult:
+    """Prepare (or resume, or report) the dataset described by `config`; DataError on bad input."""
+    config.validate()
+    parse_tokenizer_spec(config.tokenizer)
+    corpus = open_corpus(config.sources, config.text_field)
+    out = Path(config.out)
+    args = config.output_args()
+    state = inspect_output(out, args)
+    if state.manifest is not None:
+        (out / PROGRESS_FILE).unlink(missing_ok=True)
+        log.info("%s is already prepared (%s); nothing to do", out, _summary(state.manifest))
+        return PrepareResult(out, state.manifest, already_prepared=True)
+    stream = pieces(corpus.documents())
+    first = next(stream, None)  # an empty corpus fails here, before anything is written
+    if first is None:
+        raise DataError(f"empty corpus: {corpus.description} yielded no text; hint: check the --source paths "
+                        "and --text-field")
+    _ensure_writable(out)
+
+    progress = state.progress
+    if progress is None:
+        info = save_tokenizer(_build_tokenizer(config, corpus), out)
+        progress = Progress(created_at=created_at(), source=corpus.description, args=args, tokenizer=info,
+                            dtype=dtype_for_vocab(info.n_vocab).name)
+        progress.save(out)
+    else:
+        load_saved_tokenizer(progress.tokenizer, out)  # refuses a tokenizer file that changed
+        log.info("resuming %s: keeping %d completed part(s) (%d tokens)", out, len(progress.parts),
+                 progress.parts[-1].tokens if progress.parts else 0)
+    remove_stale_files(out, progress)
+
+    writer = _PartWriter(out, progress, config)
+    start_tokens, resumed_parts = writer.total, len(progress.parts)
+    start = time.perf_counter()
+    documents = _encode(chain([first], stream), writer, config, corpus.n_documents)
+    seconds = time.perf_counter() - start
+
+    manifest = writer.progress.manifest()
+    write_atomic(out / MANIFEST_FILE, manifest.to_json().encode())
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    fsync_dir(out)
+    if config.val_fraction > 0 and not manifest.splits["val"].tokens:
+        log.warning("the validation split is empty: %d documents are too few for --val-fraction %g",
+                    manifest.splits["train"].documents, config.val_fraction)
+    result = PrepareResult(out, manifest, resumed_parts=resumed_parts, tokens=writer.total - start_tokens,
+                           documents=documents, seconds=seconds)
+    log.info("prepared %s in %.1fs (%s tokens/s): %s", out, seconds, f"{result.tokens / max(seconds, 1e-9):,.0f}",
+             _summary(manifest))
+    return result
+
+
+def _encode(stream: Iterator[Piece], writer: _PartWriter, config: PrepareConfig, n_documents: int | None) -> int:
+    """Tokenize the pieces after those already written, in parallel, into `writer`; documents finished."""
+    in_tokens = config.max_tokens is not None  # the bar counts tokens towards the cap, else documents
+    bar = tqdm(total=config.max_tokens if in_tokens else n_documents, initial=writer.total if in_tokens else 0,
+               unit="tok" if in_tokens else "doc", unit_scale=True, dynamic_ncols=True, desc="tokenizing",
+               disable=None if config.progress_bar else True)  # None: off when stderr is not a terminal
+    start, start_tokens, documents = time.perf_counter(), writer.total, 0
+    try:
+        with ParallelEncoder(config.workers, writer.out, writer.progress.tokenizer, writer.dtype) as encoder, bar:
+            for batch, tokens, lengths in encoder.map(batches(islice(stream, writer.pieces, None))):
+                before, going = writer.total, True
+                for piece, end, length in zip(batch, np.cumsum(lengths).tolist(), lengths.tolist()):
+                    going = writer.add(piece, tokens[end - length:end])
+                    documents += piece.last
+                    if not going:
+                        break
+                rate = (writer.total - start_tokens) / max(time.perf_counter() - start, 1e-9)
+                bar.update(writer.total - before if in_tokens else sum(p.last for p in batch))
+                bar.set_postfix_str(f"docs={documents:,} tokens={writer.total:,} tok/s={rate:,.0f}", refresh=False)
+                if not going:
+                    break
+            writer.close_part()
+    except BaseException:
+        writer.abort()
+        raise
+    return documents
+
+
+def _summary(manifest: Manifest) -> str:
+    parts = [f"{name} {split.tokens:,} tokens / {split.documents:,} docs / {len(split.shards)} shards"
+             for name, split in manifest.splits.items()]
+    return f"{'; '.join(parts)}; tokenizer {manifest.tokenizer.name} (n_vocab {manifest.tokenizer.n_vocab})"

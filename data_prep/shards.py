@@ -1,0 +1,71 @@
+"""Writing token shards: the train/val assignment of documents and atomic shard files.
+
+The output is cut into parts: a part closes after the piece that brings its tokens (both
+splits) to `shard_tokens`, and writes `train_PPPPP.bin` and, when it holds validation
+documents, `val_PPPPP.bin`. A shard is written under a temporary name and renamed only
+once complete and fsync'ed, so a shard file that exists is whole; the manifest (written
+last) says which shards make the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from gpt_moe.data import ShardInfo
+
+SHARD_NAME = "{split}_{part:05d}.bin"
+TEMP_PREFIX = "."
+TEMP_SUFFIX = ".tmp"
+
+
+def is_val(doc: int, val_fraction: float) -> bool:
+    """Whether document `doc` belongs to the validation split.
+
+    Every 1/f-th document (f = val_fraction), evenly spread: document i is held out when
+    floor((i + 1) * f) > floor(i * f), so the first n documents hold floor(n * f) of them.
+    """
+    return math.floor((doc + 1) * val_fraction) > math.floor(doc * val_fraction)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames inside `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """One shard being written: tokens appended to a temporary file, hashed on the way."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path = Path(path)
+        self.temp = self.path.with_name(TEMP_PREFIX + self.path.name + TEMP_SUFFIX)
+        self.dtype = np.dtype(dtype)
+        self.file = open(self.temp, "wb")
+        self.digest = hashlib.sha256()
+        self.tokens = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
+        self.file.write(data)
+        self.digest.update(data)
+        self.tokens += len(tokens)
+
+    def close(self) -> ShardInfo:
+        """Flush, fsync and rename to the final name; the shard's record."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.temp, self.path)
+        return ShardInfo(self.path.name, self.tokens, self.digest.hexdigest())
+
+    def abort(self) -> None:
+        self.file.close()
+        self.temp.unlink(missing_ok=True)
