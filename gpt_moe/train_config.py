@@ -103,7 +103,7 @@ HELP = {
     "warmup_steps": "linear warmup steps",
     "schedule": "cosine or wsd (warmup-stable-decay)",
     "decay_fraction": "wsd: fraction of steps in the final decay",
-    "weight_decay": "AdamW weight decay (not applied to norms, biases and embeddings)",
+    "weight_decay": "AdamW weight decay (not applied to 1-D parameters: norm weights)",
     "clip": "gradient clipping by global norm (0: off)",
     "max_steps": "optimizer steps to train",
     "max_tokens": "stop after this many training tokens (0: no limit)",
@@ -137,9 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*names, dest=field.name, action="store_true", default=None, help=HELP[field.name])
             continue
         kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" |")[0], str)
-        default_text = "model config" if field.default is None else field.default
-        parser.add_argument(*names, dest=field.name, type=kind, default=None,
-                            help=f"{HELP[field.name]} (default: {default_text})")
+        suffix = "" if field.default in (None, "") else f" (default: {field.default})"
+        parser.add_argument(*names, dest=field.name, type=kind, default=None, help=HELP[field.name] + suffix)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     # fault injection for the tests: NaN losses at these steps; SIGKILL rank 0 inside this step's save
     parser.add_argument("--inject-nan-at", default="", help=argparse.SUPPRESS)

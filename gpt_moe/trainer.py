@@ -163,7 +163,8 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg)))
         if hasattr(self.engine.optimizer, "check_grad_overflow"):
             self.engine.optimizer.check_grad_overflow = True  # skip non-finite steps in fp32 runs too
-        self.moe_layers = [m for m in self.engine.module.modules() if isinstance(m, MoE)]
+        self.moe_names = [name.split(".")[2] for name, m in self.engine.module.named_modules() if isinstance(m, MoE)]
+        self.moe_layers = [m for m in self.engine.module.modules() if isinstance(m, MoE)]  # model.layers.{i}.mlp
         self.loader = TrainBatches(self.shards, cfg.seq_len, cfg.micro_batch, self.rank, self.world, cfg.seed)
         self.val_batches = ValBatches(self.shards, cfg.seq_len, cfg.micro_batch, cfg.eval_batches, self.rank,
                                       self.world)
@@ -417,7 +418,7 @@ class Trainer:
         return result
 
     def _log_experts(self, loads: torch.Tensor) -> None:
-        for i, (moe, load) in enumerate(zip(self.moe_layers, loads)):
+        for i, moe, load in zip(self.moe_names, self.moe_layers, loads):
             stats = expert_load_stats(load)
             bias = moe.gate.e_score_correction_bias
             self.writer.add_scalar(f"experts/layer{i}_max_over_mean", stats["max_over_mean"], self.step)
