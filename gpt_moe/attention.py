@@ -31,31 +31,39 @@ from gpt_moe.rope import apply_rope
 
 @dataclass
 class LatentCache:
-    """One layer's decode cache: normalised KV latents and rotated RoPE keys.
+    """One layer's decode cache: normalised KV latent and rotated RoPE key of every token, side by side.
 
-    latent: [batch, capacity, kv_lora_rank]; rope_key: [batch, capacity, qk_rope_head_dim];
-    `length` positions are filled.
+    entries: [batch, capacity, kv_lora_rank + qk_rope_head_dim] (latent first); `length` positions are
+    filled. One tensor, so the attention key is a view of it, not a per-step concatenation.
     """
 
-    latent: torch.Tensor
-    rope_key: torch.Tensor
+    entries: torch.Tensor
+    rank: int
     length: int = 0
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, capacity: int, device: torch.device | str,
               dtype: torch.dtype) -> "LatentCache":
-        return cls(torch.zeros(batch, capacity, config.kv_lora_rank, device=device, dtype=dtype),
-                   torch.zeros(batch, capacity, config.qk_rope_head_dim, device=device, dtype=dtype))
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+        return cls(torch.zeros(batch, capacity, width, device=device, dtype=dtype), config.kv_lora_rank)
 
-    def append(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores [batch, new, *] entries; returns views of everything cached so far."""
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.entries[..., : self.rank]
+
+    @property
+    def rope_key(self) -> torch.Tensor:
+        return self.entries[..., self.rank:]
+
+    def append(self, latent: torch.Tensor, rope_key: torch.Tensor) -> torch.Tensor:
+        """Stores [batch, new, *] entries; returns everything cached so far, [batch, total, rank + rope]."""
         end = self.length + latent.shape[1]
-        if end > self.latent.shape[1]:
-            raise ValueError(f"latent cache full: capacity {self.latent.shape[1]}, need {end}")
-        self.latent[:, self.length:end] = latent
-        self.rope_key[:, self.length:end] = rope_key
+        if end > self.entries.shape[1]:
+            raise ValueError(f"latent cache full: capacity {self.entries.shape[1]}, need {end}")
+        self.entries[:, self.length:end, : self.rank] = latent
+        self.entries[:, self.length:end, self.rank:] = rope_key
         self.length = end
-        return self.latent[:, :end], self.rope_key[:, :end]
+        return self.entries[:, :end]
 
 
 @dataclass
@@ -161,16 +169,23 @@ class MultiHeadLatentAttention(nn.Module):
     def _decode_absorbed(self, q_nope, q_rope, latent_new, k_rope_new, cache: LatentCache, mask) -> torch.Tensor:
         """score = (q_nope W_UK) . latent + q_rope . k_rope; out = (p . latent) W_UV."""
         b, _, new, _ = q_nope.shape
-        latent, k_rope = cache.append(latent_new, k_rope_new)
+        cached = cache.append(latent_new, k_rope_new)  # [b, total, rank + rope]
 
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # [heads, nope, rank], [heads, v, rank]
         q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
         query = torch.cat((q_latent, q_rope), dim=-1)  # [b, heads, new, rank + rope]
-        key = torch.cat((latent, k_rope), dim=-1).unsqueeze(1)  # [b, 1, total, rank + rope]
-        value = latent.unsqueeze(1)  # [b, 1, total, rank]
-        out_latent = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scale,
-                                                    enable_gqa=True)  # [b, heads, new, rank]
+        key = cached.unsqueeze(1)  # [b, 1, total, rank + rope]
+        value = key[..., : self.kv_rank]  # [b, 1, total, rank]
+        # one shared key/value head: fold the query heads into the query length ([b, 1, heads*new, .])
+        # so the kernel reads each cached latent once instead of once per head
+        heads = self.num_heads
+        if mask is not None:
+            mask = mask.expand(b, 1, new, -1) if mask.dim() == 4 else mask
+            mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], heads, new, mask.shape[-1]).flatten(-3, -2)
+        out_latent = F.scaled_dot_product_attention(query.reshape(b, 1, heads * new, -1), key, value,
+                                                    attn_mask=mask, scale=self.scale)
+        out_latent = out_latent.view(b, heads, new, -1)  # [b, heads, new, rank]
         out = torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
         return self.o_proj(out.reshape(b, new, -1))
 

@@ -23,7 +23,8 @@ def test_cache_holds_only_latent_and_rope_key(small_config):
     model = DeepSeekForCausalLM(small_config, seed=2)
     caches = model.new_cache(batch=1, capacity=10)
     assert len(caches) == small_config.num_hidden_layers
-    per_token = sum(c.latent[0, 0].numel() + c.rope_key[0, 0].numel() for c in caches)
+    per_token = sum(c.entries[0, 0].numel() for c in caches)
+    assert all(c.latent.shape[-1] == small_config.kv_lora_rank for c in caches)
     assert per_token == small_config.num_hidden_layers * (small_config.kv_lora_rank + small_config.qk_rope_head_dim)
 
 
