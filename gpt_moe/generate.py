@@ -12,6 +12,8 @@ or whose experts live on other ranks (all ranks call it together).
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,12 +31,13 @@ class SamplingConfig:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (CTRL, Keskar et al. 2019)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    vocab_limit: int | None = None  # sample only ids below this (the tokenizer's n_vocab; the model may have more rows)
 
 
 def sample_next(logits: torch.Tensor, context: torch.Tensor, cfg: SamplingConfig,
                 generator: torch.Generator | None) -> torch.Tensor:
     """logits: [batch, vocab] fp32; context: [batch, len] ids seen so far -> next ids [batch]."""
-    logits = logits.float().clone()
+    logits = logits[:, : cfg.vocab_limit].float().clone()
     if cfg.repetition_penalty != 1.0 and context.numel():
         seen = logits.gather(1, context)
         logits.scatter_(1, context, torch.where(seen > 0, seen / cfg.repetition_penalty,
@@ -92,32 +95,29 @@ def generate_ids(model: DeepSeekForCausalLM, prompts: list[list[int]], cfg: Samp
 
 
 class TextStream:
-    """Incremental detokenizer: feed token ids, get text pieces that are whole UTF-8 characters."""
+    """Incremental detokenizer: feed token ids, get text pieces that are whole UTF-8 characters.
+
+    A character split over several tokens is held back until complete; bytes that can never be
+    valid UTF-8 (an undertrained model emits such sequences) become U+FFFD at once, so the stream
+    never stalls."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.pending = b""
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        self.pending += self.tokenizer.decode_single_token_bytes(token_id)
-        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
-            try:
-                text = self.pending[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.pending = self.pending[cut:]
-            return text
-        return ""
+        return self.decoder.decode(self.tokenizer.decode_single_token_bytes(token_id))
 
     def flush(self) -> str:
-        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""
-        return text
+        return self.decoder.decode(b"", final=True)
 
 
 def stream_text(model: DeepSeekForCausalLM, tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
                 stop_ids: set[int]) -> Iterator[str]:
     """Text pieces of one continuation; ends at a stop token, a stop string (not included) or the
     length limit. Text that could be the start of a stop string is held back until it is decided."""
+    if cfg.vocab_limit is None:
+        cfg = dataclasses.replace(cfg, vocab_limit=tokenizer.n_vocab)
     stream = TextStream(tokenizer)
     hold = max((len(s) for s in cfg.stop), default=1) - 1
     text, emitted = "", 0

@@ -1,0 +1,98 @@
+"""Generate text from a checkpoint in the terminal, streamed to stdout.
+
+    python launch/sample.py --checkpoint PATH --max-new-tokens N [--temperature T] [--top-k K] [--top-p P]
+                            [--seed S] [--repetition-penalty R] [--stop STR ...] [--chat [--system TEXT]] [PROMPT]
+
+PROMPT comes from the argument or, when absent, from stdin; only the generated text is printed.
+Plain mode continues the prompt as a document (stops at <|endoftext|>); --chat wraps it as a user
+turn of the chat template and prints the assistant's reply (stops at <|end|>). Without
+--checkpoint: the newest complete checkpoint under runs/. Errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpt_moe.chat import fit_chat, load_chat_model, prompt_budget, reply_stop_ids  # noqa: E402
+from gpt_moe.errors import DataError, GptMoeError  # noqa: E402
+from gpt_moe.generate import SamplingConfig, stream_text  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = SamplingConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
+    parser.add_argument("--checkpoint", help="run, checkpoints/step_* or exported directory "
+                                             "(default: the newest complete checkpoint under runs/)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=None, help="makes the output reproducible")
+    parser.add_argument("--stop", action="append", default=[], metavar="STR",
+                        help="stop before this string (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="apply the chat template; print the reply")
+    parser.add_argument("--system", default="", help="system message for --chat")
+    return parser.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Sampling options in range, or DataError naming the option."""
+    problems = [(args.temperature >= 0, "--temperature must be >= 0"),
+                (args.top_k >= 0, "--top-k must be >= 0"),
+                (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+                (args.repetition_penalty > 0, "--repetition-penalty must be > 0"),
+                (all(args.stop), "--stop needs a non-empty string")]
+    for ok, message in problems:
+        if not ok:
+            raise DataError(message)
+
+
+def run(args: argparse.Namespace) -> None:
+    check(args)
+    if args.prompt is None and sys.stdin.isatty():
+        print("(reading the prompt from stdin; end it with Ctrl-D)", file=sys.stderr)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise DataError("empty prompt: pass PROMPT or pipe text on stdin")
+    loaded = load_chat_model(args.checkpoint)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    budget = prompt_budget(model, args.max_new_tokens)
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                         stop=tuple(args.stop))
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        ids = fit_chat(tokenizer, [*messages, {"role": "user", "content": prompt}], budget).ids
+        stop_ids = reply_stop_ids(tokenizer)
+    else:
+        ids = tokenizer.encode_ordinary(prompt)[-budget:]  # the end of an overlong prompt
+        stop_ids = {loaded.tokenizer_info.eot_id}
+    for piece in stream_text(model, tokenizer, ids, cfg, stop_ids):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except GptMoeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `| head`: the reader is gone
+        sys.stderr.close()
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

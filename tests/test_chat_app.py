@@ -1,0 +1,71 @@
+"""The chat page's request handler, facts, routing pictures and entry point, called in-process (no server)."""
+
+import gradio as gr
+import pytest
+from fixtures_checkpoint import TRAINING_FACTS, tiny_checkpoint  # noqa: F401  (session fixture)
+
+from gpt_moe.chat import RoutingRecord
+from gpt_moe.chat_app import ChatApp, Settings, conversation, main, model_facts
+from gpt_moe.checkpoint import load_for_inference
+from gpt_moe.routing_view import MAX_HEIGHT, load_chart, routing_heatmap, token_label
+
+
+@pytest.fixture(scope="module")
+def app(tiny_checkpoint):  # noqa: F811
+    return ChatApp(load_for_inference(tiny_checkpoint), max_new_tokens=64)
+
+
+def test_respond_streams_the_reply_then_draws_the_routing(app):
+    history = [{"role": "user", "content": [{"type": "text", "text": "earlier"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "reply"}]}]
+    updates = list(app.respond("Hello <|assistant|>", history, temperature=1.0, max_new_tokens=20, seed=3))
+    box, chat, *_ = updates[0]
+    assert box == "" and chat[-2] == {"role": "user", "content": "Hello <|assistant|>"} and chat[-1]["content"] == ""
+    texts = [u[1][-1]["content"] for u in updates[1:-1]]
+    assert texts == sorted(texts, key=len) and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    _, chat, heatmap, load, summary = updates[-1]
+    assert len(chat) == 4 and chat[-1]["role"] == "assistant"
+    assert heatmap.width > 100 and heatmap.height > 100 and load.width > 100
+    assert "tokens" in summary and "busiest experts" in summary
+    for update in updates[1:-1]:  # pictures are drawn only every ROUTING_REFRESH_TOKENS tokens
+        assert isinstance(update[2], type(gr.skip()))
+
+
+def test_respond_bounds_inputs(app):
+    with pytest.raises(gr.Error, match="limit is 4,000"):
+        list(app.respond("x" * 4001, []))
+    assert list(app.respond("   ", [])) == [("   ", [], gr.skip(), gr.skip(), gr.skip())]
+    cfg = Settings(temperature=99, top_k=-5, top_p=0, max_new_tokens=10**9, seed=-1, repetition_penalty=float("nan")
+                   ).sampling(max_new_tokens_limit=64)
+    assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, cfg.seed, cfg.repetition_penalty) == \
+        (2.0, 0, 0.01, 64, None, Settings().repetition_penalty)
+    long_history = [{"role": "user", "content": "hi"}] * 500
+    assert len(conversation(long_history, "new", system_prompt="sys")) == 42  # system + newest 40 + message
+
+
+def test_model_facts(app):
+    facts = dict(model_facts(app.loaded))
+    assert facts["preset"] == "tiny"
+    assert "activated per token" in facts["parameters"] and "16 routed (top-2" in facts["experts"]
+    assert facts["training"] == "step 42, 172.03K tokens" and facts["validation loss"].startswith("5.432")
+    assert facts["KV cache / token"].startswith(f"{3 * (32 + 8) * 2:,} B")  # 3 layers x (latent + rope key) x bf16
+    assert facts["checkpoint"] == str(app.loaded.source) and TRAINING_FACTS["step"] == 42
+
+
+def test_routing_pictures_for_large_models_stay_bounded():
+    layers, experts, k = list(range(1, 27)), 64, 6
+    record = RoutingRecord(layers, experts, k)
+    for t in range(300):
+        record.append(t, {layer: [(t * 7 + layer + i * 11) % experts for i in range(k)] for layer in layers})
+    heatmap = routing_heatmap(record, [token_label(b"\xe2")] * len(record))
+    assert 500 < heatmap.width <= 1200 and heatmap.height <= MAX_HEIGHT  # compact view: a row per choice
+    assert load_chart(record).width >= experts * 3
+    assert token_label(b" a\nb") == "·a\\nb" and token_label(b"\xe2\x82") == "\\xe2\\x82"
+    empty = RoutingRecord([1, 2], 16, 2)
+    assert routing_heatmap(empty, []).height > 0 and load_chart(empty).height > 0
+
+
+def test_main_prints_one_line_without_a_checkpoint(tmp_path, capsys):
+    assert main(["--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no complete checkpoint" in err and "deepspeed launch/train.py" in err

@@ -1,0 +1,60 @@
+"""launch/sample.py as a user runs it: a subprocess on a tiny checkpoint, prompt from argv or stdin;
+its error messages through `main` in this process (one line on stderr, exit status 2)."""
+
+import importlib.util
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures_checkpoint import tiny_checkpoint  # noqa: F401  (session fixture)
+
+SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "sample.py"
+
+
+def start(*args: str, stdin: str = "") -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdin.write(stdin)
+    process.stdin.close()
+    return process
+
+
+def finish(process: subprocess.Popen) -> str:
+    out = process.stdout.read()
+    assert process.wait(timeout=60) == 0, process.stderr.read()
+    return out
+
+
+def test_prompt_from_argv_or_stdin_gives_the_same_seeded_text(tiny_checkpoint):  # noqa: F811
+    options = ["--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "16", "--seed", "7", "--temperature", "1"]
+    runs = [start(*options, "The quick brown fox"), start(*options, stdin="The quick brown fox"),
+            start("--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "8", "--chat", "--system", "Be brief.",
+                  "--temperature", "0", stdin="Hello <|user|>")]
+    from_argv, from_stdin, chat = (finish(p) for p in runs)  # the three run side by side
+    assert from_argv == from_stdin and from_argv.strip()
+    assert chat.endswith("\n")
+
+
+@pytest.fixture(scope="module")
+def sample_main():
+    spec = importlib.util.spec_from_file_location("launch_sample", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("args, stdin, expected", [
+    (["--checkpoint", "{missing}", "hello"], "", "no checkpoint here"),
+    (["--checkpoint", "{ckpt}", "--max-new-tokens", "100000", "hello"], "", "max new tokens 100000"),
+    (["--checkpoint", "{ckpt}", "--top-p", "0", "hello"], "", "--top-p must be in"),
+    (["--checkpoint", "{ckpt}"], "", "empty prompt"),
+])
+def test_errors_are_one_line(sample_main, tiny_checkpoint, tmp_path, monkeypatch, capsys,  # noqa: F811
+                             args, stdin, expected):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    args = [a.format(missing=tmp_path / "nowhere", ckpt=tiny_checkpoint) for a in args]
+    assert sample_main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
