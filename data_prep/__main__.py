@@ -39,16 +39,21 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split(":", 1)[1].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", nargs="+", default=["builtin"], metavar="SOURCE",
-                        help="builtin (default) | hf:NAME[:CONFIG][@SPLIT] | .txt/.jsonl/.json/.parquet files, dirs or globs")
+                        help="builtin (default) | hf:NAME[:CONFIG][@SPLIT] | .txt/.jsonl/.json/.parquet files, "
+                             "dirs or globs")
     parser.add_argument("--tokenizer", default="bpe:4096",
                         help="bpe:N (train N tokens on the corpus; default bpe:4096) | cl100k_base | o200k_base | gpt2 "
                              "| PATH.tiktoken")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output directory (default {DEFAULT_OUT} for --source builtin; required otherwise)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: the CPU count)")
-    parser.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation (default 0.01)")
-    parser.add_argument("--max-tokens", type=count, default=None, help="stop after exactly this many tokens, e.g. 20M (default: no cap)")
-    parser.add_argument("--text-field", default="text", help="column holding the text in jsonl/parquet/hf rows (default text)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="tokenizer processes (default: the CPU count)")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="fraction of documents held out for validation (default 0.01)")
+    parser.add_argument("--max-tokens", type=count, default=None,
+                        help="stop after exactly this many tokens, e.g. 20M (default: no cap)")
+    parser.add_argument("--text-field", default="text",
+                        help="column holding the text in jsonl/parquet/hf rows (default text)")
     parser.add_argument("--shard-tokens", type=count, default=PrepareConfig.shard_tokens,
                         help="tokens per part (a train and a val shard), the unit of resuming (default 2^24)")
     parser.add_argument("--bpe-sample-chars", type=count, default=PrepareConfig.bpe_sample_chars,

@@ -124,8 +124,8 @@ class ParallelEncoder:
     def __enter__(self) -> ParallelEncoder:
         if self.workers > 1:
             # On Linux, fork: workers start in milliseconds and inherit the Encoding built here
-            # (spawn costs ~0.3 s of imports per worker). They run only tiktoken and numpy, so
-            # threads of the parent (HF tokenizers' pool, tqdm's monitor) do not matter to them.
+            # (spawn costs ~0.3 s of imports per worker). They run only tiktoken and numpy, so a
+            # thread pool left in the parent by BPE training (HF tokenizers) does not concern them.
             _cached_encoding(*self.args[:2])
             method = "fork" if sys.platform == "linux" else "spawn"
             self.pool = multiprocessing.get_context(method).Pool(self.workers)

@@ -24,7 +24,8 @@ from gpt_moe.tokenizer import TokenizerInfo, write_atomic
 log = logging.getLogger(__name__)
 
 # shards, temporary shards, and temporary files of write_atomic (".NAME.PID.tmp")
-_OUR_FILES = re.compile(r"^\.?(train|val)_\d{5}\.bin(\.tmp)?$|^\.(tokenizer\.tiktoken|progress\.json|manifest\.json)\.\d+\.tmp$")
+_OUR_FILES = re.compile(r"^\.?(train|val)_\d{5}\.bin(\.tmp)?$"
+                        r"|^\.(tokenizer\.tiktoken|progress\.json|manifest\.json)\.\d+\.tmp$")
 
 
 @dataclass

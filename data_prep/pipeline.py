@@ -238,12 +238,13 @@ def prepare(config: PrepareConfig) -> PrepareResult:
 def _encode(stream: Iterator[Piece], writer: _PartWriter, config: PrepareConfig, n_documents: int | None) -> int:
     """Tokenize the pieces after those already written, in parallel, into `writer`; documents finished."""
     in_tokens = config.max_tokens is not None  # the bar counts tokens towards the cap, else documents
-    bar = tqdm(total=config.max_tokens if in_tokens else n_documents, initial=writer.total if in_tokens else 0,
-               unit="tok" if in_tokens else "doc", unit_scale=True, dynamic_ncols=True, desc="tokenizing",
-               disable=None if config.progress_bar else True)  # None: off when stderr is not a terminal
     start, start_tokens, documents = time.perf_counter(), writer.total, 0
     try:
-        with ParallelEncoder(config.workers, writer.out, writer.progress.tokenizer, writer.dtype) as encoder, bar:
+        # the workers start (fork) before the bar, whose monitor thread they need not inherit
+        with ParallelEncoder(config.workers, writer.out, writer.progress.tokenizer, writer.dtype) as encoder, \
+                tqdm(total=config.max_tokens if in_tokens else n_documents, initial=writer.total if in_tokens else 0,
+                     unit="tok" if in_tokens else "doc", unit_scale=True, dynamic_ncols=True, desc="tokenizing",
+                     disable=None if config.progress_bar else True) as bar:  # None: off when not a terminal
             for batch, tokens, lengths in encoder.map(batches(islice(stream, writer.pieces, None))):
                 before, going = writer.total, True
                 for piece, end, length in zip(batch, np.cumsum(lengths).tolist(), lengths.tolist()):
@@ -253,10 +254,12 @@ def _encode(stream: Iterator[Piece], writer: _PartWriter, config: PrepareConfig,
                         break
                 rate = (writer.total - start_tokens) / max(time.perf_counter() - start, 1e-9)
                 bar.update(writer.total - before if in_tokens else sum(p.last for p in batch))
-                bar.set_postfix_str(f"docs={documents:,} tokens={writer.total:,} tok/s={rate:,.0f}", refresh=False)
+                bar.set_postfix_str(f"docs={documents:,}" if in_tokens else  # the bar itself shows tokens/s
+                                    f"tokens={writer.total / 1e6:,.2f}M tok/s={rate / 1e6:,.2f}M", refresh=False)
                 if not going:
                     break
             writer.close_part()
+            bar.total = bar.n  # done: the document count was an estimate, the cap may exceed the corpus
     except BaseException:
         writer.abort()
         raise

@@ -110,9 +110,9 @@ class Manifest:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e}); {PREPARE_HINT}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise DataError(f"{where}: not a {FORMAT} manifest (format={data.get('format') if isinstance(data, dict) else None!r}); "
-                            f"{PREPARE_HINT}")
+        found = data.get("format") if isinstance(data, dict) else None
+        if found != FORMAT:
+            raise DataError(f"{where}: not a {FORMAT} manifest (format={found!r}); {PREPARE_HINT}")
         if data.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{where}: format_version {data.get('format_version')!r}, this reader expects "
                             f"{FORMAT_VERSION}; {PREPARE_HINT}")
