@@ -417,6 +417,15 @@ class Trainer:
             ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(result, indent=1))
         return result
 
+    def close(self) -> None:
+        """Flush the logs and take the process group down on every rank together. Leaving it to
+        interpreter exit can abort a rank ("terminate called without an active exception") while
+        communication threads are still alive."""
+        self.writer.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def _log_experts(self, loads: torch.Tensor) -> None:
         for i, moe, load in zip(self.moe_names, self.moe_layers, loads):
             stats = expert_load_stats(load)

@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         inject = {int(s) for s in args.inject_nan_at.split(",") if s}
         from gpt_moe.trainer import Trainer
 
-        Trainer(cfg, explicit, inject, args.inject_kill_during_save).run()
+        trainer = Trainer(cfg, explicit, inject, args.inject_kill_during_save)
+        trainer.run()
+        if not cfg.dry_run:
+            trainer.close()
     except GptMoeError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
