@@ -49,17 +49,18 @@ def _child(config_json: str) -> None:
 def run_prep(config: dict) -> dict:
     """data_prep in a child process; its result plus the peak RSS of its process tree.
 
-    The tree's members are listed every 0.5 s (a /proc scan costs ~2 ms, which would steal
-    CPU from the run if done at every sample) and their RSS summed every 50 ms.
+    The tree's members are listed at every sample during the first second (the workers start
+    then) and every 0.5 s after (a /proc scan costs ~2 ms, which would steal CPU from the run
+    if done at every sample); their RSS is summed every 50 ms.
     """
     import psutil
 
     proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(config)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    root, members, listed, peak = psutil.Process(proc.pid), [], 0.0, 0
+    root, members, started, listed, peak = psutil.Process(proc.pid), [], time.monotonic(), 0.0, 0
     while proc.poll() is None:
         try:
-            if time.monotonic() - listed > 0.5:
+            if time.monotonic() - listed > 0.5 or time.monotonic() - started < 1.0:
                 members, listed = [root, *root.children(recursive=True)], time.monotonic()
             total = 0
             for member in members:
