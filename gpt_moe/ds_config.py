@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpt_moe.errors import ConfigError
+
+log = logging.getLogger("gpt_moe.ds_config")
 
 # Top-level sections and keys DeepSpeed 0.17+ reads (runtime/config.py and its sub-configs).
 KNOWN_TOP_LEVEL_KEYS = frozenset({
@@ -43,9 +46,15 @@ class TrainingShape:
     lr: float
     weight_decay: float
     clip: float
-    bf16_supported: bool
+    bf16_supported: bool  # the device can run bf16 at all
     hidden_size: int
     explicit: frozenset[str] = frozenset()  # names of the flags given on the command line
+    bf16_native: bool | None = None  # bf16 matmuls are fast here (`gpt_moe.hardware`); None: as bf16_supported
+
+    @property
+    def bf16_auto(self) -> bool:
+        """What "auto" means for bf16.enabled: on where the hardware computes in bf16 natively."""
+        return self.bf16_supported if self.bf16_native is None else self.bf16_native
 
     @property
     def global_batch(self) -> int:
@@ -112,9 +121,12 @@ def resolve_ds_config(raw: dict[str, Any], shape: TrainingShape, source: str = "
 
     bf16 = cfg.setdefault("bf16", {"enabled": "auto"})
     if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = shape.bf16_supported
+        bf16["enabled"] = shape.bf16_auto
     elif bf16["enabled"] and not shape.bf16_supported:
         conflicts.append("bf16.enabled=true but this device does not support bf16 (use \"auto\")")
+    elif bf16["enabled"] and not shape.bf16_auto:
+        log.warning("%s: bf16.enabled=true on a device without native bf16 matmuls: they are emulated and "
+                    "much slower than fp32 (\"auto\" would pick fp32)", source)
     fp16 = cfg.get("fp16")
     if isinstance(fp16, dict) and fp16.get("enabled") == "auto":
         fp16["enabled"] = False  # bf16 is preferred; fp16 only when asked for

@@ -1,8 +1,7 @@
 """What a practitioner watches: throughput, MFU, expert-load statistics, and the TensorBoard writer.
 
 MFU = achieved model FLOPs / peak FLOPs, with model FLOPs from the activated parameters
-(`gpt_moe.params.account`) and the peak from a table of accelerators (dense bf16 tensor
-throughput) or, on CPU, measured: a bf16 matmul timed on this process's threads.
+(`gpt_moe.params.account`) and the peak from `gpt_moe.hardware.device_peak_flops`.
 """
 
 from __future__ import annotations
@@ -12,40 +11,6 @@ import time
 from typing import Any
 
 import torch
-
-# dense bf16 peak FLOP/s per device (vendor data sheets, without sparsity)
-GPU_PEAK_BF16 = {
-    "H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12,
-    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-    "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "MI300X": 1307e12,
-    "MI250X": 383e12,
-}
-
-
-def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
-    """(peak FLOP/s of one device, how it was obtained)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():  # longest names first is not needed: table order is specific first
-            if key in name:
-                return peak, f"table: {name}"
-        return float("nan"), f"unknown device {name} (MFU not reported)"
-    return measure_matmul_peak(device, dtype), f"measured {dtype} matmul, {torch.get_num_threads()} threads"
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
-    """FLOP/s of repeated square matmuls of `size` on this process's threads (best of the runs)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b  # warm-up
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - start))
-    return best
 
 
 def expert_load_stats(load: torch.Tensor) -> dict[str, float]:

@@ -28,7 +28,8 @@ from gpt_moe.config import ModelConfig
 from gpt_moe.data import TokenShards, TrainBatches, ValBatches
 from gpt_moe.ds_config import TrainingShape, load_ds_config, resolve_ds_config, zero_stage
 from gpt_moe.errors import ConfigError, DataError, GptMoeError
-from gpt_moe.metrics import Throughput, device_peak_flops, expert_load_stats, make_writer
+from gpt_moe.hardware import device_peak_flops, native_bf16
+from gpt_moe.metrics import Throughput, expert_load_stats, make_writer
 from gpt_moe.model import DeepSeekForCausalLM
 from gpt_moe.moe import MoE, update_bias
 from gpt_moe.params import account, describe
@@ -128,8 +129,10 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         accelerator = get_accelerator()
+        bf16_supported = accelerator.is_bf16_supported()
         self.shape = TrainingShape(cfg.micro_batch, cfg.grad_accum, world, cfg.lr, cfg.weight_decay, cfg.clip,
-                                   accelerator.is_bf16_supported(), self.model_config.hidden_size, explicit)
+                                   bf16_supported, self.model_config.hidden_size, explicit,
+                                   bf16_native=native_bf16(accelerator.device_name(), bf16_supported))
         self.ds_config = resolve_ds_config(raw_ds, self.shape, source=cfg.deepspeed_config)
         cfg.micro_batch, cfg.grad_accum, cfg.clip = self.shape.micro_batch, self.shape.grad_accum, self.shape.clip
         cfg.lr, cfg.weight_decay = self.shape.lr, self.shape.weight_decay
@@ -145,6 +148,7 @@ class Trainer:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_rank0 = self.rank == 0
         self.device = torch.device(accelerator.current_device_name())
+        self.resume_from = self.checkpoint_to_resume()
         if must_prepare:
             self._prepare_default_data()
         self.shards = TokenShards(cfg.data)
@@ -228,25 +232,38 @@ class Trainer:
                                       self.shards.directory)
             ckpt.mark_complete(self.checkpoint_dir / tag, {"step": self.step, "tokens_seen": self.tokens_seen,
                                                             "world_size": self.world, "ep_size": self.cfg.ep_size,
-                                                            "zero_stage": self.stage, "val_loss": self.last_val_loss,
+                                                            "zero_stage": self.stage, "bf16": self.ds_config["bf16"]["enabled"],
+                                                            "val_loss": self.last_val_loss,
                                                             "model": self.model_config.name})
             ckpt.prune(self.checkpoint_dir, self.cfg.keep_last)
         dist.barrier()
         return self.checkpoint_dir / tag
 
-    def maybe_resume(self) -> None:
+    def checkpoint_to_resume(self) -> Path | None:
+        """The complete checkpoint `--resume` points at (None: start fresh), checked against this run's
+        layout and precision before any engine is built."""
         cfg = self.cfg
         if cfg.resume == "none":
-            return
+            return None
         tag_dir = ckpt.newest_complete(self.checkpoint_dir) if cfg.resume == "auto" else Path(cfg.resume)
         if tag_dir is None:
-            return
+            return None
         info = ckpt.read_complete_info(tag_dir)
         if info["world_size"] != self.world or info["ep_size"] != cfg.ep_size:
             raise GptMoeError(
                 f"{tag_dir}: saved with {info['world_size']} rank(s) and --ep-size {info['ep_size']}, resuming with "
                 f"{self.world} and {cfg.ep_size}: optimizer shards cannot be re-split; resume with the same layout "
                 "or start a new run (--resume none --run-dir ...)")
+        bf16 = self.ds_config["bf16"]["enabled"]
+        saved_bf16 = info.get("bf16", bf16)
+        if saved_bf16 != bf16 or info["zero_stage"] != self.stage:
+            raise GptMoeError(
+                f"{tag_dir}: saved with ZeRO stage {info['zero_stage']} and bf16 {saved_bf16}, resuming with stage "
+                f"{self.stage} and bf16 {bf16}: DeepSpeed's optimizer files differ; resume with the same DeepSpeed "
+                "config (bf16 \"auto\" follows the hardware: set it explicitly) or start a new run (--resume none)")
+        return tag_dir
+
+    def resume(self, tag_dir: Path) -> None:
         _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.bad_steps_total = client.get("bad_steps_total", 0)
@@ -317,7 +334,8 @@ class Trainer:
         if cfg.dry_run:
             print(self.banner())
             return {"dry_run": True}
-        self.maybe_resume()
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "ds_config.resolved.json").write_text(json.dumps(self.ds_config, indent=2))
@@ -326,7 +344,8 @@ class Trainer:
             print(self.banner(), flush=True)
 
         tokens_per_step = cfg.seq_len * cfg.micro_batch * cfg.grad_accum * self.world
-        peak = self._all_reduce(torch.tensor([device_peak_flops(self.device)[0]], dtype=torch.float64)).item()
+        dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        peak = self._all_reduce(torch.tensor([device_peak_flops(self.device, dtype)[0]], dtype=torch.float64)).item()
         throughput = Throughput(account(self.model_config, cfg.seq_len).flops_per_token, peak)
         last_step = cfg.max_steps
         if cfg.max_tokens:

@@ -12,6 +12,7 @@ import time
 import torch
 
 from gpt_moe.config import ModelConfig
+from gpt_moe.hardware import resolve_dtype
 from gpt_moe.model import DeepSeekForCausalLM
 from gpt_moe.params import account
 
@@ -42,15 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 where this CPU/GPU has native bf16 matmuls, else fp32")
     parser.add_argument("--no-cache-max-context", type=int, default=1024,
                         help="skip the (slow) no-cache column above this context")
     args = parser.parse_args(argv)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    dtype_name = str(dtype).removeprefix("torch.")
     config = ModelConfig.load(args.model)
     model = DeepSeekForCausalLM(config, seed=0).to(dtype).eval()
     a = account(config)
-    print(f"decode, model {config.name}, {args.dtype}, {torch.get_num_threads()} threads, {args.steps} new tokens "
+    print(f"decode, model {config.name}, {dtype_name}, {torch.get_num_threads()} threads, {args.steps} new tokens "
           f"after the context; cache per token: MLA latent {a.kv_cache_bytes_per_token:,} B vs expanded per-head "
           f"{a.mha_kv_cache_bytes_per_token:,} B ({a.mha_kv_cache_bytes_per_token / a.kv_cache_bytes_per_token:.1f}x)")
     print(f"{'batch':>5} {'context':>7} {'latent tok/s':>13} {'expanded tok/s':>15} {'no cache tok/s':>15}"

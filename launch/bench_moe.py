@@ -4,7 +4,7 @@
 * transformers' DeepseekV3MoE loaded with the same weights, with its default experts
   implementation ("grouped_mm") and with its "eager" per-expert loop.
 
-    python launch/bench.py moe [--tokens 4096] [--hidden 512] [--dtype bf16|fp32] [--repeats 5]
+    python launch/bench.py moe [--tokens 4096] [--hidden 512] [--dtype auto|bf16|fp32] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 import torch
 
 from gpt_moe.config import ModelConfig, to_hf_config
+from gpt_moe.hardware import resolve_dtype
 from gpt_moe.moe import MLP, MoE
 
 SHAPES = [  # (routed experts, top-k, shared experts, groups, groups kept)
@@ -52,12 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--expert-size", type=int, default=256, help="moe_intermediate_size")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 where this CPU/GPU has native bf16 matmuls, else fp32")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    dtype_name = str(dtype).removeprefix("torch.")
     print(f"MoE forward+backward, {args.tokens} tokens, hidden {args.hidden}, expert size {args.expert_size}, "
-          f"{args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{dtype_name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     header = f"{'experts/top-k/shared':>22} {'ours ms':>9} {'dense ms':>9} {'HF grouped ms':>14} {'HF eager ms':>12}" \
              f" {'ours/dense':>11} {'HF grouped/ours':>16} {'HF eager/ours':>14}"
     print(header)

@@ -4,7 +4,8 @@ config, measured one after the other in one process (one rank).
     python launch/bench.py train [--model tiny] [--deepspeed ds_configs/zero2.json] [--steps 10]
 
 MTP is switched off for both (transformers does not train it). MFU uses activated-parameter
-FLOPs (gpt_moe.params) against the measured bf16 matmul peak of this process.
+FLOPs (gpt_moe.params) against the peak of the device (on CPU: a matmul measured in the training dtype,
+bf16 where the CPU has native bf16 instructions, else fp32).
 """
 
 from __future__ import annotations
@@ -52,16 +53,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpt_moe.config import ModelConfig, to_hf_config
     from gpt_moe.ds_config import TrainingShape, load_ds_config, resolve_ds_config
-    from gpt_moe.metrics import device_peak_flops
+    from gpt_moe.hardware import device_peak_flops, native_bf16
     from gpt_moe.model import DeepSeekForCausalLM
     from gpt_moe.params import account
 
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     config = ModelConfig.load(args.model).replace(num_nextn_predict_layers=0)
-    shape = TrainingShape(args.micro_batch, 1, 1, 1e-3, 0.1, 1.0, get_accelerator().is_bf16_supported(),
-                          config.hidden_size)
+    accelerator = get_accelerator()
+    bf16_supported = accelerator.is_bf16_supported()
+    shape = TrainingShape(args.micro_batch, 1, 1, 1e-3, 0.1, 1.0, bf16_supported, config.hidden_size,
+                          bf16_native=native_bf16(accelerator.device_name(), bf16_supported))
     ds_config = resolve_ds_config(load_ds_config(args.deepspeed), shape)
-    device = torch.device(get_accelerator().current_device_name())
+    device = torch.device(accelerator.current_device_name())
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator)
     inputs, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)

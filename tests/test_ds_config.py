@@ -67,6 +67,15 @@ def test_bf16_forced_on_unsupported_device_is_a_conflict():
     assert resolve_ds_config({"bf16": {"enabled": "auto"}}, shape(bf16_supported=False))["bf16"]["enabled"] is False
 
 
+def test_bf16_auto_means_native_and_forcing_emulated_bf16_warns(caplog):
+    emulated = shape(bf16_supported=True, bf16_native=False)  # e.g. an AVX2-only CPU
+    assert resolve_ds_config({"bf16": {"enabled": "auto"}}, emulated)["bf16"]["enabled"] is False
+    assert resolve_ds_config({"bf16": {"enabled": "auto"}}, shape(bf16_native=True))["bf16"]["enabled"] is True
+    with caplog.at_level("WARNING", logger="gpt_moe.ds_config"):
+        assert resolve_ds_config({"bf16": {"enabled": True}}, emulated)["bf16"]["enabled"] is True
+    assert "emulated" in caplog.text
+
+
 def test_lr_schedules():
     cosine = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cosine) == pytest.approx(0.1)

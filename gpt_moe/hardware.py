@@ -1,0 +1,79 @@
+"""What the hardware does fast: whether bf16 matmuls are native, and the peak FLOP/s that MFU divides by.
+
+bf16 halves memory and traffic everywhere, but it only speeds up compute where the hardware has
+bf16 arithmetic: CUDA GPUs from Ampere on (and the other accelerators DeepSpeed reports as
+supporting it), and CPUs with AVX512-BF16 or AMX. Elsewhere a CPU emulates bf16 matmuls
+(measured on an AVX2-only EPYC: 0.3 GFLOP/s in bf16 against 137 in fp32), so "auto" must mean
+fp32 there. The decision reads CPU feature flags, not a timing, so every rank of a run agrees.
+
+The GPU peaks are dense bf16 tensor throughput from the vendors' data sheets (no sparsity); on
+a CPU the peak is measured: repeated square matmuls on this process's threads.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+GPU_PEAK_BF16 = {  # table order: specific names before their prefixes
+    "H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "MI300X": 1307e12,
+    "MI250X": 383e12,
+}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this x86 CPU has bf16 dot-product instructions (AVX512-BF16 or AMX tiles)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def native_bf16(device_type: str, accelerator_supports_bf16: bool) -> bool:
+    """Whether to train in bf16 when the config says "auto".
+
+    device_type: "cpu", "cuda", ...; accelerator_supports_bf16: what the accelerator itself reports
+    (DeepSpeed's CPU accelerator says True for every CPU, so on CPU the feature flags decide)."""
+    if device_type == "cpu":
+        return cpu_has_native_bf16()
+    return accelerator_supports_bf16
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where it is native on `device`, else fp32 (for benchmarks and tools outside the trainer)."""
+    supported = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native_bf16(device.type, supported) else torch.float32
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
+    """(peak FLOP/s of one device, how it was obtained). On CPU, `dtype` is the dtype that is measured."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"table: {name}"
+        return float("nan"), f"unknown device {name} (MFU not reported)"
+    return measure_matmul_peak(device, dtype), f"measured {dtype} matmul, {torch.get_num_threads()} threads"
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of repeated square matmuls of `size` on this process's threads (best of the runs)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A command-line dtype: "auto" (bf16 where native on `device`, else fp32), "bf16" or "fp32"."""
+    if name == "auto":
+        return default_dtype(device)
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
