@@ -42,7 +42,7 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.utils import groups
 
 from gpt_moe.config import ModelConfig
-from gpt_moe.moe import Experts, GatherSorted, UnsortRows
+from gpt_moe.moe import CombineRows, Experts, GatherSorted
 
 DEEPSPEED_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 
@@ -136,7 +136,7 @@ class ExpertParallel:
         rank[order] = torch.arange(order.numel(), device=order.device)
         out = experts(GatherSorted.apply(received, order, rank, 1), recv.sum(0),
                       GatherSorted.apply(received_w, order, rank, 1))
-        return AllToAll.apply(UnsortRows.apply(out, rank, order), recv_sizes, send_sizes, self.group)
+        return AllToAll.apply(CombineRows.apply(out, rank, order, 1), recv_sizes, send_sizes, self.group)
 
 
 def setup_expert_parallel(ep_size: int, zero_stage: int, data_before_expert: bool = False) -> ExpertParallel:

@@ -134,9 +134,36 @@ class Experts(nn.Module):
         The weight scales the activation before the down projection (linear, so the same result),
         which is cheaper than scaling the output when moe_intermediate_size < hidden_size."""
         offsets = counts.cumsum(0).to(torch.int32)
-        gate, up = grouped_matmul(x, self.gate_up_proj.transpose(1, 2), offsets).chunk(2, dim=-1)
-        hidden = F.silu(gate) * up * row_weights.to(x.dtype)
+        gate_up = grouped_matmul(x, self.gate_up_proj.transpose(1, 2), offsets)
+        hidden = WeightedSwiGLU.apply(gate_up, row_weights.to(x.dtype))
         return grouped_matmul(hidden, self.down_proj.transpose(1, 2), offsets)
+
+
+class WeightedSwiGLU(torch.autograd.Function):
+    """hidden = silu(gate) * up * weight, for gate_up = [gate | up]: [rows, 2*I] and weight: [rows, 1].
+
+    Autograd of the three elementwise ops saves four [rows, I] tensors and, in backward,
+    concatenates the gate and up gradients into a fresh [rows, 2*I] one. This saves only the
+    input, recomputes silu(gate), and writes both gradient halves in place."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up, weight)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate_up, weight = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        grad_act_up = grad * up  # d out / d (silu(gate) * weight)
+        grad_weight = torch.linalg.vecdot(grad_act_up, act).unsqueeze(-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad_act_up.mul_(weight), gate, grad_input=grad_gate)
+        torch.mul(grad, act.mul_(weight), out=grad_up)
+        return grad_gate_up, grad_weight
 
 
 class MoE(nn.Module):
@@ -184,9 +211,7 @@ class MoE(nn.Module):
             out_rows = self.expert_parallel.run_experts(self.experts, rows, counts, row_weights)
         else:
             out_rows = self.experts(rows, counts.long(), row_weights)
-        mixed = UnsortRows.apply(out_rows, rank, order).view(b * s, k, h).sum(dim=1)
-
-        out = mixed.view(b, s, h)
+        out = CombineRows.apply(out_rows, rank, order, k).view(b, s, h)
         if self.config.n_shared_experts:
             out = out + self.shared_experts(x)
         with torch.no_grad():
@@ -224,26 +249,31 @@ class GatherSorted(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, order: torch.Tensor, rank: torch.Tensor, k: int) -> torch.Tensor:
         ctx.save_for_backward(rank)
         ctx.k = k
-        return x[order // k]
+        return x.index_select(0, order // k)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (rank,) = ctx.saved_tensors
-        return grad[rank].view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
+        rows = grad.index_select(0, rank)
+        return (rows.view(-1, ctx.k, grad.shape[-1]).sum(dim=1) if ctx.k > 1 else rows), None, None, None
 
 
-class UnsortRows(torch.autograd.Function):
-    """out = rows[rank] (back to token-major order); backward is the gather grad[order]."""
+class CombineRows(torch.autograd.Function):
+    """out[t] = sum of token t's k rows: rows.index_select(0, rank) back in token-major order, summed over
+    each token's k rows ([tokens*k, hidden] -> [tokens, hidden]). The transpose of GatherSorted: its
+    backward is the single gather grad[order // k], with no [tokens*k, hidden] temporary."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, rank: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, rank: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
         ctx.save_for_backward(order)
-        return rows[rank]
+        ctx.k = k
+        unsorted = rows.index_select(0, rank)
+        return unsorted.view(-1, k, rows.shape[-1]).sum(dim=1) if k > 1 else unsorted
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (order,) = ctx.saved_tensors
-        return grad[order], None, None
+        return grad.index_select(0, order // ctx.k), None, None, None
 
 
 @torch.no_grad()
