@@ -140,7 +140,11 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)
         key = torch.cat((k_nope, k_rope.unsqueeze(1).expand(-1, self.num_heads, -1, -1)), dim=-1)
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=self.scale)
+        # flash kernels (CUDA and CPU) need one head size for q, k and v; MLA's values are narrower
+        # (V3: 128 vs 192), so they are zero-padded and the padding sliced off the output
+        pad = query.shape[-1] - self.v_dim
+        out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, pad)) if pad > 0 else value,
+                                             is_causal=True, scale=self.scale)[..., : self.v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | ExpandedCache,

@@ -14,23 +14,23 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gpt_moe.attention import ExpandedCache, LatentCache, MultiHeadLatentAttention
 from gpt_moe.config import ModelConfig
+from gpt_moe.loss import linear_cross_entropy
 from gpt_moe.moe import MLP, MoE, Experts
 from gpt_moe.norm import RMSNorm
 from gpt_moe.rope import RotaryEmbedding
 
-IGNORE_INDEX = -100
 
 
 @dataclass
 class ModelOutput:
-    """logits: [batch, seq, vocab]. Losses are scalars (None when not computed)."""
+    """logits: [batch, seq, vocab] (None when labels were given: the loss is computed without them).
+    Losses are scalars (None when not computed)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight * mtp_loss + aux_loss
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
@@ -64,6 +64,20 @@ class DecoderLayer(nn.Module):
         else:
             h, aux = self.mlp(h), None
         return x + h, aux
+
+
+class LMHead(nn.Linear):
+    """The output projection (`lm_head`). hidden: [..., hidden] -> logits [..., vocab]; with labels [...],
+    the mean cross-entropy instead, computed chunk by chunk without materialising the logits
+    (`gpt_moe.loss`). Being the module's forward, it runs inside DeepSpeed's ZeRO-3 parameter hooks."""
+
+    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(hidden)
+        return linear_cross_entropy(hidden, self.weight, labels)
 
 
 class SharedHead(nn.Module):
@@ -125,7 +139,7 @@ class DeepSeekForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DeepSeekModel(config, expert_parallel)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if seed is not None:
@@ -166,11 +180,11 @@ class DeepSeekForCausalLM(nn.Module):
         for layer in self.model.main_layers:
             x, aux = layer(x, cos, sin)
             aux_losses.append(aux)
-        logits = self.lm_head(self.model.norm(x))
+        hidden = self.model.norm(x)
         if labels is None:
-            return ModelOutput(logits=logits)
+            return ModelOutput(logits=self.lm_head(hidden))
 
-        lm_loss = _cross_entropy(logits, labels)
+        lm_loss = self.lm_head(hidden, labels=labels)
         loss = lm_loss
         mtp_loss = None
         mtp = self.model.mtp_layer
@@ -179,13 +193,13 @@ class DeepSeekForCausalLM(nn.Module):
             next_embeds = self.model.embed_tokens(labels[:, :-1].clamp(min=0))
             mtp_hidden, aux = mtp.predict(x[:, :-1], next_embeds, cos[:-1], sin[:-1])
             aux_losses.append(aux)
-            mtp_loss = _cross_entropy(self.lm_head(mtp_hidden), labels[:, 1:])
+            mtp_loss = self.lm_head(mtp_hidden, labels=labels[:, 1:])
             loss = loss + cfg.mtp_loss_weight * mtp_loss
         aux_terms = [a for a in aux_losses if a is not None]
         aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
         if aux_loss is not None:
             loss = loss + aux_loss
-        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)
+        return ModelOutput(logits=None, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)
 
     # ------------------------------------------------------------------ incremental decoding
     def new_cache(self, batch: int, capacity: int, kind: str = "latent") -> list[LatentCache | ExpandedCache]:
@@ -217,11 +231,6 @@ class DeepSeekForCausalLM(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
-
-
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy in fp32. logits: [batch, seq, vocab]; labels: [batch, seq]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _seeded_normal_(tensor: torch.Tensor, std: float, seed: int, key: str) -> None:
