@@ -28,7 +28,7 @@ from gpt_moe.config import ModelConfig
 from gpt_moe.data import TokenShards, TrainBatches, ValBatches
 from gpt_moe.ds_config import TrainingShape, load_ds_config, resolve_ds_config, zero_stage
 from gpt_moe.errors import ConfigError, DataError, GptMoeError
-from gpt_moe.hardware import device_peak_flops, native_bf16
+from gpt_moe.hardware import device_peak_flops, keep_freed_memory, native_bf16
 from gpt_moe.metrics import Throughput, expert_load_stats, make_writer
 from gpt_moe.model import DeepSeekForCausalLM
 from gpt_moe.moe import MoE, update_bias
@@ -148,6 +148,8 @@ class Trainer:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_rank0 = self.rank == 0
         self.device = torch.device(accelerator.current_device_name())
+        if self.device.type == "cpu":
+            keep_freed_memory()  # reuse freed activations instead of faulting fresh pages in every step
         self.resume_from = self.checkpoint_to_resume()
         if must_prepare:
             self._prepare_default_data()

@@ -4,20 +4,19 @@
 * transformers' DeepseekV3MoE loaded with the same weights, with its default experts
   implementation ("grouped_mm") and with its "eager" per-expert loop.
 
-    python launch/bench.py moe [--tokens 4096] [--hidden 512] [--dtype auto|bf16|fp32] [--repeats 5]
+    python launch/bench.py moe [--tokens 4096] [--hidden 512] [--dtype auto|bf16|fp32] [--repeats 9]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from gpt_moe.config import ModelConfig, to_hf_config
-from gpt_moe.hardware import resolve_dtype
+from gpt_moe.hardware import keep_freed_memory, resolve_dtype
 from gpt_moe.moe import MLP, MoE
+from timing import interleaved_medians
 
 SHAPES = [  # (routed experts, top-k, shared experts, groups, groups kept)
     (64, 6, 2, 1, 1),
@@ -25,16 +24,15 @@ SHAPES = [  # (routed experts, top-k, shared experts, groups, groups kept)
 ]
 
 
-def time_fwd_bwd(fn, x: torch.Tensor, repeats: int) -> float:
-    """Median seconds of forward + backward of fn(x).sum() after two warm-up runs."""
-    times = []
-    for i in range(repeats + 2):
-        xi = x.detach().requires_grad_()
-        start = time.perf_counter()
-        fn(xi).float().sum().backward()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def forward_backward(module, x: torch.Tensor, grad: torch.Tensor):
+    """One forward + backward of `module` on x with a fixed upstream gradient (as in training)."""
+
+    def run() -> None:
+        module.zero_grad(set_to_none=True)
+        out = module(x.detach().requires_grad_())
+        (out[0] if isinstance(out, tuple) else out).backward(grad)
+
+    return run
 
 
 def transformers_moe(config: ModelConfig, ours: MoE, implementation: str, dtype: torch.dtype):
@@ -55,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expert-size", type=int, default=256, help="moe_intermediate_size")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 where this CPU/GPU has native bf16 matmuls, else fp32")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved timed rounds")
     args = parser.parse_args(argv)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    keep_freed_memory()  # for every contestant alike
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"MoE forward+backward, {args.tokens} tokens, hidden {args.hidden}, expert size {args.expert_size}, "
           f"{dtype_name}, {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -76,10 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         ours = ours.to(dtype)
         dense = MLP(args.hidden, (top_k + shared) * args.expert_size).to(dtype)
         x = torch.randn(1, args.tokens, args.hidden, dtype=dtype)
-        t_ours = time_fwd_bwd(lambda v: ours(v)[0], x, args.repeats)
-        t_dense = time_fwd_bwd(dense, x, args.repeats)
-        t_grouped = time_fwd_bwd(transformers_moe(config, ours, "grouped_mm", dtype), x, args.repeats)
-        t_eager = time_fwd_bwd(transformers_moe(config, ours, "eager", dtype), x, args.repeats)
+        grad = torch.randn_like(x)
+        times = interleaved_medians({
+            "ours": forward_backward(ours, x, grad),
+            "dense": forward_backward(dense, x, grad),
+            "grouped": forward_backward(transformers_moe(config, ours, "grouped_mm", dtype), x, grad),
+            "eager": forward_backward(transformers_moe(config, ours, "eager", dtype), x, grad),
+        }, args.repeats)
+        t_ours, t_dense, t_grouped, t_eager = (times[name] for name in ("ours", "dense", "grouped", "eager"))
         print(f"{f'{experts}/{top_k}/{shared}':>22} {t_ours * 1e3:9.1f} {t_dense * 1e3:9.1f} {t_grouped * 1e3:14.1f}"
               f" {t_eager * 1e3:12.1f} {t_ours / t_dense:10.2f}x {t_grouped / t_ours:15.2f}x {t_eager / t_ours:13.2f}x")
     return 0

@@ -1,5 +1,5 @@
 """Training throughput: our model vs transformers' DeepseekV3ForCausalLM, same config, batch and DeepSpeed
-config, measured one after the other in one process (one rank).
+config, measured in alternating steps in one process (one rank).
 
     python launch/bench.py train [--model tiny] [--deepspeed ds_configs/zero2.json] [--steps 10]
 
@@ -11,28 +11,26 @@ bf16 where the CPU has native bf16 instructions, else fp32).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from timing import interleaved_medians
 
-def tokens_per_second(model: torch.nn.Module, ds_config: dict, batch: torch.Tensor, labels: torch.Tensor,
-                      steps: int) -> float:
+
+def training_step(model: torch.nn.Module, ds_config: dict, batch: torch.Tensor, labels: torch.Tensor):
+    """A DeepSpeed engine around `model` and a function running one optimizer step of it."""
     import deepspeed
 
     from gpt_moe.trainer import param_groups
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds_config)
-    times = []
-    for step in range(steps + 2):
-        start = time.perf_counter()
+
+    def step() -> None:
         loss = engine(batch, labels=labels).loss
         engine.backward(loss)
         engine.step()
-        if step >= 2:  # two warm-up steps
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return batch.numel() / times[len(times) // 2]
+
+    return step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpt_moe.config import ModelConfig, to_hf_config
     from gpt_moe.ds_config import TrainingShape, load_ds_config, resolve_ds_config
-    from gpt_moe.hardware import device_peak_flops, native_bf16
+    from gpt_moe.hardware import device_peak_flops, keep_freed_memory, native_bf16
     from gpt_moe.model import DeepSeekForCausalLM
     from gpt_moe.params import account
 
@@ -65,15 +63,19 @@ def main(argv: list[str] | None = None) -> int:
                           bf16_native=native_bf16(accelerator.device_name(), bf16_supported))
     ds_config = resolve_ds_config(load_ds_config(args.deepspeed), shape)
     device = torch.device(accelerator.current_device_name())
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does, for both models
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator)
     inputs, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
 
-    ours = tokens_per_second(DeepSeekForCausalLM(config, seed=0), ds_config, inputs, targets, args.steps)
+    ours = training_step(DeepSeekForCausalLM(config, seed=0), ds_config, inputs, targets)
     torch.manual_seed(0)
     theirs_model = DeepseekV3ForCausalLM(DeepseekV3Config(**to_hf_config(config)))
     # transformers shifts the labels itself: give it the unshifted sequence
-    theirs = tokens_per_second(theirs_model, ds_config, inputs, inputs, args.steps)
+    theirs = training_step(theirs_model, ds_config, inputs, inputs)
+    seconds = interleaved_medians({"gpt-moe": ours, "transformers": theirs}, args.steps)
+    rates = {name: inputs.numel() / value for name, value in seconds.items()}
 
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     peak, how = device_peak_flops(device, dtype)
@@ -82,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.deepspeed} (ZeRO {ds_config['zero_optimization']['stage']}, bf16 {ds_config['bf16']['enabled']}), "
           f"{torch.get_num_threads()} threads; peak {peak / 1e9:.0f} GFLOP/s ({how})")
     print(f"{'':>14} {'tokens/s':>10} {'MFU':>7}")
-    for name, rate in (("gpt-moe", ours), ("transformers", theirs)):
+    for name, rate in rates.items():
         print(f"{name:>14} {rate:10.0f} {rate * flops / peak:7.1%}")
-    print(f"gpt-moe / transformers: {ours / theirs:.2f}x")
+    print(f"gpt-moe / transformers: {rates['gpt-moe'] / rates['transformers']:.2f}x")
     return 0
 
 
