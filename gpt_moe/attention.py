@@ -180,7 +180,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
         query = torch.cat((q_latent, q_rope), dim=-1)  # [b, heads, new, rank + rope]
         key = cached.unsqueeze(1)  # [b, 1, total, rank + rope]
-        value = key[..., : self.kv_rank]  # [b, 1, total, rank]
+        # the value is the latent, key[..., :rank]; passing the whole key gives q, k and v one head size
+        # (what the flash kernels need) at no copy, and the extra rope columns of the output are dropped
+        value = key
         # one shared key/value head: fold the query heads into the query length ([b, 1, heads*new, .])
         # so the kernel reads each cached latent once instead of once per head
         heads = self.num_heads
@@ -189,7 +191,7 @@ class MultiHeadLatentAttention(nn.Module):
             mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], heads, new, mask.shape[-1]).flatten(-3, -2)
         out_latent = F.scaled_dot_product_attention(query.reshape(b, 1, heads * new, -1), key, value,
                                                     attn_mask=mask, scale=self.scale)
-        out_latent = out_latent.view(b, heads, new, -1)  # [b, heads, new, rank]
+        out_latent = out_latent.view(b, heads, new, -1)[..., : self.kv_rank]  # [b, heads, new, rank]
         out = torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
         return self.o_proj(out.reshape(b, new, -1))
 

@@ -1,13 +1,12 @@
 """Decode speed and cache size: MLA latent cache (absorbed up-projections) vs an expanded per-head
 key/value cache vs no cache (full forward per token), side by side in one run.
 
-    python launch/bench.py decode [--model tiny] [--contexts 256 1024 4096] [--batches 1 8] [--steps 32]
+    python launch/bench.py decode [--model tiny] [--contexts 256 1024 4096] [--batches 1 8] [--steps 32] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -15,26 +14,32 @@ from gpt_moe.config import ModelConfig
 from gpt_moe.hardware import resolve_dtype
 from gpt_moe.model import DeepSeekForCausalLM
 from gpt_moe.params import account
+from timing import interleaved_medians
 
 
-@torch.no_grad()
-def tokens_per_second(model: DeepSeekForCausalLM, context: torch.Tensor, steps: int, kind: str) -> float:
-    """Decode `steps` greedy tokens after `context` [batch, len]; rate in generated tokens/s (whole batch)."""
-    batch = context.shape[0]
+def decoder(model: DeepSeekForCausalLM, context: torch.Tensor, steps: int, kind: str):
+    """A function that greedily decodes `steps` tokens after `context` [batch, len]: with a cache of
+    `kind` ("latent" or "expanded"), prefilled once and rewound to the context before every call, or
+    with none (a full forward over the whole sequence per token)."""
     if kind == "none":
-        ids = context
-        start = time.perf_counter()
-        for _ in range(steps):
-            ids = torch.cat((ids, model(ids).logits[:, -1:].argmax(-1)), dim=1)
-        return batch * steps / (time.perf_counter() - start)
-    caches = model.new_cache(batch, context.shape[1] + steps, kind=kind)
+        def run() -> None:
+            ids = context
+            for _ in range(steps):
+                ids = torch.cat((ids, model(ids).logits[:, -1:].argmax(-1)), dim=1)
+        return run
+
+    caches = model.new_cache(context.shape[0], context.shape[1] + steps, kind=kind)
     logits, _ = model.decode_step(context, caches)
-    next_ids = logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(steps):
-        logits, _ = model.decode_step(next_ids, caches)
-        next_ids = logits[:, -1:].argmax(-1)
-    return batch * steps / (time.perf_counter() - start)
+    first = logits[:, -1:].argmax(-1)
+
+    def run() -> None:
+        for cache in caches:
+            cache.length = context.shape[1]
+        next_ids = first
+        for _ in range(steps):
+            logits, _ = model.decode_step(next_ids, caches)
+            next_ids = logits[:, -1:].argmax(-1)
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 where this CPU/GPU has native bf16 matmuls, else fp32")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
     parser.add_argument("--no-cache-max-context", type=int, default=1024,
                         help="skip the (slow) no-cache column above this context")
     args = parser.parse_args(argv)
@@ -62,10 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batches:
         for context_len in args.contexts:
             context = torch.randint(0, config.vocab_size, (batch, context_len), generator=generator)
-            latent = tokens_per_second(model, context, args.steps, "latent")
-            expanded = tokens_per_second(model, context, args.steps, "expanded")
+            steps = {"latent": args.steps, "expanded": args.steps}
             if context_len <= args.no_cache_max_context:
-                none = tokens_per_second(model, context, max(4, args.steps // 8), "none")
+                steps["none"] = max(2, args.steps // 8)  # a full forward per token: slow, fewer tokens
+            with torch.no_grad():
+                seconds = interleaved_medians({kind: decoder(model, context, n, kind) for kind, n in steps.items()},
+                                              args.rounds, warmup=1)
+            rates = {kind: batch * steps[kind] / seconds[kind] for kind in steps}
+            latent, expanded = rates["latent"], rates["expanded"]
+            if "none" in rates:
+                none = rates["none"]
                 none_text, ratio_text = f"{none:15.1f}", f"{latent / none:15.1f}x"
             else:
                 none_text, ratio_text = f"{'-':>15}", f"{'-':>16}"

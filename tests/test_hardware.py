@@ -32,3 +32,27 @@ def test_command_line_dtypes():
     assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cpu")) == default_dtype(torch.device("cpu"))
+
+
+FAULTS_OF_A_SECOND_ALLOCATION = """
+import resource, sys, torch
+from gpt_moe.hardware import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.ones(64 << 18)  # 64 MB, freed at once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(64 << 18)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's malloc")
+def test_kept_memory_is_reused_without_page_faults():
+    import subprocess
+    import sys
+
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_OF_A_SECOND_ALLOCATION, mode], check=True,
+                                       capture_output=True, text=True).stdout) for mode in ("default", "keep")}
+    pages = (64 << 20) // 4096
+    assert faults["default"] > pages // 2  # glibc unmapped the first block: every page faults in again
+    assert faults["keep"] < pages // 20
