@@ -6,10 +6,13 @@
         mtp.safetensors                   the multi-token-prediction block (transformers has none; we read it back)
         gpt_moe.json                      our exact model config, tokenizer record and training facts
         tokenizer.tiktoken                the tiktoken BPE file (mergeable ranks)
+        tokenizer.json                    the same tokenizer for transformers (+ tokenizer_config.json with the
+                                          chat template), so AutoTokenizer.from_pretrained(OUT_DIR) works too
         README.md                         a model card with the training figures
 
 `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads it with no missing or
-unexpected keys, because the parameter names are already transformers'.
+unexpected keys, because the parameter names are already transformers'; `AutoTokenizer` loads the
+tokenizer.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from gpt_moe.checkpoint import LoadedModel
 from gpt_moe.config import ModelConfig, to_hf_config
 from gpt_moe.errors import CheckpointError
 from gpt_moe.params import account, human
-from gpt_moe.tokenizer import TokenizerInfo
+from gpt_moe.tokenizer import TokenizerInfo, hf_tokenizer_config, hf_tokenizer_json
 
 OUR_FILE = "gpt_moe.json"
 MTP_FILE = "mtp.safetensors"
@@ -75,6 +78,8 @@ def export(loaded: LoadedModel, out_dir: str | Path, dtype: torch.dtype = torch.
     ours = {"model_config": config.to_dict(), "tokenizer": info.to_dict(), "training": loaded.info}
     (tmp / OUR_FILE).write_text(json.dumps(ours, indent=1))
     shutil.copyfile(loaded.source / info.file, tmp / info.file)
+    (tmp / "tokenizer.json").write_text(hf_tokenizer_json(loaded.tokenizer))
+    (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(), indent=1))
     (tmp / "README.md").write_text(model_card(config, loaded.info, info))
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
@@ -136,8 +141,9 @@ def model_card(config: ModelConfig, training: dict[str, Any], tokenizer: Tokeniz
         f"| KV cache per token (bf16) | {a.kv_cache_bytes_per_token:,} B |",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained('.')  # logits match gpt-moe's",
+        "tokenizer = AutoTokenizer.from_pretrained('.')  # ids match the tiktoken file's; chat template included",
         "```",
         "",
         "The MTP block is in `mtp.safetensors`; gpt-moe's `load_for_inference` reads everything back.",

@@ -25,6 +25,7 @@ import base64
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -340,3 +341,71 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, name: str | None = None,
         log.warning("bpe: the corpus gave only %d merges (asked for %d); vocabulary has %d tokens",
                     len(ranks) - 256, vocab_size - n_special - 256, len(ranks) + n_special)
     return _with_special_tokens(name or f"bpe{len(ranks) + n_special}", pat_str, ranks, {})
+
+
+# ------------------------------------------------------------------------- transformers' tokenizer.json
+
+
+def onig_pattern(pat_str: str) -> str:
+    """A tiktoken split pattern rewritten for HF `tokenizers`' Oniguruma engine: possessive quantifiers
+    (`++ *+ ?+ {m,n}+`) become greedy ones and `$` becomes `\\z` (Onig reads `{m,n}+` as a repeat and
+    `$` as end of line). In these patterns every possessive quantifier is followed by something it
+    cannot give characters to, so backtracking never changes a match (tests compare the splits)."""
+    pat_str = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pat_str)  # {m,n}+ -> {m,n}
+    pat_str = re.sub(r"(?<!\\)([+*?])\+", r"\1", pat_str)  # ++ *+ ?+ -> + * ?  (not an escaped \+)
+    return pat_str.replace("$", r"\z")
+
+
+def bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """tiktoken mergeable ranks -> HF byte-level BPE vocabulary and merges.
+
+    Tokens are written in the byte-level alphabet (`byte_level_alphabet`). A token of rank r is
+    the merge of every split of it into two tokens of lower rank; merges are ordered by the rank
+    they produce, so HF applies them in the order tiktoken does (lowest resulting rank first)."""
+    to_char = {b: ch for ch, b in byte_level_alphabet().items()}
+
+    def text(token: bytes) -> str:
+        return "".join(to_char[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    merges: list[tuple[int, int, int, str, str]] = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = ranks.get(token[:cut]), ranks.get(token[cut:])
+            if left is not None and right is not None and left < rank and right < rank:
+                merges.append((rank, left, right, text(token[:cut]), text(token[cut:])))
+    merges.sort()
+    return vocab, [(left, right) for *_, left, right in merges]
+
+
+def hf_tokenizer_json(enc: tiktoken.Encoding) -> str:
+    """The encoding as a transformers `tokenizer.json` (byte-level BPE, the same split pattern and
+    special tokens). Encoding text with it gives tiktoken's `encode_ordinary` ids; special-token
+    text is parsed as special tokens, as transformers does."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab, merges = bpe_vocab_and_merges(mergeable_ranks(enc))
+    special = sorted(enc._special_tokens.items(), key=lambda item: item[1])
+    vocab.update(special)  # in the vocabulary, special tokens keep their ids (standard encodings have gaps)
+    # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in tiktoken
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(onig_pattern(enc._pat_str)), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(token, special=True, normalized=False) for token, _ in special])
+    for token, token_id in special:
+        if hf.token_to_id(token) != token_id:
+            raise DataError(f"tokenizer {enc.name!r}: special token {token} would get id {hf.token_to_id(token)} "
+                            f"in tokenizer.json instead of {token_id} (ids must follow the vocabulary)")
+    return hf.to_str()
+
+
+def hf_tokenizer_config() -> dict:
+    """transformers' `tokenizer_config.json`: the fast tokenizer, the end-of-text token and our chat
+    template (the one `gpt_moe.chat.format_chat` applies)."""
+    template = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": ENDOFTEXT, "chat_template": template,
+            "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}

@@ -45,6 +45,20 @@ def test_export_loads_in_transformers_with_our_logits(loaded, tmp_path, caplog):
     assert "validation loss | 3.5000" in (out / "README.md").read_text()
 
 
+def test_exported_tokenizer_loads_in_transformers_with_our_ids_and_chat_template(loaded, tmp_path):
+    from gpt_moe.chat import format_chat
+
+    out = export(loaded, tmp_path / "export", dtype=torch.float32)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    text = "def add(a, b):\n    return a + b  # Ünïcödé 🙂"
+    assert theirs(text)["input_ids"] == loaded.tokenizer.encode_ordinary(text)
+    assert theirs.decode(theirs(text)["input_ids"]) == text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 2 and 3"}]
+    assert theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False) \
+        == format_chat(loaded.tokenizer, messages)
+    assert theirs.eos_token_id == loaded.tokenizer_info.eot_id
+
+
 def test_export_refuses_a_non_empty_directory(loaded, tmp_path):
     target = tmp_path / "busy"
     target.mkdir()

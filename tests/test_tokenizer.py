@@ -175,3 +175,32 @@ def test_standard_encoding_without_its_file_says_where_to_get_it(monkeypatch):
 def test_bad_tokenizer_specs(spec, message):
     with pytest.raises(DataError, match=message):
         tok.parse_tokenizer_spec(spec)
+
+
+def _edge_texts() -> list[str]:
+    return ["Hello world!  It's 12345678 apples\n\n\tand   spaces  ", "x  \n y", "   ", "a\n\n\n", "\r\n\r\n  \t",
+            "Ünïcödé 🙂 text's 'LL 'Ve \r\n", "1,234.5e-7 == 0x1F", "東京は日本の首都です。 Привет, мир!"]
+
+
+@pytest.mark.parametrize("which", ["bpe", "cl100k_base"])
+def test_tokenizer_json_encodes_like_tiktoken(which, bpe, corpus):
+    """transformers' tokenizer.json built from the tiktoken ranks gives tiktoken's ids on real code and
+    prose (the split pattern, merges and special tokens all converted), and decodes back."""
+    from tokenizers import Tokenizer
+
+    enc = bpe if which == "bpe" else tok.load_standard("cl100k_base")
+    hf = Tokenizer.from_str(tok.hf_tokenizer_json(enc))
+    texts = [line for text in corpus[:3] for line in text.splitlines(keepends=True)] + _edge_texts()
+    for text in texts:
+        assert hf.encode(text, add_special_tokens=False).ids == enc.encode_ordinary(text), repr(text)
+    whole = "".join(corpus)
+    assert hf.encode(whole).ids == enc.encode_ordinary(whole)
+    marked = f"{tok.USER}hi{tok.END}{tok.ENDOFTEXT}"
+    assert hf.encode(marked).ids == enc.encode(marked, allowed_special="all")
+    assert hf.decode(hf.encode(whole).ids) == whole
+
+
+def test_onig_pattern_rewrites_only_possessive_quantifiers():
+    assert tok.onig_pattern(r"\p{L}++|\p{N}{1,3}+|[a]?+b*+|\s++$") == r"\p{L}+|\p{N}{1,3}|[a]?b*|\s+\z"
+    assert tok.onig_pattern(r"\++|\p{L}+") == r"\++|\p{L}+"  # an escaped plus and a plain quantifier stay
+    assert tok.onig_pattern(tok.BPE_PAT_STR) == tok.BPE_PAT_STR
