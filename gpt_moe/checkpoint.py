@@ -186,12 +186,7 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     ZeRO stage and expert-parallel size, read on CPU without starting DeepSpeed's runtime."""
     info = read_complete_info(tag_dir)
     if info.get("zero_stage", 0) == 3:
-        if info.get("ep_size", 1) > 1:
-            raise CheckpointError(f"{tag_dir}: ZeRO-3 checkpoints with --ep-size > 1 cannot be consolidated yet; "
-                                  "train with ZeRO-1/2 for expert parallelism")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
+        return zero3_state_dict(tag_dir, info)
     state = dict(_load(tag_dir / "mp_rank_00_model_states.pt")["module"])
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for file in sorted(tag_dir.iterdir()):
@@ -207,6 +202,74 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         if sorted(by_id) != list(range(len(by_id))):
             raise CheckpointError(f"{tag_dir}: experts of {prefix} are incomplete ({len(by_id)} files)")
         state[f"{prefix}.{name}"] = torch.stack([by_id[i] for i in range(len(by_id))])
+    return state
+
+
+class _DeepSpeedRecord:
+    """Stands in for the two DeepSpeed classes pickled into ZeRO optimizer files (ZeroStageEnum,
+    LossScaler), so they load with `weights_only=True` and without importing DeepSpeed."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+
+def _load_zero_optimizer_file(path: Path) -> dict[str, Any]:
+    stand_ins = [(_DeepSpeedRecord, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+                 (_DeepSpeedRecord, "deepspeed.runtime.fp16.loss_scaler.LossScaler")]
+    with torch.serialization.safe_globals(stand_ins):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
+
+
+def zero3_state_dict(tag_dir: Path, info: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Reassembles the fp32 master weights of a ZeRO-3 checkpoint.
+
+    ZeRO-3 splits every parameter into equal, zero-padded slices, one per rank of its partition
+    group, and each rank stores its slices of a sub-group's parameters one after the other
+    (`fp32_flat_groups[sub_group]`, in the order of `param_shapes`). Ordinary parameters are
+    partitioned over all ranks; under expert parallelism the routed experts are partitioned over
+    the ranks that hold the same experts (DeepSpeed records each rank's partition ranks per
+    sub-group; `expert_ranges` in COMPLETE says which experts a rank holds), and their stacks are
+    concatenated in expert order."""
+    world = info["world_size"]
+    models = [_load(tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt") for rank in range(world)]
+    optim_files = [sorted(tag_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")) for rank in range(world)]
+    if not all(len(files) == 1 for files in optim_files):
+        raise CheckpointError(f"{tag_dir}: expected one ZeRO-3 optimizer file per rank for {world} ranks")
+    optimizers = [_load_zero_optimizer_file(files[0]) for files in optim_files]
+    flat = [optimizer["fp32_flat_groups"] for optimizer in optimizers]  # [rank][sub_group] 1-D fp32
+
+    def holder_sets(sub_group: int) -> list[tuple[int, ...]]:
+        """The groups of ranks that partition this sub-group among themselves (all ranks when unrecorded)."""
+        recorded = [optimizer.get("ds_zero_partition_groups") for optimizer in optimizers]
+        if not all(recorded):
+            return [tuple(range(world))]
+        return sorted({tuple(groups[sub_group]["partition_ranks"]) for groups in recorded})
+
+    state = {name: value for name, value in models[0]["module"].items() if name in models[0]["buffer_names"]}
+    expert_stacks: dict[str, dict[int, torch.Tensor]] = {}
+    sub_group, used = 0, 0
+    for group_index, shapes in enumerate(models[0]["param_shapes"]):
+        for param_index, (name, shape) in enumerate(shapes.items()):
+            holders = holder_sets(sub_group)
+            numel, part = shape.numel(), -(-shape.numel() // len(holders[0]))
+            for ranks in holders:
+                own_shape = list(models[ranks[0]]["param_shapes"][group_index].values())[param_index]
+                pieces = [flat[rank][sub_group][used: used + part] for rank in ranks]
+                value = torch.cat(pieces)[:numel].view(own_shape).clone()
+                if len(holders) == 1:
+                    state[name] = value
+                else:
+                    first_expert = info["expert_ranges"][ranks[0]][0]
+                    expert_stacks.setdefault(name, {})[first_expert] = value
+            used += part
+            if used == flat[0][sub_group].numel():
+                sub_group, used = sub_group + 1, 0
+    if sub_group != len(flat[0]) or used:
+        raise CheckpointError(f"{tag_dir}: ZeRO-3 partitions do not match the recorded parameter shapes")
+    for name, by_first in expert_stacks.items():
+        state[name] = torch.cat([by_first[first] for first in sorted(by_first)])
+    for alias, source in models[0].get("shared_params", {}).items():  # tied embeddings
+        state[alias] = state[source]
     return state
 
 

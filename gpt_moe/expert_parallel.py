@@ -23,8 +23,10 @@ holding all experts):
   Its checkpoint code expects one module per expert, so `state_dict()` called bare (only
   DeepSpeed's saver calls it so) returns per-expert keys, and loading stacks them back.
 * ZeRO-3 refuses DeepSpeed's native MoE, so there the experts are plain modules whose
-  parameters carry the `ds_zero_*` placement attributes DeepSpeed's AutoEP uses: ZeRO-3
-  partitions them over the expert-data-parallel group and includes them in the norm.
+  parameters carry the attributes DeepSpeed's AutoEP gives its experts: `allreduce=False` and
+  `group_name` (so the engine's start-up broadcast stays within the expert-data-parallel group
+  instead of copying rank 0's experts everywhere) and the `ds_zero_*` placement ones (ZeRO-3
+  partitions them over the expert-data-parallel group and includes them in the norm).
 * AutoEP (`"expert_parallel"` in the DeepSpeed JSON) also keeps the routing exact, but it
   replaces our MoE block: parameter names change, the sequence-wise balance loss and the
   per-expert load that drives our bias update disappear. So we do not use it.
@@ -113,6 +115,10 @@ class ExpertParallel:
             return DeepSpeedExperts(config, local, first, self.group_name, self.size)
         experts = Experts(config, local, first)
         for param in (experts.gate_up_proj, experts.down_proj):
+            # as AutoEP marks its experts: without allreduce/group_name the engine's start-up broadcast
+            # copies rank 0's experts over every other rank's (seen: experts 8-15 started as 0-7)
+            param.allreduce = False
+            param.group_name = self.group_name
             param.ds_zero_placement_family = "autoep_expert"
             param.ds_zero_partition_group_name = self.group_name
             param.ds_zero_partition_process_group = groups._get_expert_data_parallel_group(self.group_name)

@@ -171,6 +171,10 @@ class Trainer:
             self.engine.optimizer.check_grad_overflow = True  # skip non-finite steps in fp32 runs too
         self.moe_names = [name.split(".")[2] for name, m in self.engine.module.named_modules() if isinstance(m, MoE)]
         self.moe_layers = [m for m in self.engine.module.modules() if isinstance(m, MoE)]  # model.layers.{i}.mlp
+        experts = self.moe_layers[0].experts if self.moe_layers else None
+        mine = [experts.first_expert, experts.first_expert + experts.num_local_experts] if experts else None
+        self.expert_ranges: list[list[int] | None] = [None] * self.world  # [first, end) of each rank's experts
+        dist.all_gather_object(self.expert_ranges, mine)
         self.loader = TrainBatches(self.shards, cfg.seq_len, cfg.micro_batch, self.rank, self.world, cfg.seed)
         self.val_batches = ValBatches(self.shards, cfg.seq_len, cfg.micro_batch, cfg.eval_batches, self.rank,
                                       self.world)
@@ -232,11 +236,11 @@ class Trainer:
         if self.is_rank0:
             ckpt.save_inference_files(self.checkpoint_dir / tag, self.model_config, self.shards.manifest.tokenizer,
                                       self.shards.directory)
-            ckpt.mark_complete(self.checkpoint_dir / tag, {"step": self.step, "tokens_seen": self.tokens_seen,
-                                                            "world_size": self.world, "ep_size": self.cfg.ep_size,
-                                                            "zero_stage": self.stage, "bf16": self.ds_config["bf16"]["enabled"],
-                                                            "val_loss": self.last_val_loss,
-                                                            "model": self.model_config.name})
+            ckpt.mark_complete(self.checkpoint_dir / tag, {
+                "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
+                "ep_size": self.cfg.ep_size, "expert_ranges": self.expert_ranges, "zero_stage": self.stage,
+                "bf16": self.ds_config["bf16"]["enabled"], "val_loss": self.last_val_loss,
+                "model": self.model_config.name})
             ckpt.prune(self.checkpoint_dir, self.cfg.keep_last)
         dist.barrier()
         return self.checkpoint_dir / tag
@@ -425,14 +429,10 @@ class Trainer:
     def _write_summary(self, history: list[dict[str, float]], val_loss: float) -> dict[str, Any]:
         """runs/<run>/summary.json: per-logged-step scalars, final validation loss, layout."""
         self.writer.flush()
-        ranges = [None] * self.world
-        first = self.moe_layers[0].experts if self.moe_layers else None
-        mine = [first.first_expert, first.first_expert + first.num_local_experts] if first else None
-        dist.all_gather_object(ranges, mine)
         result = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": val_loss,
                   "skipped_steps": self.bad_steps_total, "layout": {"world_size": self.world,
                                                                     "ep_size": self.cfg.ep_size,
-                                                                    "expert_ranges": ranges},
+                                                                    "expert_ranges": self.expert_ranges},
                   "history": history}
         if self.is_rank0:
             ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(result, indent=1))
