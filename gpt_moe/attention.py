@@ -177,7 +177,7 @@ class MultiHeadLatentAttention(nn.Module):
 
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # [heads, nope, rank], [heads, v, rank]
-        q_latent = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
+        q_latent = torch.matmul(q_nope, w_uk)  # [b, heads, new, rank] (matmul, not einsum: decode is overhead-bound)
         query = torch.cat((q_latent, q_rope), dim=-1)  # [b, heads, new, rank + rope]
         key = cached.unsqueeze(1)  # [b, 1, total, rank + rope]
         # the value is the latent, key[..., :rank]; passing the whole key gives q, k and v one head size
@@ -192,8 +192,8 @@ class MultiHeadLatentAttention(nn.Module):
         out_latent = F.scaled_dot_product_attention(query.reshape(b, 1, heads * new, -1), key, value,
                                                     attn_mask=mask, scale=self.scale)
         out_latent = out_latent.view(b, heads, new, -1)[..., : self.kv_rank]  # [b, heads, new, rank]
-        out = torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
-        return self.o_proj(out.reshape(b, new, -1))
+        out = torch.matmul(out_latent, w_uv.transpose(1, 2))  # [b, heads, new, v]
+        return self.o_proj(out.transpose(1, 2).reshape(b, new, -1))
 
     def _decode_expanded(self, q_nope, q_rope, latent_new, k_rope_new, cache: ExpandedCache, mask) -> torch.Tensor:
         """Expand the new tokens' latents to per-head keys/values, cache those, attend as usual."""

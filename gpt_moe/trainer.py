@@ -281,7 +281,7 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict[str, float]:
         """Runs grad_accum micro-batches and one optimizer step; returns this rank's mean losses."""
-        sums = torch.zeros(4)  # loss, lm, mtp, aux
+        sums = torch.zeros(4, device=self.device)  # loss, lm, mtp, aux; read once per step (one host sync)
         for _ in range(self.cfg.grad_accum):
             inputs, labels = self.loader.next_batch()
             out = self.engine(inputs.to(self.device), labels=labels.to(self.device))
@@ -290,9 +290,8 @@ class Trainer:
                 loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
-            sums += torch.tensor([loss.item(), out.lm_loss.item(),
-                                  out.mtp_loss.item() if out.mtp_loss is not None else 0.0,
-                                  out.aux_loss.item() if out.aux_loss is not None else 0.0])
+            parts = [loss, out.lm_loss, out.mtp_loss, out.aux_loss]
+            sums += torch.stack([p.detach().float() if p is not None else sums.new_zeros(()) for p in parts])
         return dict(zip(("loss", "lm_loss", "mtp_loss", "aux_loss"), (sums / self.cfg.grad_accum).tolist()))
 
     def update_balancing(self, applied: bool) -> torch.Tensor | None:
