@@ -24,7 +24,6 @@ from gpt_moe.norm import RMSNorm
 from gpt_moe.rope import RotaryEmbedding
 
 
-
 @dataclass
 class ModelOutput:
     """logits: [batch, seq, vocab] (None when labels were given: the loss is computed without them).

@@ -142,9 +142,10 @@ class Experts(nn.Module):
 class WeightedSwiGLU(torch.autograd.Function):
     """hidden = silu(gate) * up * weight, for gate_up = [gate | up]: [rows, 2*I] and weight: [rows, 1].
 
-    Autograd of the three elementwise ops saves four [rows, I] tensors and, in backward,
-    concatenates the gate and up gradients into a fresh [rows, 2*I] one. This saves only the
-    input, recomputes silu(gate), and writes both gradient halves in place."""
+    Autograd of the three elementwise ops keeps two [rows, I] intermediates besides the input
+    (silu(gate) and silu(gate) * up) and, in backward, concatenates the gate and up gradients into
+    a fresh [rows, 2*I] tensor. This keeps only the input, recomputes silu(gate), and writes both
+    gradient halves in place."""
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -170,8 +171,9 @@ class MoE(nn.Module):
     """DeepSeekMoE feed-forward. x: [batch, seq, hidden] -> ([batch, seq, hidden], aux loss or None).
 
     After each forward, `tokens_per_expert` ([n_routed_experts] fp32) holds the routed
-    assignments of that forward (and `last_expert_ids` [batch, seq, k] when `record_routing`) and `load_since_update` their running sum, which the
-    trainer all-reduces and feeds to `update_bias` once per optimizer step.
+    assignments of that forward (and `last_expert_ids` [batch, seq, k] when `record_routing`) and
+    `load_since_update` their running sum, which the trainer all-reduces and feeds to `update_bias`
+    once per optimizer step.
     """
 
     def __init__(self, config: ModelConfig, expert_parallel: "ExpertParallel | None" = None) -> None:

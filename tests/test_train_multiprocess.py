@@ -118,7 +118,8 @@ def test_zero3_ep2_equals_ep1_and_consolidates_without_deepspeed(prepared_data, 
     the checkpoints reassemble (weights_only, no DeepSpeed) into the same model; EP=1's reassembly
     equals DeepSpeed's own zero_to_fp32. Tied embeddings exercise DeepSpeed's shared-parameter record."""
     ds = tmp_path / "zero3_fp32.json"
-    ds.write_text(json.dumps({**json.loads((REPO / "ds_configs" / "zero3.json").read_text()), "bf16": {"enabled": False}}))
+    zero3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds.write_text(json.dumps({**zero3, "bf16": {"enabled": False}}))
     model = tmp_path / "tied.json"
     model.write_text(json.dumps({**json.loads((REPO / "gpt_moe" / "presets" / "tiny.json").read_text()),
                                  "name": "tiny-tied", "tie_word_embeddings": True}))
