@@ -64,26 +64,30 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16)
     return measure_matmul_peak(device, dtype), f"measured {dtype} matmul, {torch.get_num_threads()} threads"
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
-    """FLOP/s of repeated square matmuls of `size` on this process's threads (best of the runs)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b  # warm-up
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, max_size: int = 1024,
+                        seconds: float = 0.5) -> float:
+    """FLOP/s of repeated square matmuls on this process's threads (best of the runs within `seconds`).
+
+    The size doubles from 128 up to `max_size` while a matmul stays quick, so that a dtype the
+    hardware only emulates (bf16 on an AVX2 CPU: one 1024^3 matmul takes seconds) is measured on
+    smaller matrices instead of stalling the start of a run."""
+    size = 128
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        start = time.perf_counter()
+        a @ b  # also the warm-up
+        if size >= max_size or (time.perf_counter() - start) * 32 > seconds:
+            break
+        size *= 2
     best = 0.0
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    while best == 0.0 or time.perf_counter() < deadline:
         start = time.perf_counter()
         for _ in range(4):
             a @ b
         best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - start))
     return best
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """A command-line dtype: "auto" (bf16 where native on `device`, else fp32), "bf16" or "fp32"."""
-    if name == "auto":
-        return default_dtype(device)
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def keep_freed_memory() -> bool:

@@ -37,6 +37,17 @@ def launch(*args: str, ranks: int = 2, check: bool = True, timeout: int = 600) -
     return result
 
 
+def variant(tmp_path: Path, shipped: Path, **changes) -> Path:
+    """A copy of a shipped JSON (DeepSpeed config or model preset) with top-level keys changed."""
+    path = tmp_path / f"{shipped.stem}_{'_'.join(changes)}.json"
+    path.write_text(json.dumps({**json.loads(shipped.read_text()), **changes}))
+    return path
+
+
+ZERO2, ZERO3, TINY = (REPO / "ds_configs" / "zero2.json", REPO / "ds_configs" / "zero3.json",
+                      REPO / "gpt_moe" / "presets" / "tiny.json")
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -83,10 +94,7 @@ def test_ep2_zero2_trains_shards_experts_and_resumes_exactly(prepared_data, tmp_
 
 def test_ep2_equals_ep1_in_fp32(prepared_data, tmp_path):
     """Same global batch, same initial weights: per-step loss and clipped grad norm agree."""
-    ds = tmp_path / "zero2_fp32.json"
-    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
-    config["bf16"] = {"enabled": False}
-    ds.write_text(json.dumps(config))
+    ds = variant(tmp_path, ZERO2, bf16={"enabled": False})
     runs = {}
     for ep in (1, 2):
         runs[ep] = tmp_path / f"ep{ep}"
@@ -117,12 +125,8 @@ def test_zero3_ep2_equals_ep1_and_consolidates_without_deepspeed(prepared_data, 
     """ZeRO-3 partitions experts over the ranks holding them: same losses and clipped norms as EP=1, and
     the checkpoints reassemble (weights_only, no DeepSpeed) into the same model; EP=1's reassembly
     equals DeepSpeed's own zero_to_fp32. Tied embeddings exercise DeepSpeed's shared-parameter record."""
-    ds = tmp_path / "zero3_fp32.json"
-    zero3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    ds.write_text(json.dumps({**zero3, "bf16": {"enabled": False}}))
-    model = tmp_path / "tied.json"
-    model.write_text(json.dumps({**json.loads((REPO / "gpt_moe" / "presets" / "tiny.json").read_text()),
-                                 "name": "tiny-tied", "tie_word_embeddings": True}))
+    ds = variant(tmp_path, ZERO3, bf16={"enabled": False})
+    model = variant(tmp_path, TINY, name="tiny-tied", tie_word_embeddings=True)
     runs = {}
     for ep in (1, 2):
         runs[ep] = tmp_path / f"ep{ep}"
@@ -148,6 +152,27 @@ def test_zero3_ep2_equals_ep1_and_consolidates_without_deepspeed(prepared_data, 
     merged, single = load_for_inference(runs[2]).model.state_dict(), load_for_inference(runs[1]).model.state_dict()
     for key, value in single.items():
         torch.testing.assert_close(merged[key], value, rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_bf16_forced_with_expert_parallelism_trains(prepared_data, tmp_path):
+    """bf16 training whatever the CPU ("auto" is fp32 on CPUs without native bf16, so force it), on a
+    model small enough for emulated bf16 matmuls: bf16 ZeRO-2 with EP=2 learns and loads for inference."""
+    ds = variant(tmp_path, ZERO2, bf16={"enabled": True})
+    model = variant(tmp_path, TINY, name="micro", vocab_size=1024, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                    v_head_dim=16, intermediate_size=128, moe_intermediate_size=32)
+    run = tmp_path / "bf16"
+    launch("--deepspeed", str(ds), "--model", str(model), "--data", str(prepared_data), "--run-dir", str(run),
+           "--max-steps", "8", "--save-interval", "8", "--ep-size", "2", *COMMON)
+    assert json.loads((run / "ds_config.resolved.json").read_text())["bf16"]["enabled"] is True
+    assert_falls(run)
+
+    from gpt_moe.checkpoint import load_for_inference
+
+    loaded = load_for_inference(run)
+    assert loaded.info["bf16"] is True
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(torch.randint(0, 1024, (1, 16))).logits).all()
 
 
 def test_kill_during_save_resumes_from_previous_complete(prepared_data, tmp_path):
@@ -197,9 +222,7 @@ def test_bad_configs_fail_fast_with_one_line(prepared_data, tmp_path, args, mess
     auto.write_text(json.dumps({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}))
     fixed = tmp_path / "fixed.json"
     fixed.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
-    model = tmp_path / "model.json"
-    tiny = json.loads((REPO / "gpt_moe" / "presets" / "tiny.json").read_text())
-    model.write_text(json.dumps({**tiny, "n_routed_experts": 9, "n_group": 1, "topk_group": 1}))
+    model = variant(tmp_path, TINY, n_routed_experts=9, n_group=1, topk_group=1)
     values = {"typo_config": typo, "auto_config": auto, "fixed_config": fixed, "missing": tmp_path / "nothing",
               "model_3_experts": model}
     args = [a.format(**values) for a in args]
