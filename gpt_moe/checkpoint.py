@@ -238,12 +238,17 @@ def zero3_state_dict(tag_dir: Path, info: dict[str, Any]) -> dict[str, torch.Ten
     optimizers = [_load_zero_optimizer_file(files[0]) for files in optim_files]
     flat = [optimizer["fp32_flat_groups"] for optimizer in optimizers]  # [rank][sub_group] 1-D fp32
 
+    recorded = [optimizer.get("ds_zero_partition_groups") for optimizer in optimizers]
+
     def holder_sets(sub_group: int) -> list[tuple[int, ...]]:
         """The groups of ranks that partition this sub-group among themselves (all ranks when unrecorded)."""
-        recorded = [optimizer.get("ds_zero_partition_groups") for optimizer in optimizers]
         if not all(recorded):
             return [tuple(range(world))]
         return sorted({tuple(groups[sub_group]["partition_ranks"]) for groups in recorded})
+
+    if len({len(holder_sets(g)) for g in range(len(flat[0]))}) > 1 and not info.get("expert_ranges"):
+        raise CheckpointError(f"{tag_dir}: expert partitions but no expert_ranges in {COMPLETE} (saved by an older "
+                              "gpt-moe); load it with that version")
 
     state = {name: value for name, value in models[0]["module"].items() if name in models[0]["buffer_names"]}
     expert_stacks: dict[str, dict[int, torch.Tensor]] = {}
