@@ -53,6 +53,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native_bf16(device.type, supported) else torch.float32
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A command-line dtype: "auto" (bf16 where native on `device`, else fp32), "bf16" or "fp32"."""
+    if name == "auto":
+        return default_dtype(device)
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
     """(peak FLOP/s of one device, how it was obtained). On CPU, `dtype` is the dtype that is measured."""
     if device.type == "cuda":

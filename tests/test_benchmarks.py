@@ -1,0 +1,27 @@
+"""The README's benchmark commands run (at toy sizes) and print their side-by-side ratios. No timing
+is asserted: the figures belong in the README, measured on an idle machine."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("args, expected", [
+    pytest.param(["moe", "--tokens", "128", "--hidden", "64", "--expert-size", "32", "--repeats", "1"],
+                 ["ours/dense", "64/6/2", "16/2/1"], id="moe"),
+    pytest.param(["decode", "--contexts", "32", "--batches", "1", "2", "--steps", "2", "--rounds", "1"],
+                 ["latent/expanded", "cache per token: MLA latent 640 B"], id="decode"),
+    pytest.param(["train", "--seq-len", "32", "--micro-batch", "2", "--steps", "1"],
+                 ["gpt-moe / transformers:", "MFU"], id="train"),
+    pytest.param(["data", "--rounds", "1", "--workers", "1"], ["data_prep --workers 1", "peak memory"], id="data"),
+])
+def test_benchmark_runs_and_prints_its_ratios(args, expected):
+    result = subprocess.run([sys.executable, "launch/bench.py", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for text in expected:
+        assert text in result.stdout, result.stdout[-2000:]
