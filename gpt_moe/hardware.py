@@ -4,7 +4,9 @@ bf16 halves memory and traffic everywhere, but it only speeds up compute where t
 bf16 arithmetic: CUDA GPUs from Ampere on (and the other accelerators DeepSpeed reports as
 supporting it), and CPUs with AVX512-BF16 or AMX. Elsewhere a CPU emulates bf16 matmuls
 (measured on an AVX2-only EPYC: 0.3 GFLOP/s in bf16 against 137 in fp32), so "auto" must mean
-fp32 there. The decision reads CPU feature flags, not a timing, so every rank of a run agrees.
+fp32 there. The decision reads CPU feature flags and the settings that hold PyTorch's kernels to
+an older instruction set (`ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`: with them an
+AVX512-BF16 CPU emulates bf16 like an AVX2 one), not a timing, so every rank of a run agrees.
 
 The GPU peaks are dense bf16 tensor throughput from the vendors' data sheets (no sparsity); on
 a CPU the peak is measured: repeated square matmuls on this process's threads.
@@ -19,6 +21,7 @@ caching allocator does on GPUs.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 
 import torch
@@ -31,10 +34,36 @@ GPU_PEAK_BF16 = {  # table order: specific names before their prefixes
 }
 
 
+# oneDNN instruction sets below the first with bf16 dot products (AVX512_CORE_BF16); ONEDNN_MAX_CPU_ISA
+# set to one of these makes oneDNN, which runs PyTorch's bf16 CPU matmuls, emulate bf16
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                                      "AVX512_CORE_VNNI"})
+
+
 def cpu_has_native_bf16() -> bool:
     """True when this x86 CPU has bf16 dot-product instructions (AVX512-BF16 or AMX tiles)."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)
+
+
+def cpu_kernels_limit() -> str | None:
+    """Why PyTorch's CPU kernels will not use this CPU's bf16 instructions, or None when nothing holds them
+    back: ATEN_CPU_CAPABILITY below AVX512 (PyTorch's own kernels) or ONEDNN_MAX_CPU_ISA (DNNL_MAX_CPU_ISA)
+    below AVX512_CORE_BF16 (the matmul library). Both are read once per process, at start, from the
+    environment, so every rank started with the same environment agrees."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return f"PyTorch's CPU kernels run at capability {capability} (ATEN_CPU_CAPABILITY)"
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        isa = os.environ.get(variable, "").strip().upper()
+        if isa in ONEDNN_ISAS_WITHOUT_BF16:
+            return f"{variable}={isa} keeps oneDNN's matmuls below AVX512_CORE_BF16"
+    return None
+
+
+def cpu_computes_bf16_natively() -> bool:
+    """bf16 matmuls run on bf16 instructions here: the CPU has them and the kernels are allowed to use them."""
+    return cpu_has_native_bf16() and cpu_kernels_limit() is None
 
 
 def native_bf16(device_type: str, accelerator_supports_bf16: bool) -> bool:
@@ -43,7 +72,7 @@ def native_bf16(device_type: str, accelerator_supports_bf16: bool) -> bool:
     device_type: "cpu", "cuda", ...; accelerator_supports_bf16: what the accelerator itself reports
     (DeepSpeed's CPU accelerator says True for every CPU, so on CPU the feature flags decide)."""
     if device_type == "cpu":
-        return cpu_has_native_bf16()
+        return cpu_computes_bf16_natively()
     return accelerator_supports_bf16
 
 

@@ -1,26 +1,66 @@
 """Hardware facts that decide the training dtype, checked against the operating system's own report."""
 
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from gpt_moe.hardware import cpu_has_native_bf16, default_dtype, native_bf16, resolve_dtype
+from gpt_moe.hardware import ONEDNN_ISAS_WITHOUT_BF16, cpu_has_native_bf16, default_dtype, native_bf16, resolve_dtype
 
 CPUINFO = Path("/proc/cpuinfo")
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or not CPUINFO.exists(), reason="reads Linux x86 CPU flags")
-def test_native_bf16_agrees_with_the_kernels_cpu_flags():
+def cpu_flags() -> set[str]:
     flags = set()
     for line in CPUINFO.read_text().splitlines():
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
-    expected = "avx512_bf16" in flags or "amx_bf16" in flags
-    assert cpu_has_native_bf16() is expected
+    return flags
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not CPUINFO.exists(), reason="reads Linux x86 CPU flags")
+def test_native_bf16_agrees_with_the_kernels_cpu_flags():
+    flags = cpu_flags()
+    has_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    kernels_free = (torch.backends.cpu.get_cpu_capability() == "AVX512"
+                    and os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() not in ONEDNN_ISAS_WITHOUT_BF16)
+    assert cpu_has_native_bf16() is has_bf16
+    expected = has_bf16 and kernels_free
     assert native_bf16("cpu", True) is expected  # DeepSpeed's CPU accelerator says True on every CPU
     assert default_dtype(torch.device("cpu")) == (torch.bfloat16 if expected else torch.float32)
+
+
+AVX2_SETTINGS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+DECISION = "from gpt_moe.hardware import cpu_kernels_limit, native_bf16; print(native_bf16('cpu', True)); " \
+           "print(cpu_kernels_limit())"
+
+
+def decision_under(env_changes: dict[str, str]) -> tuple[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in AVX2_SETTINGS}
+    out = subprocess.run([sys.executable, "-c", DECISION], env={**env, **env_changes}, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    return out[0], out[1]
+
+
+def test_settings_that_hold_the_kernels_to_avx2_mean_emulated_bf16():
+    """The documented way to exercise the AVX2 path on an AVX512-BF16 CPU: "auto" must pick fp32 there,
+    since the kernels will emulate bf16 whatever the CPU flags say."""
+    native, reason = decision_under(AVX2_SETTINGS)
+    assert native == "False"
+    assert "capability AVX2 (ATEN_CPU_CAPABILITY)" in reason
+
+    native, reason = decision_under({"ONEDNN_MAX_CPU_ISA": "avx2"})  # the matmul library alone held back
+    assert native == "False"
+    capability = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                                check=True, capture_output=True, text=True).stdout.strip()
+    assert ("ONEDNN_MAX_CPU_ISA=AVX2" if capability == "AVX512" else f"capability {capability}") in reason
+
+    native, reason = decision_under({})
+    assert native == str(cpu_has_native_bf16() and capability == "AVX512")
 
 
 def test_accelerators_other_than_cpu_are_taken_at_their_word():
@@ -53,9 +93,6 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="glibc's malloc")
 def test_kept_memory_is_reused_without_page_faults():
-    import subprocess
-    import sys
-
     faults = {mode: int(subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_STEP, mode], check=True,
                                        capture_output=True, text=True).stdout) for mode in ("default", "keep")}
     pages_per_step = (64 + 48 + 48 << 20) // 4096
