@@ -35,32 +35,33 @@ def test_native_bf16_agrees_with_the_kernels_cpu_flags():
 
 
 AVX2_SETTINGS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-DECISION = "from gpt_moe.hardware import cpu_kernels_limit, native_bf16; print(native_bf16('cpu', True)); " \
-           "print(cpu_kernels_limit())"
+DECISION = ("import torch; from gpt_moe.hardware import cpu_kernels_limit, native_bf16; "
+            "print(torch.backends.cpu.get_cpu_capability()); print(native_bf16('cpu', True)); print(cpu_kernels_limit())")
 
 
-def decision_under(env_changes: dict[str, str]) -> tuple[str, str]:
+def decision_under(env_changes: dict[str, str]) -> tuple[str, str, str]:
+    """(PyTorch's CPU capability, native_bf16, cpu_kernels_limit) in a process started with only `env_changes`
+    of the AVX2 settings (the suite itself may run under them)."""
     env = {k: v for k, v in os.environ.items() if k not in AVX2_SETTINGS}
     out = subprocess.run([sys.executable, "-c", DECISION], env={**env, **env_changes}, check=True,
                          capture_output=True, text=True).stdout.splitlines()
-    return out[0], out[1]
+    return out[0], out[1], out[2]
 
 
 def test_settings_that_hold_the_kernels_to_avx2_mean_emulated_bf16():
     """The documented way to exercise the AVX2 path on an AVX512-BF16 CPU: "auto" must pick fp32 there,
     since the kernels will emulate bf16 whatever the CPU flags say."""
-    native, reason = decision_under(AVX2_SETTINGS)
-    assert native == "False"
+    capability, native, reason = decision_under(AVX2_SETTINGS)
+    assert (capability, native) == ("AVX2", "False")
     assert "capability AVX2 (ATEN_CPU_CAPABILITY)" in reason
 
-    native, reason = decision_under({"ONEDNN_MAX_CPU_ISA": "avx2"})  # the matmul library alone held back
+    capability, native, reason = decision_under({"ONEDNN_MAX_CPU_ISA": "avx2"})  # the matmul library alone
     assert native == "False"
-    capability = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                                check=True, capture_output=True, text=True).stdout.strip()
     assert ("ONEDNN_MAX_CPU_ISA=AVX2" if capability == "AVX512" else f"capability {capability}") in reason
 
-    native, reason = decision_under({})
+    capability, native, reason = decision_under({})
     assert native == str(cpu_has_native_bf16() and capability == "AVX512")
+    assert (reason == "None") == (capability == "AVX512")
 
 
 def test_accelerators_other_than_cpu_are_taken_at_their_word():
