@@ -8,11 +8,8 @@ reply, which experts every generated token was routed to. The logic is in gpt_mo
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from gpt_moe.chat_app import main  # noqa: E402
+from gpt_moe.chat_app import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,6 @@ state: progress, resume, manifest), `pipeline` (one run, wiring them together: `
 The format of the output is defined and read by `gpt_moe.data`.
 """
 
-from data_prep.pipeline import DEFAULT_OUT, PrepareConfig, PrepareResult, prepare
+from data_prep.pipeline import DEFAULT_OUT, PrepareConfig, PrepareResult, prepare, prepare_default
 
-__all__ = ["DEFAULT_OUT", "PrepareConfig", "PrepareResult", "prepare"]
+__all__ = ["DEFAULT_OUT", "PrepareConfig", "PrepareResult", "prepare", "prepare_default"]

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from data_prep.pipeline import DEFAULT_OUT, PrepareConfig, prepare
-from gpt_moe.errors import GptMoeError
+from gpt_moe.cli import run_cli
 
 _SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
@@ -74,20 +74,16 @@ def parse_args(argv: list[str] | None = None) -> PrepareConfig:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = parse_args(argv)
-    try:
-        result = prepare(config)
-    except GptMoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; run the same command again to resume into {config.out}", file=sys.stderr)
-        return 130
+    return run_cli(lambda: run(config), interrupted_hint=f"run the same command again to resume into {config.out}")
+
+
+def run(config: PrepareConfig) -> None:
+    result = prepare(config)
     if result.already_prepared:
         print(f"{result.out} is already prepared; nothing to do")
     else:
         print(f"prepared {result.out}: {result.manifest.splits['train'].tokens:,} train + "
               f"{result.manifest.splits['val'].tokens:,} val tokens, tokenizer {result.manifest.tokenizer.name}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,19 +13,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_prep.shards import SHARD_FILE
+from gpt_moe.atomic import TEMP_NAME, write_atomic
 from gpt_moe.data import MANIFEST_FILE, PROGRESS_FILE, Manifest, ShardInfo, SplitInfo, sha256_file
 from gpt_moe.errors import DataError
-from gpt_moe.tokenizer import TokenizerInfo, write_atomic
+from gpt_moe.tokenizer import TOKENIZER_FILE, TokenizerInfo
 
 log = logging.getLogger(__name__)
 
-# shards, temporary shards, and temporary files of write_atomic (".NAME.PID.tmp")
-_OUR_FILES = re.compile(r"^\.?(train|val)_\d{5}\.bin(\.tmp)?$"
-                        r"|^\.(tokenizer\.tiktoken|progress\.json|manifest\.json)\.\d+\.tmp$")
+_OUR_TEMPORARY_FILES = {TOKENIZER_FILE, PROGRESS_FILE, MANIFEST_FILE}
+
+
+def _is_ours(name: str) -> bool:
+    """A shard, or the temporary file of a shard, the tokenizer, the progress record or the manifest."""
+    temp = TEMP_NAME.match(name)
+    final = temp["name"] if temp else name
+    return bool(SHARD_FILE.match(final)) or (temp is not None and final in _OUR_TEMPORARY_FILES)
 
 
 @dataclass
@@ -159,5 +165,5 @@ def remove_stale_files(out: Path, progress: Progress | None) -> None:
     """Delete temporary shards and shard files that no kept part lists (ours only, by name)."""
     keep = {shard.file for part in (progress.parts if progress else ()) for _, shard in part.shards}
     for path in Path(out).iterdir():
-        if _OUR_FILES.match(path.name) and path.name not in keep:
+        if _is_ours(path.name) and path.name not in keep:
             path.unlink()

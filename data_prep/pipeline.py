@@ -29,16 +29,16 @@ from tqdm import tqdm
 
 from data_prep.encode import ParallelEncoder, Piece, batches, pieces
 from data_prep.manifest import PartRecord, Progress, SplitCount, inspect_output, remove_stale_files
-from data_prep.shards import SHARD_NAME, ShardWriter, fsync_dir, is_val
+from data_prep.shards import SHARD_NAME, ShardWriter, is_val
 from data_prep.sources import Corpus, open_corpus
-from gpt_moe.data import MANIFEST_FILE, PROGRESS_FILE, Manifest, dtype_for_vocab
+from gpt_moe.atomic import fsync_dir, write_atomic
+from gpt_moe.data import DEFAULT_DATA_DIR, MANIFEST_FILE, PROGRESS_FILE, Manifest, dtype_for_vocab
 from gpt_moe.errors import DataError
-from gpt_moe.tokenizer import (load_saved_tokenizer, load_tokenizer, parse_tokenizer_spec, save_tokenizer, train_bpe,
-                               write_atomic)
+from gpt_moe.tokenizer import load_saved_tokenizer, load_tokenizer, parse_tokenizer_spec, save_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUT = Path("data/builtin")
+DEFAULT_OUT = Path(DEFAULT_DATA_DIR)
 
 
 @dataclass(frozen=True)
@@ -233,6 +233,11 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     log.info("prepared %s in %.1fs (%s tokens/s): %s", out, seconds, f"{result.tokens / max(seconds, 1e-9):,.0f}",
              _summary(manifest))
     return result
+
+
+def prepare_default(out: Path = DEFAULT_OUT) -> PrepareResult:
+    """The built-in offline corpus with the default tokenizer (what `python -m data_prep` does), all CPUs."""
+    return prepare(PrepareConfig(out=Path(out), workers=os.cpu_count() or 1))
 
 
 def _encode(stream: Iterator[Piece], writer: _PartWriter, config: PrepareConfig, n_documents: int | None) -> int:

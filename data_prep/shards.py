@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
+import re
 from pathlib import Path
 
 import numpy as np
 
+from gpt_moe.atomic import AtomicFile
 from gpt_moe.data import ShardInfo
 
 SHARD_NAME = "{split}_{part:05d}.bin"
-TEMP_PREFIX = "."
-TEMP_SUFFIX = ".tmp"
+SHARD_FILE = re.compile(r"^(train|val)_\d{5}\.bin$")
 
 
 def is_val(doc: int, val_fraction: float) -> bool:
@@ -32,23 +32,13 @@ def is_val(doc: int, val_fraction: float) -> bool:
     return math.floor((doc + 1) * val_fraction) > math.floor(doc * val_fraction)
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make renames inside `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
-    """One shard being written: tokens appended to a temporary file, hashed on the way."""
+    """One shard being written: tokens appended to a temporary file (`gpt_moe.atomic`), hashed on the way."""
 
     def __init__(self, path: Path, dtype: np.dtype):
         self.path = Path(path)
-        self.temp = self.path.with_name(TEMP_PREFIX + self.path.name + TEMP_SUFFIX)
         self.dtype = np.dtype(dtype)
-        self.file = open(self.temp, "wb")
+        self.file = AtomicFile(self.path)
         self.digest = hashlib.sha256()
         self.tokens = 0
 
@@ -59,13 +49,9 @@ class ShardWriter:
         self.tokens += len(tokens)
 
     def close(self) -> ShardInfo:
-        """Flush, fsync and rename to the final name; the shard's record."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.temp, self.path)
+        """Commit the file under its final name; the shard's record."""
+        self.file.commit()
         return ShardInfo(self.path.name, self.tokens, self.digest.hexdigest())
 
     def abort(self) -> None:
-        self.file.close()
-        self.temp.unlink(missing_ok=True)
+        self.file.abort()

@@ -18,7 +18,6 @@ when decoding, so it does not appear.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
@@ -28,9 +27,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gpt_moe.checkpoint import LoadedModel, find_newest_checkpoint, load_for_inference
 from gpt_moe.errors import CheckpointError, DataError, GptMoeError
-from gpt_moe.generate import SamplingConfig, generate_ids
+from gpt_moe.generate import SamplingConfig, TextStream, generate_ids
+from gpt_moe.loading import TRAIN_HINT, LoadedModel, find_newest_checkpoint, load_for_inference
 from gpt_moe.model import DeepSeekForCausalLM
 from gpt_moe.moe import MoE
 from gpt_moe.tokenizer import ASSISTANT, END, ENDOFTEXT, SYSTEM, USER
@@ -39,7 +38,9 @@ if TYPE_CHECKING:
     from tiktoken import Encoding
 
 ROLE_MARKERS: dict[str, str] = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-TRAIN_HINT = "train one with `deepspeed launch/train.py --deepspeed ds_configs/zero2.json`"
+JINJA_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+"""The same template for transformers' `apply_chat_template` (written into exported tokenizer configs)."""
 
 
 # --------------------------------------------------------------------------------------- template
@@ -125,11 +126,6 @@ def fit_chat(tokenizer: Encoding, messages: Sequence[dict[str, str]], max_tokens
 # ---------------------------------------------------------------------------------------- routing
 
 
-def main_moe_layers(model: DeepSeekForCausalLM) -> list[tuple[int, MoE]]:
-    """(decoder layer index, MoE module) of the main model's MoE layers (the MTP block excluded)."""
-    return [(i, layer.mlp) for i, layer in enumerate(model.model.main_layers) if isinstance(layer.mlp, MoE)]
-
-
 @contextlib.contextmanager
 def recording_routing(layers: Sequence[tuple[int, MoE]]) -> Iterator[None]:
     """Turns `record_routing` on for the given MoE modules for the duration of the block."""
@@ -189,7 +185,7 @@ class ReplyStream:
         self.model, self.tokenizer, self.prompt, self.cfg = model, tokenizer, prompt, cfg
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self.stop_ids = reply_stop_ids(tokenizer)
-        self.moe_layers = main_moe_layers(model)
+        self.moe_layers = model.moe_layers(include_mtp=False)
         config = model.config
         self.routing = RoutingRecord([i for i, _ in self.moe_layers], config.n_routed_experts,
                                      config.num_experts_per_tok)
@@ -201,9 +197,7 @@ class ReplyStream:
         return self.routing.token_ids
 
     def __iter__(self) -> Iterator[str]:
-        # the standard incremental decoder: never splits a character, and replaces invalid bytes as they
-        # come (an untrained or small model emits stray bytes; holding them back would stall the stream)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = TextStream(self.tokenizer)
         tokens = generate_ids(self.model, [self.prompt.ids], self.cfg, self.stop_ids)
         try:
             while True:
@@ -216,13 +210,11 @@ class ReplyStream:
                 if token in self.stop_ids:
                     self.finish_reason = "stop"
                     break
-                # a model may have more embedding rows than its tokenizer has tokens: those ids are no text
-                piece = decoder.decode(self.tokenizer.decode_single_token_bytes(token)) \
-                    if token < self.tokenizer.n_vocab else ""
+                piece = text.push(token)
                 if piece:
                     self.text += piece
                     yield piece
-            tail = decoder.decode(b"", final=True)
+            tail = text.flush()
             if tail:
                 self.text += tail
                 yield tail

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from typing import Any
 import gradio as gr
 
 from gpt_moe.chat import ReplyStream, generate_reply, load_chat_model
-from gpt_moe.checkpoint import LoadedModel
+from gpt_moe.loading import LoadedModel
+from gpt_moe.cli import run_cli
 from gpt_moe.errors import GptMoeError
 from gpt_moe.generate import SamplingConfig
 from gpt_moe.params import account, human
@@ -294,12 +294,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        loaded = load_chat_model(args.checkpoint, args.runs_dir)
-    except GptMoeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: serve(parse_args(argv)))
+
+
+def serve(args: argparse.Namespace) -> None:
+    loaded = load_chat_model(args.checkpoint, args.runs_dir)
     app = ChatApp(loaded, max_new_tokens=max(1, args.max_new_tokens))
     demo = build_demo(app)
     demo.queue(default_concurrency_limit=max(1, args.concurrency), max_size=max(1, args.queue_size))
@@ -308,6 +307,4 @@ def main(argv: list[str] | None = None) -> int:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                     theme=gr.themes.Soft(), css=CSS, footer_links=["api"])
     except OSError as err:  # port taken, address not available
-        print(f"error: cannot serve on {args.host}:{args.port}: {err}", file=sys.stderr)
-        return 2
-    return 0
+        raise GptMoeError(f"cannot serve on {args.host}:{args.port}: {err}") from None

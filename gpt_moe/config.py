@@ -12,12 +12,12 @@ the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt_moe.config_file import read_json_object, reject_unknown_keys
 from gpt_moe.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -55,7 +55,8 @@ class ModelConfig:
     first_k_dense_replace: int = 1
     # positions and norms
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
@@ -98,12 +99,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}"
-            )
+        reject_unknown_keys(data, (f.name for f in dataclasses.fields(cls)), source)
         values = dict(data)
         if values.get("q_lora_rank") is None and "q_lora_rank" in values:
             values["q_lora_rank"] = 0  # HF writes null for "no query compression"
@@ -113,16 +109,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: model config file not found") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object of model fields, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_object(path, "model config"), source=str(path))
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelConfig":

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     import torch
 
 PREPARE_HINT = "hint: run python -m data_prep with --out pointing at this directory"
+DEFAULT_DATA_DIR = "data/builtin"
+"""Where `python -m data_prep` puts the built-in corpus and where training looks for data by default."""
 
 
 def dtype_for_vocab(n_vocab: int) -> np.dtype:

@@ -9,12 +9,13 @@ command-line flag is a conflict; all conflicts are reported in one error.
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt_moe.config_file import read_json_object, reject_unknown_keys
 from gpt_moe.errors import ConfigError
 
 log = logging.getLogger("gpt_moe.ds_config")
@@ -36,7 +37,7 @@ KNOWN_TOP_LEVEL_KEYS = frozenset({
 })
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingShape:
     """What the trainer decided that the DeepSpeed config must agree with."""
 
@@ -62,63 +63,80 @@ class TrainingShape:
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: DeepSpeed config not found; ship one from ds_configs/ "
-                          "(zero1.json, zero2.json, zero3.json, zero2_offload.json)") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - KNOWN_TOP_LEVEL_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level key {unknown[0]!r} (DeepSpeed would silently ignore it); "
-                          "check the spelling against the DeepSpeed config reference")
+    data = read_json_object(path, "DeepSpeed config",
+                            hint="use one from ds_configs/ (zero1.json, zero2.json, zero3.json, zero2_offload.json)")
+    reject_unknown_keys(data, KNOWN_TOP_LEVEL_KEYS, str(path), label="top-level key",
+                        hint="DeepSpeed would silently ignore it; check the spelling against the DeepSpeed config "
+                             "reference")
     return data
 
 
 def resolve_ds_config(raw: dict[str, Any], shape: TrainingShape, source: str = "DeepSpeed config",
-                      ) -> dict[str, Any]:
-    """Returns a copy with every "auto" filled in; raises one ConfigError listing all conflicts.
+                      ) -> tuple[dict[str, Any], TrainingShape]:
+    """(a copy of `raw` with every "auto" filled in, `shape` with the values the JSON fixed); raises one
+    ConfigError listing all conflicts.
 
-    A concrete JSON value for a batch size / lr / clipping overrides the trainer's default,
-    unless the matching flag was given explicitly and differs: that is a conflict.
-    Resolved values flow back into `shape`, so the trainer uses what DeepSpeed uses.
+    A concrete JSON value for a batch size / lr / clipping overrides the trainer's default, unless the
+    matching flag was given explicitly and differs: that is a conflict. The returned shape holds what
+    DeepSpeed will use, so the trainer uses the same values.
     """
     cfg = copy.deepcopy(raw)
     conflicts: list[str] = []
-
-    def settle(section: dict[str, Any], key: str, flag: str, attr: str, label: str) -> None:
-        value = section.get(key, "auto")
-        if value == "auto":
-            section[key] = getattr(shape, attr)
-            return
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            conflicts.append(f"{label}={value!r} is not a number or \"auto\"")
-            return
-        if flag in shape.explicit and value != getattr(shape, attr):
-            conflicts.append(f"{label}={value} but {flag} {getattr(shape, attr)}")
-            return
-        setattr(shape, attr, value)
-
-    settle(cfg, "train_micro_batch_size_per_gpu", "--micro-batch", "micro_batch", "train_micro_batch_size_per_gpu")
-    settle(cfg, "gradient_accumulation_steps", "--grad-accum", "grad_accum", "gradient_accumulation_steps")
-    settle(cfg, "gradient_clipping", "--clip", "clip", "gradient_clipping")
+    shape = dataclasses.replace(shape, **_settle_training_values(cfg, shape, conflicts))
     batch = cfg.get("train_batch_size", "auto")
     if batch == "auto":
         cfg["train_batch_size"] = shape.global_batch
     elif batch != shape.global_batch:
         conflicts.append(f"train_batch_size={batch} but micro batch {shape.micro_batch} x accumulation "
                          f"{shape.grad_accum} x data-parallel ranks {shape.data_parallel_size} = {shape.global_batch}")
+    _resolve_precision(cfg, shape, conflicts, source)
+    zero = cfg.get("zero_optimization", {})
+    h = shape.hidden_size
+    for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                       ("stage3_param_persistence_threshold", 10 * h), ("allgather_bucket_size", h * h)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    leftover = _auto_paths(cfg)
+    if leftover:
+        conflicts.append(f"cannot resolve \"auto\" at {', '.join(leftover)}")
+    if conflicts:
+        raise ConfigError(f"{source}: " + "; ".join(conflicts))
+    return cfg, shape
 
-    optimizer = cfg.get("optimizer")
-    if isinstance(optimizer, dict):
-        params = optimizer.setdefault("params", {})
-        settle(params, "lr", "--lr", "lr", "optimizer.params.lr")
-        settle(params, "weight_decay", "--weight-decay", "weight_decay", "optimizer.params.weight_decay")
 
+# (JSON section, key, command-line flag, TrainingShape field, label in messages)
+_TRAINING_VALUES = (
+    ((), "train_micro_batch_size_per_gpu", "--micro-batch", "micro_batch", "train_micro_batch_size_per_gpu"),
+    ((), "gradient_accumulation_steps", "--grad-accum", "grad_accum", "gradient_accumulation_steps"),
+    ((), "gradient_clipping", "--clip", "clip", "gradient_clipping"),
+    (("optimizer", "params"), "lr", "--lr", "lr", "optimizer.params.lr"),
+    (("optimizer", "params"), "weight_decay", "--weight-decay", "weight_decay", "optimizer.params.weight_decay"),
+)
+
+
+def _settle_training_values(cfg: dict[str, Any], shape: TrainingShape, conflicts: list[str]) -> dict[str, Any]:
+    """Fills "auto" (or absent) values from `shape`; returns the shape fields the JSON sets otherwise."""
+    fixed: dict[str, Any] = {}
+    for path, key, flag, attr, label in _TRAINING_VALUES:
+        if path and not isinstance(cfg.get(path[0]), dict):
+            continue  # no optimizer section: DeepSpeed's client optimizer path, nothing to settle
+        section = cfg
+        for name in path:
+            section = section.setdefault(name, {})
+        value = section.get(key, "auto")
+        if value == "auto":
+            section[key] = getattr(shape, attr)
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            conflicts.append(f"{label}={value!r} is not a number or \"auto\"")
+        elif flag in shape.explicit and value != getattr(shape, attr):
+            conflicts.append(f"{label}={value} but {flag} {getattr(shape, attr)}")
+        else:
+            fixed[attr] = value
+    return fixed
+
+
+def _resolve_precision(cfg: dict[str, Any], shape: TrainingShape, conflicts: list[str], source: str) -> None:
+    """bf16.enabled "auto" -> native bf16 of this hardware; fp16 "auto" -> off."""
     bf16 = cfg.setdefault("bf16", {"enabled": "auto"})
     if bf16.get("enabled", "auto") == "auto":
         bf16["enabled"] = shape.bf16_auto
@@ -132,20 +150,6 @@ def resolve_ds_config(raw: dict[str, Any], shape: TrainingShape, source: str = "
         fp16["enabled"] = False  # bf16 is preferred; fp16 only when asked for
     if isinstance(fp16, dict) and fp16.get("enabled") and bf16.get("enabled"):
         conflicts.append("fp16.enabled and bf16.enabled are both true")
-
-    zero = cfg.get("zero_optimization", {})
-    h = shape.hidden_size
-    for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
-                       ("stage3_param_persistence_threshold", 10 * h), ("allgather_bucket_size", h * h)):
-        if zero.get(key) == "auto":
-            zero[key] = value
-
-    leftover = [path for path in _auto_paths(cfg)]
-    if leftover:
-        conflicts.append(f"cannot resolve \"auto\" at {', '.join(leftover)}")
-    if conflicts:
-        raise ConfigError(f"{source}: " + "; ".join(conflicts))
-    return cfg
 
 
 def _auto_paths(node: Any, prefix: str = "") -> list[str]:

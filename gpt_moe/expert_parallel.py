@@ -43,10 +43,9 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.utils import groups
 
+from gpt_moe.checkpoint import expert_key
 from gpt_moe.config import ModelConfig
 from gpt_moe.moe import CombineRows, Experts, GatherSorted
-
-DEEPSPEED_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 
 
 class AllToAll(torch.autograd.Function):
@@ -85,13 +84,13 @@ class DeepSpeedExperts(Experts, DeepSpeedMoE):
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         if destination is None and prefix == "" and not args:  # DeepSpeed's _save_moe_checkpoint
-            return {f"{DEEPSPEED_EXPERT_PREFIX}{j}.{name}": getattr(self, name)[j].detach()
+            return {expert_key("", j, name): getattr(self, name)[j].detach()
                     for name in ("gate_up_proj", "down_proj") for j in range(self.num_local_experts)}
         return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, *rest) -> None:
         for name in ("gate_up_proj", "down_proj"):
-            keys = [f"{prefix}{DEEPSPEED_EXPERT_PREFIX}{j}.{name}" for j in range(self.num_local_experts)]
+            keys = [expert_key(prefix, j, name) for j in range(self.num_local_experts)]
             if all(k in state_dict for k in keys):
                 state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
         super()._load_from_state_dict(state_dict, prefix, *rest)

@@ -20,15 +20,18 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gpt_moe.checkpoint import LoadedModel
+from gpt_moe.chat import JINJA_TEMPLATE
 from gpt_moe.config import ModelConfig, to_hf_config
 from gpt_moe.errors import CheckpointError
 from gpt_moe.params import account, human
 from gpt_moe.tokenizer import TokenizerInfo, hf_tokenizer_config, hf_tokenizer_json
+
+if TYPE_CHECKING:
+    from gpt_moe.loading import LoadedModel
 
 OUR_FILE = "gpt_moe.json"
 MTP_FILE = "mtp.safetensors"
@@ -79,7 +82,7 @@ def export(loaded: LoadedModel, out_dir: str | Path, dtype: torch.dtype = torch.
     (tmp / OUR_FILE).write_text(json.dumps(ours, indent=1))
     shutil.copyfile(loaded.source / info.file, tmp / info.file)
     (tmp / "tokenizer.json").write_text(hf_tokenizer_json(loaded.tokenizer))
-    (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(), indent=1))
+    (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(JINJA_TEMPLATE), indent=1))
     (tmp / "README.md").write_text(model_card(config, loaded.info, info))
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
@@ -131,7 +134,8 @@ def model_card(config: ModelConfig, training: dict[str, Any], tokenizer: Tokeniz
         "| | |",
         "| --- | --- |",
         f"| parameters | {human(a.total_params)} total, {human(a.active_params)} activated per token |",
-        f"| layers / hidden / heads | {config.num_hidden_layers} / {config.hidden_size} / {config.num_attention_heads} |",
+        f"| layers / hidden / heads | {config.num_hidden_layers} / {config.hidden_size} / "
+        f"{config.num_attention_heads} |",
         f"| experts | {config.n_routed_experts} routed (top-{config.num_experts_per_tok}), "
         f"{config.n_shared_experts} shared |",
         f"| tokenizer | {tokenizer.name} ({tokenizer.n_vocab} tokens, tiktoken file `{tokenizer.file}`) |",

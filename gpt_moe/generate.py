@@ -106,6 +106,8 @@ class TextStream:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
+        if token_id >= self.tokenizer.n_vocab:  # a model may have more embedding rows than its tokenizer has tokens
+            return ""
         return self.decoder.decode(self.tokenizer.decode_single_token_bytes(token_id))
 
     def flush(self) -> str:

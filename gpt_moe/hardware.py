@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import time
 
 import torch
@@ -124,6 +125,18 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, max_size: int 
             a @ b
         best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - start))
     return best
+
+
+def deepspeed_cuda_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST written so that DeepSpeed's JIT op builder can read it.
+
+    PyTorch writes architecture-specific targets with a letter ("9.0a" for sm_90a); DeepSpeed 0.19 reads
+    every entry as numbers and fails at the first letter (seen on an H200 image that sets "9.0a": building
+    FusedAdam for the default optimizer stopped with "invalid literal for int() with base 10: '0a'"). The
+    letter is dropped ("9.0a" -> "9.0"), which only loses Hopper-specific instructions in DeepSpeed's own
+    kernels; "+PTX" is kept. Entries are separated by ";" or spaces, as both libraries accept."""
+    entries = value.replace(";", " ").split()
+    return ";".join(re.sub(r"^(\d+)\.(\d+)[a-z]+", r"\1.\2", entry) for entry in entries)
 
 
 def keep_freed_memory() -> bool:

@@ -41,7 +41,8 @@ class Throughput:
     def read_and_reset(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         tokens_per_sec = self.tokens / elapsed
-        mfu = tokens_per_sec * self.flops_per_token / self.peak if self.peak and math.isfinite(self.peak) else float("nan")
+        known_peak = self.peak and math.isfinite(self.peak)
+        mfu = tokens_per_sec * self.flops_per_token / self.peak if known_peak else float("nan")
         self.start, self.tokens = time.perf_counter(), 0
         return {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
 

@@ -19,7 +19,7 @@ from torch import nn
 from gpt_moe.attention import ExpandedCache, LatentCache, MultiHeadLatentAttention
 from gpt_moe.config import ModelConfig
 from gpt_moe.loss import linear_cross_entropy
-from gpt_moe.moe import MLP, MoE, Experts
+from gpt_moe.moe import MLP, Experts, MoE, TopkRouter
 from gpt_moe.norm import RMSNorm
 from gpt_moe.rope import RotaryEmbedding
 
@@ -161,9 +161,9 @@ class DeepSeekForCausalLM(nn.Module):
                 for pname, param in module.named_parameters(recurse=False):
                     for i, block in enumerate(param):
                         _seeded_normal_(block, std, seed, f"{module_name}.{pname}#{first + i}")
-            elif isinstance(module, (nn.Linear, nn.Embedding)) or hasattr(module, "e_score_correction_bias"):
+            elif isinstance(module, (nn.Linear, nn.Embedding, TopkRouter)):
                 _seeded_normal_(module.weight, std, seed, f"{module_name}.weight")
-                if hasattr(module, "e_score_correction_bias"):
+                if isinstance(module, TopkRouter):
                     module.e_score_correction_bias.zero_()
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -228,8 +228,10 @@ class DeepSeekForCausalLM(nn.Module):
             x, _ = layer(x, cos, sin, cache=cache, key_mask=key_mask)
         return self.lm_head(self.model.norm(x)), x
 
-    def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+    def moe_layers(self, include_mtp: bool = True) -> list[tuple[int, MoE]]:
+        """(layer index, MoE block) of every MoE layer in order; the MTP block's index is num_hidden_layers."""
+        layers = self.model.layers if include_mtp else self.model.main_layers
+        return [(layer.layer_idx, layer.mlp) for layer in layers if isinstance(layer.mlp, MoE)]
 
 
 def _seeded_normal_(tensor: torch.Tensor, std: float, seed: int, key: str) -> None:

@@ -19,8 +19,8 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
+from gpt_moe.cli import run_cli
 from gpt_moe.config import ModelConfig
-from gpt_moe.errors import GptMoeError
 
 
 @dataclass
@@ -50,9 +50,20 @@ def attention_params(c: ModelConfig) -> int:
     return q + kv + nh * c.v_head_dim * c.hidden_size
 
 
+def expert_params(c: ModelConfig) -> int:
+    """Parameters of one (routed or shared) SwiGLU expert: gate, up and down projections."""
+    return 3 * c.hidden_size * c.moe_intermediate_size
+
+
+def routed_expert_params(c: ModelConfig) -> int:
+    """Parameters of all routed experts: every MoE layer's, the MTP block's included."""
+    layers = c.num_hidden_layers + c.num_nextn_predict_layers
+    return sum(c.is_moe_layer(i) for i in range(layers)) * c.n_routed_experts * expert_params(c)
+
+
 def moe_params(c: ModelConfig) -> tuple[int, int]:
     """(total, activated) parameters of one MoE feed-forward."""
-    expert = 3 * c.hidden_size * c.moe_intermediate_size
+    expert = expert_params(c)
     shared = c.n_shared_experts * expert
     router = c.n_routed_experts * c.hidden_size
     return router + shared + c.n_routed_experts * expert, router + shared + c.num_experts_per_tok * expert
@@ -94,8 +105,31 @@ def account(c: ModelConfig, seq_len: int | None = None, cache_dtype_bytes: int =
 
     latent = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * cache_dtype_bytes
     mha = c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * cache_dtype_bytes
-    return ModelAccount(c.name, total, active, active_with_embedding, mtp_total, mtp_active, embedding, latent, mha, flops, seq_len,
-                        cache_dtype_bytes)
+    return ModelAccount(name=c.name, total_params=total, active_params=active,
+                        active_params_with_embedding=active_with_embedding, mtp_params=mtp_total,
+                        mtp_active_params=mtp_active, embedding_params=embedding, kv_cache_bytes_per_token=latent,
+                        mha_kv_cache_bytes_per_token=mha, flops_per_token=flops, seq_len=seq_len,
+                        cache_dtype_bytes=cache_dtype_bytes)
+
+
+def training_memory_gib(c: ModelConfig, seq_len: int, micro_batch: int, ep_size: int, zero_stage: int,
+                        world_size: int) -> dict[str, float]:
+    """Per-rank model-state memory (bf16 weights 2 B, fp32 grads 4 B, fp32 master + Adam 12 B per
+    parameter; ZeRO-1 shards the 12, ZeRO-2 also the grads, ZeRO-3 everything over the data-parallel
+    ranks; routed experts first divided by the EP size) and a rough activation figure."""
+    a = account(c, seq_len)
+    expert = routed_expert_params(c)
+    per_rank = a.total_params + a.mtp_params - expert + expert / ep_size
+    weights, grads, optim = 2 * per_rank, 4 * per_rank, 12 * per_rank
+    optim /= world_size if zero_stage >= 1 else 1
+    grads /= world_size if zero_stage >= 2 else 1
+    weights /= world_size if zero_stage >= 3 else 1
+    layers = c.num_hidden_layers + c.num_nextn_predict_layers
+    activations = 34 * seq_len * micro_batch * c.hidden_size * layers  # bf16, no recompute
+    logits = 6 * seq_len * micro_batch * c.vocab_size * (1 + c.num_nextn_predict_layers)
+    gib = 1024 ** 3
+    return {"weights": weights / gib, "grads": grads / gib, "optimizer": optim / gib,
+            "activations": (activations + logits) / gib}
 
 
 def human(n: float) -> str:
@@ -124,13 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default min(4096, max))")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    try:
+
+    def show() -> None:
         result = account(ModelConfig.load(args.model), args.seq_len)
-    except GptMoeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(asdict(result)) if args.json else describe(result))
-    return 0
+        print(json.dumps(asdict(result)) if args.json else describe(result))
+
+    return run_cli(show)
 
 
 if __name__ == "__main__":

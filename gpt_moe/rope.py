@@ -63,7 +63,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotates pairs of `x`: [batch, heads, seq, rope_dim] with cos/sin [seq, rope_dim/2] or [batch, 1, seq, rope_dim/2].
+    """Rotates pairs of `x`: [batch, heads, seq, rope_dim] with cos/sin [seq, rope_dim/2] or
+    [batch, 1, seq, rope_dim/2].
 
     `interleaved` pairs (x0,x1),(x2,x3),... (the released DeepSeek layout); otherwise the
     halves (x_i, x_{i+d/2}). Either way the output is laid out as [rotated firsts, rotated

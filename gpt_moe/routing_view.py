@@ -70,6 +70,14 @@ def expert_color(expert: int, n_experts: int) -> tuple[int, int, int]:
     return Image.new("HSV", (1, 1), (hue, 170, 215)).convert("RGB").getpixel((0, 0))
 
 
+def _colour_legend(draw: ImageDraw.ImageDraw, x0: int, n_experts: int) -> None:
+    """The compact view's expert-id colour scale, in the title line at x0."""
+    for x in range(120):
+        draw.line((x0 + 15 + x, 6, x0 + 15 + x, 14), fill=expert_color(round(x / 119 * (n_experts - 1)), n_experts))
+    draw.text((x0 + 12, 10), "e0", fill=MUTED, font=font(9), anchor="rm")
+    draw.text((x0 + 138, 10), f"e{n_experts - 1}", fill=MUTED, font=font(9), anchor="lm")
+
+
 def routing_heatmap(record: RoutingRecord, labels: list[str], stopped: bool = False,
                     tokens_per_band: int = 64, cell: int = 14, max_band_height: int = 1000) -> Image.Image:
     """Experts chosen per generated token and MoE layer. `labels`: one text per token of `record`
@@ -93,12 +101,8 @@ def routing_heatmap(record: RoutingRecord, labels: list[str], stopped: bool = Fa
     how = "darker = first choice" if detailed else "rows: 1st..last choice, colour = expert id"
     draw.text((margin, 8), f"Experts per generated token: top-{k} of {n_experts} routed experts, "
               f"{n_layers} MoE layer{'s' * (n_layers != 1)} ({how})", fill=TEXT, font=font(13))
-    if not detailed:  # colour legend in the title line
-        x0 = width - margin - 150
-        for x in range(120):
-            draw.line((x0 + 15 + x, 6, x0 + 15 + x, 14), fill=expert_color(round(x / 119 * (n_experts - 1)), n_experts))
-        draw.text((x0 + 12, 10), "e0", fill=MUTED, font=font(9), anchor="rm")
-        draw.text((x0 + 138, 10), f"e{n_experts - 1}", fill=MUTED, font=font(9), anchor="lm")
+    if not detailed:
+        _colour_legend(draw, width - margin - 150, n_experts)
     draw.text((gutter - 4, title_h + band_h - label_h // 2), "token", fill=MUTED, font=font(10), anchor="rm")
     if n == 0 or n_layers == 0:
         draw.text((margin, title_h + 10), "no tokens generated" if n == 0 else "this model has no MoE layers",

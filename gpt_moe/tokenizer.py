@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import tiktoken
 
+from gpt_moe.atomic import write_atomic
 from gpt_moe.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -158,27 +158,6 @@ def parse_tiktoken_file(data: bytes, where: str) -> dict[bytes, int]:
     if len(set(ranks.values())) != len(ranks):
         raise DataError(f"{where}: duplicate ranks; hint: the file is not a tiktoken BPE file")
     return ranks
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary name, fsync, then rename over it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # mode honours the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def tokenizer_info(enc: tiktoken.Encoding) -> TokenizerInfo:
@@ -402,10 +381,8 @@ def hf_tokenizer_json(enc: tiktoken.Encoding) -> str:
     return hf.to_str()
 
 
-def hf_tokenizer_config() -> dict:
-    """transformers' `tokenizer_config.json`: the fast tokenizer, the end-of-text token and our chat
-    template (the one `gpt_moe.chat.format_chat` applies)."""
-    template = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
-                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": ENDOFTEXT, "chat_template": template,
+def hf_tokenizer_config(chat_template: str) -> dict:
+    """transformers' `tokenizer_config.json`: the fast tokenizer, the end-of-text token and a Jinja chat
+    template (`gpt_moe.chat.JINJA_TEMPLATE`)."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": ENDOFTEXT, "chat_template": chat_template,
             "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}

@@ -8,48 +8,60 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+from gpt_moe.config_file import read_json_object, reject_unknown_keys
+from gpt_moe.data import DEFAULT_DATA_DIR
 from gpt_moe.errors import ConfigError
+
+
+def option(default: Any, help: str) -> Any:
+    """A TrainConfig field with its command-line help text beside it."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"  # preset name or model JSON
-    data: str = "data/builtin"  # prepared shard directory (prepared from `builtin` if missing)
-    run_dir: str = ""  # default runs/<model name>
-    deepspeed_config: str = "ds_configs/zero2.json"
-    seq_len: int = 256
-    micro_batch: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
-    decay_fraction: float = 0.2  # wsd: final share of steps that decays
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    max_steps: int = 300
-    max_tokens: int = 0  # stop after this many training tokens (0: no limit)
-    eval_interval: int = 100
-    eval_batches: int = 8
-    save_interval: int = 100
-    keep_last: int = 3
-    resume: str = "auto"  # auto | none | path of a checkpoint tag directory
-    seed: int = 1234
-    ep_size: int = 1
-    mtp_weight: float | None = None  # None: the model config's mtp_loss_weight
-    bias_update_rate: float | None = None
-    seq_aux_loss_coef: float | None = None
-    log_interval: int = 10
-    sample_tokens: int = 48  # generated at each eval and written to TensorBoard
-    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    dry_run: bool = False
+    """Every training option; each becomes a --flag (underscores as dashes) and a key of the --config JSON."""
+
+    model: str = option("tiny", "model preset (tiny, small, medium, deepseek-v2-lite, deepseek-v3) or a model "
+                                "JSON file")
+    data: str = option(DEFAULT_DATA_DIR, "prepared token-shard directory (python -m data_prep); the default is "
+                                         "prepared from `builtin` if missing")
+    run_dir: str = option("", "run directory for TensorBoard logs and checkpoints (default runs/<model name>)")
+    deepspeed_config: str = option("ds_configs/zero2.json", "DeepSpeed JSON (ds_configs/zero{1,2,3}.json, "
+                                                            "zero2_offload.json); \"auto\" values resolved")
+    seq_len: int = option(256, "tokens per training sequence")
+    micro_batch: int = option(16, "sequences per rank per forward")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(3e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
+    warmup_steps: int = option(30, "linear warmup steps")
+    schedule: str = option("cosine", "cosine or wsd (warmup-stable-decay)")
+    decay_fraction: float = option(0.2, "wsd: fraction of steps in the final decay")
+    weight_decay: float = option(0.1, "AdamW weight decay (not applied to 1-D parameters: norm weights)")
+    clip: float = option(1.0, "gradient clipping by global norm (0: off)")
+    max_steps: int = option(300, "optimizer steps to train")
+    max_tokens: int = option(0, "stop after this many training tokens (0: no limit)")
+    eval_interval: int = option(100, "optimizer steps between validations")
+    eval_batches: int = option(8, "validation micro-batches per rank per evaluation")
+    save_interval: int = option(100, "optimizer steps between checkpoints")
+    keep_last: int = option(3, "complete checkpoints to keep")
+    resume: str = option("auto", "auto (newest complete checkpoint of the run), none, or a checkpoint directory")
+    seed: int = option(1234, "seed for weights, data order and dropout-free sampling")
+    ep_size: int = option(1, "expert-parallel size: ranks that share one copy of the routed experts")
+    mtp_weight: float | None = option(None, "multi-token-prediction loss weight (default: the model config's)")
+    bias_update_rate: float | None = option(None, "aux-loss-free balancing bias step per optimizer step "
+                                                  "(default: the model config's)")
+    seq_aux_loss_coef: float | None = option(None, "sequence-wise balance loss coefficient (default: the model "
+                                                   "config's)")
+    log_interval: int = option(10, "optimizer steps between logged scalars")
+    sample_tokens: int = option(48, "tokens generated as a text sample at each evaluation")
+    max_bad_steps: int = option(5, "consecutive non-finite steps that stop the run")
+    dry_run: bool = option(False, "resolve and print both configs, parameter counts and a memory estimate, then exit")
 
     def validate(self) -> None:
         def fail(key: str, expected: str) -> None:
@@ -90,55 +102,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return 1.0 - (1.0 - floor) * progress
 
 
-HELP = {
-    "model": "model preset (tiny, small, medium, deepseek-v2-lite, deepseek-v3) or a model JSON file",
-    "data": "prepared token-shard directory (python -m data_prep); the default is prepared from `builtin` if missing",
-    "run_dir": "run directory for TensorBoard logs and checkpoints (default runs/<model name>)",
-    "deepspeed_config": "DeepSpeed JSON (ds_configs/zero{1,2,3}.json, zero2_offload.json); \"auto\" values resolved",
-    "seq_len": "tokens per training sequence",
-    "micro_batch": "sequences per rank per forward",
-    "grad_accum": "micro-batches per optimizer step",
-    "lr": "peak learning rate",
-    "min_lr_ratio": "final learning rate as a fraction of the peak",
-    "warmup_steps": "linear warmup steps",
-    "schedule": "cosine or wsd (warmup-stable-decay)",
-    "decay_fraction": "wsd: fraction of steps in the final decay",
-    "weight_decay": "AdamW weight decay (not applied to 1-D parameters: norm weights)",
-    "clip": "gradient clipping by global norm (0: off)",
-    "max_steps": "optimizer steps to train",
-    "max_tokens": "stop after this many training tokens (0: no limit)",
-    "eval_interval": "optimizer steps between validations",
-    "eval_batches": "validation micro-batches per rank per evaluation",
-    "save_interval": "optimizer steps between checkpoints",
-    "keep_last": "complete checkpoints to keep",
-    "resume": "auto (newest complete checkpoint of the run), none, or a checkpoint directory",
-    "seed": "seed for weights, data order and dropout-free sampling",
-    "ep_size": "expert-parallel size: ranks that share one copy of the routed experts",
-    "mtp_weight": "multi-token-prediction loss weight (default: the model config's)",
-    "bias_update_rate": "aux-loss-free balancing bias step per optimizer step (default: the model config's)",
-    "seq_aux_loss_coef": "sequence-wise balance loss coefficient (default: the model config's)",
-    "log_interval": "optimizer steps between logged scalars",
-    "sample_tokens": "tokens generated as a text sample at each evaluation",
-    "max_bad_steps": "consecutive non-finite steps that stop the run",
-    "dry_run": "resolve and print both configs, parameter counts and a memory estimate, then exit",
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepspeed launch/train.py",
         description="Train a DeepSeek-style MoE model with DeepSpeed. Precedence: defaults < --config JSON < flags.",
     )
     parser.add_argument("--config", help="training JSON file with any of the options below (keys use underscores)")
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        names = [flag, "--deepspeed"] if field.name == "deepspeed_config" else [flag]
-        if field.type == "bool":
-            parser.add_argument(*names, dest=field.name, action="store_true", default=None, help=HELP[field.name])
+    for spec in dataclasses.fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        names = [flag, "--deepspeed"] if spec.name == "deepspeed_config" else [flag]
+        if spec.type == "bool":
+            parser.add_argument(*names, dest=spec.name, action="store_true", default=None, help=spec.metadata["help"])
             continue
-        kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" |")[0], str)
-        suffix = "" if field.default in (None, "") else f" (default: {field.default})"
-        parser.add_argument(*names, dest=field.name, type=kind, default=None, help=HELP[field.name] + suffix)
+        kind = {"int": int, "float": float, "str": str}.get(str(spec.type).split(" |")[0], str)
+        suffix = "" if spec.default in (None, "") else f" (default: {spec.default})"
+        parser.add_argument(*names, dest=spec.name, type=kind, default=None, help=spec.metadata["help"] + suffix)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     # fault injection for the tests: NaN losses at these steps; SIGKILL rank 0 inside this step's save
     parser.add_argument("--inject-nan-at", default="", help=argparse.SUPPRESS)
@@ -146,8 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_train_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[str], argparse.Namespace]:
-    """(config, names of flags given on the command line, raw namespace)."""
+@dataclass(frozen=True)
+class FaultInjection:
+    """Failures the tests provoke on purpose (hidden flags): a NaN loss at these steps; rank 0 killed by
+    SIGKILL inside this step's checkpoint save, before it is marked complete."""
+
+    nan_at: frozenset[int] = frozenset()
+    kill_during_save_at: int | None = None
+
+
+def parse_train_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[str], FaultInjection]:
+    """(config, names of the flags given on the command line, fault injection for the tests)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     values: dict[str, Any] = {}
     if args.config:
@@ -158,18 +145,12 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozen
                    if getattr(args, f.name) is not None})
     config = TrainConfig(**values)
     config.validate()
-    return config, frozenset(explicit), args
+    faults = FaultInjection(frozenset(int(step) for step in args.inject_nan_at.split(",") if step),
+                            args.inject_kill_during_save if args.inject_kill_during_save >= 0 else None)
+    return config, frozenset(explicit), faults
 
 
 def load_train_json(path: str) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: training config file not found") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
+    data = read_json_object(path, "training config")
+    reject_unknown_keys(data, (f.name for f in dataclasses.fields(TrainConfig)), path)
     return data

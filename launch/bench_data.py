@@ -25,13 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from data_prep.encode import pieces
+from data_prep.sources import open_corpus
+from gpt_moe.tokenizer import load_bpe_file, load_standard, parse_tokenizer_spec, save_tokenizer, train_bpe
 
-from data_prep.encode import pieces  # noqa: E402
-from data_prep.sources import open_corpus  # noqa: E402
-from gpt_moe.tokenizer import (load_bpe_file, load_standard, parse_tokenizer_spec, save_tokenizer,  # noqa: E402
-                               train_bpe)
+ROOT = Path(__file__).resolve().parents[1]
 
 PEAK_TARGET_BYTES = 1.5e9
 SPEED_TARGET = 0.8

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from gpt_moe.checkpoint import load_for_inference  # noqa: E402
-from gpt_moe.errors import GptMoeError  # noqa: E402
-from gpt_moe.export import export  # noqa: E402
+from gpt_moe.cli import run_cli
+from gpt_moe.export import export
+from gpt_moe.loading import load_for_inference
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,14 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         loaded = load_for_inference(args.checkpoint)
         out = export(loaded, args.out_dir, dtype=getattr(torch, args.dtype))
-    except GptMoeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {loaded.source} -> {out}")
-    return 0
+        print(f"exported {loaded.source} -> {out}")
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

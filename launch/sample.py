@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gpt_moe.chat import fit_chat, load_chat_model, prompt_budget, reply_stop_ids  # noqa: E402
-from gpt_moe.errors import DataError, GptMoeError  # noqa: E402
-from gpt_moe.generate import SamplingConfig, stream_text  # noqa: E402
+from gpt_moe.chat import fit_chat, load_chat_model, prompt_budget, reply_stop_ids
+from gpt_moe.cli import run_cli
+from gpt_moe.errors import DataError
+from gpt_moe.generate import SamplingConfig, stream_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,17 +79,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except GptMoeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `| head`: the reader is gone
-        sys.stderr.close()
-        return 0
-    return 0
+    def body() -> None:
+        try:
+            run(parse_args(argv))
+        except BrokenPipeError:  # `| head`: the reader is gone
+            sys.stderr.close()
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     deepspeed launch/train.py --deepspeed ds_configs/zero2.json [options]      # any number of ranks / nodes
     python launch/train.py [options]                                            # one rank, no launcher
 
-Run with --help for the options. The logic lives in gpt_moe/trainer.py.
+Run with --help for the options. The logic lives in gpt_moe/ (run_plan.py, trainer.py).
 """
 
 from __future__ import annotations
@@ -11,33 +11,46 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from gpt_moe.errors import GptMoeError  # noqa: E402
-from gpt_moe.train_config import parse_train_args  # noqa: E402
+from gpt_moe.cli import run_cli
+from gpt_moe.run_plan import Hardware, plan_run
+from gpt_moe.train_config import parse_train_args
 
 
-def main(argv: list[str] | None = None) -> int:
+def hardware() -> Hardware:
+    """bf16 support of the accelerator DeepSpeed will use (its CPU accelerator on a machine without GPUs)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from gpt_moe.hardware import native_bf16
+
+    accelerator = get_accelerator()
+    supported = accelerator.is_bf16_supported()
+    return Hardware(bf16_supported=supported, bf16_native=native_bf16(accelerator.device_name(), supported))
+
+
+def train(argv: list[str] | None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        cfg, explicit, args = parse_train_args(argv)
-        inject = {int(s) for s in args.inject_nan_at.split(",") if s}
-        from gpt_moe.trainer import Trainer
+    cfg, explicit, faults = parse_train_args(argv)
+    plan = plan_run(cfg, explicit, int(os.environ.get("WORLD_SIZE", "1")), hardware())
+    if cfg.dry_run:
+        print(plan.banner())
+        return 0
 
-        trainer = Trainer(cfg, explicit, inject, args.inject_kill_during_save)
-        trainer.run()
-        if not cfg.dry_run:
-            trainer.close()
-    except GptMoeError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+    from data_prep import prepare_default
+    from gpt_moe.trainer import Trainer
+
+    trainer = Trainer(plan, faults, prepare_data=prepare_default)
+    trainer.run()
+    trainer.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: train(argv))
 
 
 if __name__ == "__main__":

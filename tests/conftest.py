@@ -1,18 +1,34 @@
-"""Shared fixtures: small model configs that keep every architectural feature."""
+"""Shared fixtures: a micro model config that keeps every architectural feature, a prepared corpus, and an
+exported checkpoint for the chat, sampler and app tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from gpt_moe.config import ModelConfig
+from gpt_moe.export import export
+from gpt_moe.loading import LoadedModel
+from gpt_moe.model import DeepSeekForCausalLM
+from gpt_moe.tokenizer import save_tokenizer, train_bpe
+
+
+def shrunk_tiny(**changes) -> ModelConfig:
+    """The `tiny` preset at micro size for fast fp32 tests: 3 layers (the first dense), MLA with small ranks,
+    16 routed experts top-2 in 4 groups, MTP kept; `changes` on top."""
+    micro = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, q_lora_rank=32, kv_lora_rank=32,
+                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32,
+                 intermediate_size=128)
+    return ModelConfig.from_preset("tiny").replace(**{**micro, **changes})
 
 
 @pytest.fixture
 def small_config() -> ModelConfig:
-    """The tiny preset shrunk further for fast fp32 unit tests (MLA, 16 experts in 4 groups, MTP)."""
-    return ModelConfig.from_preset("tiny").replace(vocab_size=256, hidden_size=64, num_hidden_layers=3,
-                                                   q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-                                                   qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32,
-                                                   intermediate_size=128)
+    return shrunk_tiny()
 
 
 @pytest.fixture(autouse=True)
@@ -24,11 +40,39 @@ def _deterministic():
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory):
     """A small prepared corpus (the built-in one, capped) shared by the training tests."""
-    import subprocess
-    import sys
-
     out = tmp_path_factory.mktemp("data") / "builtin_small"
     subprocess.run([sys.executable, "-m", "data_prep", "--source", "builtin", "--tokenizer", "bpe:1024",
                     "--max-tokens", "600000", "--val-fraction", "0.1", "--out", str(out), "--no-progress"],
                    check=True, capture_output=True)
     return out
+
+
+# ------------------------------------------------------------------------------ an exported checkpoint
+TRAINING_FACTS = {"step": 42, "tokens_seen": 172032, "val_loss": 5.4321}
+CORPUS = ("The quick brown fox jumps over the lazy dog. " * 20
+          + "def add(a, b):\n    return a + b\n" * 20
+          + "Experts route tokens; the router picks two of sixteen. Ünïcödé and emoji 🙂 too. " * 20)
+
+
+def make_tiny_export(out_dir: Path, seed: int = 3) -> Path:
+    """An exported-format checkpoint in `out_dir` (absent or empty): untrained micro weights, a 300-token BPE
+    trained on CORPUS, made-up training facts. Built without DeepSpeed in about a second; its replies are
+    gibberish, so the tests check structure, not content."""
+    source = out_dir.parent / f".{out_dir.name}.source"
+    source.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_bpe([CORPUS], vocab_size=300)
+    info = save_tokenizer(tokenizer, source)
+    config = shrunk_tiny(vocab_size=tokenizer.n_vocab, max_position_embeddings=512)
+    model = DeepSeekForCausalLM(config, seed=seed).eval()
+    return export(LoadedModel(model, tokenizer, info, source, dict(TRAINING_FACTS)), out_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_export(tmp_path_factory.mktemp("chat") / "tiny_export")
+
+
+@pytest.fixture(scope="session")
+def training_facts() -> dict:
+    """The training facts recorded in `tiny_checkpoint`."""
+    return dict(TRAINING_FACTS)

@@ -17,10 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from fixtures_checkpoint import tiny_checkpoint  # noqa: F401  (session fixture)
 
 from gpt_moe.chat import generate_reply
-from gpt_moe.checkpoint import load_for_inference
+from gpt_moe.loading import load_for_inference
 from gpt_moe.generate import SamplingConfig
 
 pytestmark = pytest.mark.browser
@@ -53,7 +52,7 @@ def outward_address() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def long_message(tiny_checkpoint) -> str:  # noqa: F811
+def long_message(tiny_checkpoint) -> str:
     """A message whose greedy reply runs to LONG_TOKENS, so there is a stream to watch and to stop."""
     loaded = load_for_inference(tiny_checkpoint)
     for message in CANDIDATES:
@@ -67,7 +66,7 @@ def long_message(tiny_checkpoint) -> str:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):  # noqa: F811
+def server(tiny_checkpoint, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("app") / "app.log"
     with open(log_path, "w") as log:

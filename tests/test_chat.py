@@ -5,11 +5,10 @@ import shutil
 
 import pytest
 import torch
-from fixtures_checkpoint import tiny_checkpoint  # noqa: F401  (session fixture)
 
-from gpt_moe.chat import (ChatPrompt, ReplyStream, fit_chat, format_chat, generate_reply, load_chat_model,
-                          main_moe_layers, recording_routing, reply_stop_ids, special_id)
-from gpt_moe.checkpoint import load_for_inference
+from gpt_moe.chat import (JINJA_TEMPLATE, ChatPrompt, ReplyStream, fit_chat, format_chat, generate_reply,
+                          load_chat_model, recording_routing, reply_stop_ids, special_id)
+from gpt_moe.loading import load_for_inference
 from gpt_moe.errors import CheckpointError, DataError
 from gpt_moe.generate import SamplingConfig
 from gpt_moe.tokenizer import ASSISTANT, END, ENDOFTEXT, SYSTEM, USER
@@ -19,7 +18,7 @@ CONVERSATION = [{"role": "system", "content": "You are terse."},
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):  # noqa: F811
+def loaded(tiny_checkpoint):
     return load_for_inference(tiny_checkpoint)
 
 
@@ -36,6 +35,18 @@ def test_template_uses_special_ids_and_keeps_marker_text_plain(loaded):
     assert reply_stop_ids(tok) >= {end, special_id(tok, ENDOFTEXT)}
     with pytest.raises(DataError, match="role 'tool'"):
         format_chat(tok, [{"role": "tool", "content": "x"}])
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_jinja_template_renders_what_format_chat_encodes(loaded, generation_prompt):
+    """The template exported for transformers (Jinja) and ours (Python) give the same conversation text."""
+    import jinja2
+
+    tok = loaded.tokenizer
+    conversation = [*CONVERSATION, {"role": "assistant", "content": "Ok: <|end|>\n"}, {"role": "user", "content": ""}]
+    rendered = jinja2.Environment().from_string(JINJA_TEMPLATE).render(messages=conversation,
+                                                                       add_generation_prompt=generation_prompt)
+    assert rendered == tok.decode(format_chat(tok, conversation, add_generation_prompt=generation_prompt))
 
 
 def test_fit_chat_drops_oldest_turns_then_cuts_the_last_one(loaded):
@@ -69,7 +80,7 @@ def test_routing_record_matches_a_full_forward(loaded):
     assert len(load) == config.n_routed_experts and sum(load) == n * config.num_experts_per_tok * len(layers)
 
     # reference: one uncached forward over prompt + reply; token t was chosen by position prompt_len - 1 + t
-    moe = main_moe_layers(model)
+    moe = model.moe_layers(include_mtp=False)
     full = torch.tensor([reply.prompt.ids + reply.token_ids])
     with torch.no_grad(), recording_routing(moe):
         model(full)
@@ -113,7 +124,7 @@ def test_reply_ends_at_the_end_marker(loaded):
     assert reply.finish_reason == "stop" and reply.token_ids == [special_id(tok, END)] and len(reply.routing) == 1
 
 
-def test_prompt_budget_and_loading_errors(loaded, tiny_checkpoint, tmp_path):  # noqa: F811
+def test_prompt_budget_and_loading_errors(loaded, tiny_checkpoint, tmp_path):
     with pytest.raises(DataError, match="max new tokens 512: expected 1 .. 511"):
         generate_reply(loaded.model, loaded.tokenizer, CONVERSATION, SamplingConfig(max_new_tokens=512))
     with pytest.raises(CheckpointError, match="no complete checkpoint under .*deepspeed launch/train.py"):

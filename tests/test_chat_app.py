@@ -2,16 +2,15 @@
 
 import gradio as gr
 import pytest
-from fixtures_checkpoint import TRAINING_FACTS, tiny_checkpoint  # noqa: F401  (session fixture)
 
 from gpt_moe.chat import RoutingRecord
 from gpt_moe.chat_app import ChatApp, Settings, conversation, main, model_facts
-from gpt_moe.checkpoint import load_for_inference
+from gpt_moe.loading import load_for_inference
 from gpt_moe.routing_view import MAX_HEIGHT, load_chart, routing_heatmap, token_label
 
 
 @pytest.fixture(scope="module")
-def app(tiny_checkpoint):  # noqa: F811
+def app(tiny_checkpoint):
     return ChatApp(load_for_inference(tiny_checkpoint), max_new_tokens=64)
 
 
@@ -43,13 +42,14 @@ def test_respond_bounds_inputs(app):
     assert len(conversation(long_history, "new", system_prompt="sys")) == 42  # system + newest 40 + message
 
 
-def test_model_facts(app):
+def test_model_facts(app, training_facts):
     facts = dict(model_facts(app.loaded))
     assert facts["preset"] == "tiny"
     assert "activated per token" in facts["parameters"] and "16 routed (top-2" in facts["experts"]
+    assert training_facts == {"step": 42, "tokens_seen": 172032, "val_loss": 5.4321}
     assert facts["training"] == "step 42, 172.03K tokens" and facts["validation loss"].startswith("5.432")
     assert facts["KV cache / token"].startswith(f"{3 * (32 + 8) * 2:,} B")  # 3 layers x (latent + rope key) x bf16
-    assert facts["checkpoint"] == str(app.loaded.source) and TRAINING_FACTS["step"] == 42
+    assert facts["checkpoint"] == str(app.loaded.source)
 
 
 def test_routing_pictures_for_large_models_stay_bounded():

@@ -302,9 +302,9 @@ def test_sigkill_mid_way_then_rerun_resumes_to_identical_output(tmp_path):
     assert dir_bytes(out) == dir_bytes(reference)
 
     mixed = run_cli(*args[:2], "--tokenizer", "bpe:512", *args[4:], "--out", str(out))
-    assert mixed.returncode == 1 and "refusing to mix" in mixed.stderr
+    assert mixed.returncode == 2 and "refusing to mix" in mixed.stderr
     other = run_cli(*[a.replace("1200k", "1M") for a in args], "--out", str(out))
-    assert other.returncode == 1 and "other arguments (max_tokens" in other.stderr
+    assert other.returncode == 2 and "other arguments (max_tokens" in other.stderr
 
 
 # ------------------------------------------------------------------------------------- CLI errors
@@ -327,7 +327,8 @@ def bad_inputs(tmp_path_factory) -> Path:
     (["--source", "{root}/notes.md"], {}, "unsupported type '.md'"),
     (["--source", "hf:roneneldan/TinyStories"], {"HF_ENDPOINT": "https://hub.invalid"},
      "cannot reach the Hugging Face Hub.*local files"),
-    (["--source", "hf:roneneldan/TinyStories"], {"HF_HUB_OFFLINE": "1"}, "cannot reach the Hugging Face Hub.*local files"),
+    (["--source", "hf:roneneldan/TinyStories"], {"HF_HUB_OFFLINE": "1"},
+     "cannot reach the Hugging Face Hub.*local files"),
     (["--source", "{root}/nofield.jsonl"], {}, "no text field 'text'; columns are body.*--text-field"),
     (["--source", "{root}/nullrow.jsonl"], {}, "row 1: text field 'text' is missing"),
     (["--source", "{root}/empty.txt"], {}, "empty corpus"),
@@ -343,7 +344,7 @@ def test_cli_bad_input_is_one_clear_line(bad_inputs, tmp_path, args, env, expect
     result = run_cli(*args, "--text-field", "text", env=env)
     lines = result.stderr.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in result.stderr, result.stderr
     assert regex.search(expected, errors[0]), errors[0]
     assert not (tmp_path / "out" / "manifest.json").exists()

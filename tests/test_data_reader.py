@@ -94,7 +94,8 @@ def test_state_restore_reproduces_the_next_batches(synthetic):
         xb, yb = b.next_batch()
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     fresh = TrainBatches(shards, SEQ, 4, rank=1, world_size=2, seed=11)
-    assert torch.equal(fresh.next_batch()[0], TrainBatches(shards, SEQ, 4, rank=1, world_size=2, seed=11).next_batch()[0])
+    other = TrainBatches(shards, SEQ, 4, rank=1, world_size=2, seed=11)
+    assert torch.equal(fresh.next_batch()[0], other.next_batch()[0])
     assert not torch.equal(fresh.next_batch()[0], TrainBatches(shards, SEQ, 4, 1, 2, seed=12).next_batch()[0])
 
 

@@ -21,7 +21,7 @@ def shape(**changes):
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_resolve_completely(path):
-    resolved = resolve_ds_config(load_ds_config(path), shape())
+    resolved, _ = resolve_ds_config(load_ds_config(path), shape())
     text = json.dumps(resolved)
     assert '"auto"' not in text
     assert resolved["train_batch_size"] == 4 * 2 * 2
@@ -55,8 +55,7 @@ def test_all_conflicts_in_one_error():
 
 
 def test_concrete_json_value_wins_over_default_flag():
-    s = shape()
-    resolved = resolve_ds_config({"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.3}, s)
+    resolved, s = resolve_ds_config({"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.3}, shape())
     assert s.micro_batch == 8 and s.clip == 0.3
     assert resolved["train_batch_size"] == 8 * 2 * 2
 
@@ -64,15 +63,15 @@ def test_concrete_json_value_wins_over_default_flag():
 def test_bf16_forced_on_unsupported_device_is_a_conflict():
     with pytest.raises(ConfigError, match="bf16.enabled=true but this device does not support bf16"):
         resolve_ds_config({"bf16": {"enabled": True}}, shape(bf16_supported=False))
-    assert resolve_ds_config({"bf16": {"enabled": "auto"}}, shape(bf16_supported=False))["bf16"]["enabled"] is False
+    assert resolve_ds_config({"bf16": {"enabled": "auto"}}, shape(bf16_supported=False))[0]["bf16"]["enabled"] is False
 
 
 def test_bf16_auto_means_native_and_forcing_emulated_bf16_warns(caplog):
     emulated = shape(bf16_supported=True, bf16_native=False)  # e.g. an AVX2-only CPU
-    assert resolve_ds_config({"bf16": {"enabled": "auto"}}, emulated)["bf16"]["enabled"] is False
-    assert resolve_ds_config({"bf16": {"enabled": "auto"}}, shape(bf16_native=True))["bf16"]["enabled"] is True
+    assert resolve_ds_config({"bf16": {"enabled": "auto"}}, emulated)[0]["bf16"]["enabled"] is False
+    assert resolve_ds_config({"bf16": {"enabled": "auto"}}, shape(bf16_native=True))[0]["bf16"]["enabled"] is True
     with caplog.at_level("WARNING", logger="gpt_moe.ds_config"):
-        assert resolve_ds_config({"bf16": {"enabled": True}}, emulated)["bf16"]["enabled"] is True
+        assert resolve_ds_config({"bf16": {"enabled": True}}, emulated)[0]["bf16"]["enabled"] is True
     assert "emulated" in caplog.text
 
 

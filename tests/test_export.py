@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from gpt_moe.checkpoint import LoadedModel, load_for_inference
+from gpt_moe.loading import LoadedModel, load_for_inference
 from gpt_moe.errors import CheckpointError
 from gpt_moe.export import export
 from gpt_moe.model import DeepSeekForCausalLM
@@ -23,7 +23,7 @@ def loaded(small_config, tmp_path):
     info = save_tokenizer(tokenizer, source)
     config = small_config.replace(vocab_size=320)
     model = DeepSeekForCausalLM(config, seed=5).eval()
-    for moe in model.moe_layers():
+    for _, moe in model.moe_layers():
         moe.gate.e_score_correction_bias.normal_(0, 0.1)
     return LoadedModel(model, tokenizer, info, source, {"step": 7, "tokens_seen": 1234, "val_loss": 3.5})
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_moe.hardware import ONEDNN_ISAS_WITHOUT_BF16, cpu_has_native_bf16, default_dtype, native_bf16, resolve_dtype
+from gpt_moe.hardware import (ONEDNN_ISAS_WITHOUT_BF16, cpu_has_native_bf16, deepspeed_cuda_arch_list, default_dtype,
+                              native_bf16, resolve_dtype)
 
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -36,7 +37,8 @@ def test_native_bf16_agrees_with_the_kernels_cpu_flags():
 
 AVX2_SETTINGS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 DECISION = ("import torch; from gpt_moe.hardware import cpu_kernels_limit, native_bf16; "
-            "print(torch.backends.cpu.get_cpu_capability()); print(native_bf16('cpu', True)); print(cpu_kernels_limit())")
+            "print(torch.backends.cpu.get_cpu_capability()); print(native_bf16('cpu', True)); "
+            "print(cpu_kernels_limit())")
 
 
 def decision_under(env_changes: dict[str, str]) -> tuple[str, str, str]:
@@ -67,6 +69,12 @@ def test_settings_that_hold_the_kernels_to_avx2_mean_emulated_bf16():
 def test_accelerators_other_than_cpu_are_taken_at_their_word():
     assert native_bf16("cuda", True) is True
     assert native_bf16("cuda", False) is False
+
+
+def test_cuda_arch_list_for_deepspeeds_op_builder():
+    assert deepspeed_cuda_arch_list("9.0a") == "9.0"
+    assert deepspeed_cuda_arch_list("8.0;8.6 9.0a 10.0a+PTX") == "8.0;8.6;9.0;10.0+PTX"
+    assert deepspeed_cuda_arch_list("") == ""
 
 
 def test_command_line_dtypes():

@@ -37,7 +37,7 @@ VARIANTS = {
 def test_our_weights_in_transformers_give_our_logits(small_config, variant):
     config = small_config.replace(**VARIANTS[variant])
     ours = DeepSeekForCausalLM(config, seed=1).eval()
-    for moe in ours.moe_layers():  # a non-zero bias, large enough to change choices
+    for _, moe in ours.moe_layers():  # a non-zero bias, large enough to change choices
         moe.gate.e_score_correction_bias.normal_(0, 0.1)
     theirs = hf_model(config)
     missing, unexpected = theirs.load_state_dict(ours_state_for_hf(ours), strict=False)

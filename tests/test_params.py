@@ -29,7 +29,7 @@ def test_active_count_equals_parameters_a_single_token_touches(small_config):
     bias on experts 0..k-1 makes both tokens choose the same k experts, as one token would."""
     config = small_config.replace(num_nextn_predict_layers=0, seq_aux_loss_coef=0.0)
     model = DeepSeekForCausalLM(config, seed=0)
-    for moe in model.moe_layers():
+    for _, moe in model.moe_layers():
         moe.gate.e_score_correction_bias[: config.num_experts_per_tok] = 100.0
     out = model(torch.tensor([[5, 9]]), labels=torch.tensor([[7, 3]]))
     out.loss.backward()

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures_checkpoint import tiny_checkpoint  # noqa: F401  (session fixture)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "sample.py"
 
@@ -27,7 +26,7 @@ def finish(process: subprocess.Popen) -> str:
     return out
 
 
-def test_prompt_from_argv_or_stdin_gives_the_same_seeded_text(tiny_checkpoint):  # noqa: F811
+def test_prompt_from_argv_or_stdin_gives_the_same_seeded_text(tiny_checkpoint):
     options = ["--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "16", "--seed", "7", "--temperature", "1"]
     runs = [start(*options, "The quick brown fox"), start(*options, stdin="The quick brown fox"),
             start("--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "8", "--chat", "--system", "Be brief.",
@@ -51,7 +50,7 @@ def sample_main():
     (["--checkpoint", "{ckpt}", "--top-p", "0", "hello"], "", "--top-p must be in"),
     (["--checkpoint", "{ckpt}"], "", "empty prompt"),
 ])
-def test_errors_are_one_line(sample_main, tiny_checkpoint, tmp_path, monkeypatch, capsys,  # noqa: F811
+def test_errors_are_one_line(sample_main, tiny_checkpoint, tmp_path, monkeypatch, capsys,
                              args, stdin, expected):
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     args = [a.format(missing=tmp_path / "nowhere", ckpt=tiny_checkpoint) for a in args]

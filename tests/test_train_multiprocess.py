@@ -94,12 +94,13 @@ def test_ep2_zero2_trains_shards_experts_and_resumes_exactly(prepared_data, tmp_
 
 # Runs that differ only in their layout (EP size) compute the same sums in another order. At step 1 (same
 # weights, same batch) loss and clipped gradient norm agree to a few fp32 rounding steps (measured rel.
-# differences: 0 to 3e-9 on an AVX512 Xeon, 6e-11 on an AVX512-BF16 EPYC, one ulp = 1.1e-7 of the grad norm on an
-# AMX Xeon); a misplaced expert or a wrong gradient reduction is off by 1e-3 or more (checked by swapping the
-# ranks' experts on purpose). After that the difference compounds: AdamW divides each gradient by its own running RMS, so rounding
-# noise in gradients that nearly cancel becomes an update of the order of the learning rate. Measured rel.
-# grad-norm differences over steps 2-8: 3e-8, 3e-7, 4e-6, 2e-5, 6e-6, 1.2e-4, 2.6e-4 (AVX512-BF16 EPYC), under
-# 1.2e-6 (AVX512 Xeon without BF16). Step 2 follows a single update: 1e-5; later steps: 10x the largest seen.
+# differences: 0 to 3e-9 on an AVX512 Xeon, 6e-11 on an AVX512-BF16 EPYC, one ulp = 1.1e-7 of the grad norm on
+# an AMX Xeon); a misplaced expert or a wrong gradient reduction is off by 1e-3 or more (checked by swapping the
+# ranks' experts on purpose). After that the difference compounds: AdamW divides each gradient by its own
+# running RMS, so rounding noise in gradients that nearly cancel becomes an update of the order of the learning
+# rate. Measured rel. grad-norm differences over steps 2-8: 3e-8, 3e-7, 4e-6, 2e-5, 6e-6, 1.2e-4, 2.6e-4
+# (AVX512-BF16 EPYC), under 1.2e-6 (AVX512 Xeon without BF16). Step 2 follows a single update: 1e-5; later
+# steps: 10x the largest seen.
 STEP_TOLERANCE = {1: 1e-6, 2: 1e-5}
 LATER_STEP_TOLERANCE = 3e-3
 # The same amplification moves weights: after 4 steps at lr <= 3e-3 they were at most 1.4e-4 apart (embedding
@@ -132,7 +133,7 @@ def assert_same_trajectory(one: list[dict], two: list[dict]) -> None:
 def assert_same_model(runs: dict[int, Path]) -> None:
     """The EP=2 checkpoint, merged for inference, is the EP=1 model: same keys, values within WEIGHT_TOLERANCE
     (a bound that swapping two experts would exceed), same logits."""
-    from gpt_moe.checkpoint import load_for_inference
+    from gpt_moe.loading import load_for_inference
 
     merged, single = (load_for_inference(runs[ep]).model for ep in (2, 1))
     assert merged.state_dict().keys() == single.state_dict().keys()
@@ -148,7 +149,8 @@ def assert_same_model(runs: dict[int, Path]) -> None:
 def test_ep2_equals_ep1_in_fp32(prepared_data, tmp_path):
     """ZeRO-2, same global batch, same initial weights: per-step loss and clipped grad norm agree, and
     loading for inference merges the EP=2 expert files into the EP=1 model."""
-    runs = train_ep1_and_ep2(prepared_data, tmp_path, "--deepspeed", str(variant(tmp_path, ZERO2, bf16={"enabled": False})))
+    ds = variant(tmp_path, ZERO2, bf16={"enabled": False})
+    runs = train_ep1_and_ep2(prepared_data, tmp_path, "--deepspeed", str(ds))
     assert_same_model(runs)
 
 
@@ -162,7 +164,8 @@ def test_zero3_ep2_equals_ep1_and_consolidates_without_deepspeed(prepared_data, 
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from gpt_moe.checkpoint import newest_complete, read_complete_info, zero3_state_dict
+    from gpt_moe.checkpoint import newest_complete, read_complete_info
+    from gpt_moe.loading import zero3_state_dict
 
     tag = newest_complete(runs[1] / "checkpoints")
     ours, reference = zero3_state_dict(tag, read_complete_info(tag)), get_fp32_state_dict_from_zero_checkpoint(
@@ -173,20 +176,20 @@ def test_zero3_ep2_equals_ep1_and_consolidates_without_deepspeed(prepared_data, 
     assert_same_model(runs)
 
 
-def test_bf16_forced_with_expert_parallelism_trains(prepared_data, tmp_path):
+def test_bf16_forced_with_expert_parallelism_trains(prepared_data, tmp_path, small_config):
     """bf16 training whatever the CPU ("auto" is fp32 on CPUs without native bf16, so force it), on a
     model small enough for emulated bf16 matmuls: bf16 ZeRO-2 with EP=2 learns and loads for inference."""
     ds = variant(tmp_path, ZERO2, bf16={"enabled": True})
-    model = variant(tmp_path, TINY, name="micro", vocab_size=1024, hidden_size=64, num_hidden_layers=2,
-                    num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                    v_head_dim=16, intermediate_size=128, moe_intermediate_size=32)
+    model = tmp_path / "micro.json"
+    model.write_text(json.dumps(small_config.replace(name="micro", vocab_size=1024, num_hidden_layers=2,
+                                                     num_attention_heads=2).to_dict()))
     run = tmp_path / "bf16"
     launch("--deepspeed", str(ds), "--model", str(model), "--data", str(prepared_data), "--run-dir", str(run),
            "--max-steps", "8", "--save-interval", "8", "--ep-size", "2", *COMMON)
     assert json.loads((run / "ds_config.resolved.json").read_text())["bf16"]["enabled"] is True
     assert_falls(run)
 
-    from gpt_moe.checkpoint import load_for_inference
+    from gpt_moe.loading import load_for_inference
 
     loaded = load_for_inference(run)
     assert loaded.info["bf16"] is True

@@ -1,0 +1,81 @@
+"""Atomic, durable file writes: the one rule every file the project writes follows.
+
+A file is written under a temporary name beside its destination (`.NAME.PID.tmp`), flushed and
+fsync'ed, renamed over the destination, and the directory is fsync'ed so that the rename survives a
+crash. A reader therefore sees either the old file or the whole new one, never a part. A write that
+fails removes its temporary file and leaves the destination as it was.
+
+    write_atomic(path, b"...")                       # bytes or text
+    with AtomicFile(path) as f: torch.save(obj, f)   # anything that writes to a binary file
+    shard = AtomicFile(path); shard.write(...); shard.commit()   # streamed, committed (or aborted) later
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
+"""Matches the temporary names this module makes; group `name` is the destination's file name."""
+
+
+def temp_path(path: Path) -> Path:
+    """Where the new content of `path` is written before the rename (unique per process)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames and removals inside `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A binary file that appears at `path` only when `commit()` succeeds (the context manager commits
+    on success and aborts on an exception)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.temp = temp_path(self.path)
+        fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # mode honours the umask
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> int:
+        return self.file.write(data)
+
+    def commit(self) -> None:
+        """Flush, fsync, rename over `path`, fsync the directory; on any failure, abort and re-raise."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.temp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Close and remove the temporary file; the destination is untouched."""
+        self.file.close()
+        self.temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> BinaryIO:
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Replace `path` with `data` (text is written as UTF-8) atomically and durably."""
+    with AtomicFile(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)

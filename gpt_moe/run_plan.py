@@ -1,0 +1,130 @@
+"""Plan a training run before anything heavy starts: resolved configs, layout, run directory, memory.
+
+`plan_run` reads the model, training and DeepSpeed configs, checks everything a user can get wrong
+(ConfigError / DataError naming the file, key or flag) and returns a `RunPlan` holding the values
+the run will use: the training config with what the DeepSpeed JSON fixed (batch sizes, lr, clipping),
+the DeepSpeed config with every "auto" resolved, the ZeRO stage, the run directory and a memory
+estimate. It starts nothing: `--dry-run` prints `RunPlan.banner()` and exits; the trainer is built
+from the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt_moe.config import ModelConfig
+from gpt_moe.data import DEFAULT_DATA_DIR
+from gpt_moe.ds_config import TrainingShape, load_ds_config, resolve_ds_config, zero_stage
+from gpt_moe.errors import ConfigError, DataError
+from gpt_moe.params import account, describe, training_memory_gib
+from gpt_moe.train_config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the accelerator can do, as far as the plan is concerned."""
+
+    bf16_supported: bool  # runs bf16 at all
+    bf16_native: bool  # computes bf16 natively (see gpt_moe.hardware.native_bf16)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    train: TrainConfig  # with the values the DeepSpeed JSON fixed
+    model: ModelConfig  # with the training config's overrides
+    ds_config: dict[str, Any]  # every "auto" resolved
+    world_size: int
+    zero_stage: int
+    run_dir: Path
+    prepare_default_data: bool  # the default data directory is not prepared yet
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.ds_config["bf16"]["enabled"])
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.train
+        return t.seq_len * t.micro_batch * t.grad_accum * self.world_size
+
+    @property
+    def last_step(self) -> int:
+        """The step the run ends at: --max-steps, or earlier when --max-tokens is reached."""
+        if self.train.max_tokens:
+            return min(self.train.max_steps, math.ceil(self.train.max_tokens / self.tokens_per_step))
+        return self.train.max_steps
+
+    def memory_gib(self) -> dict[str, float]:
+        t = self.train
+        return training_memory_gib(self.model, t.seq_len, t.micro_batch, t.ep_size, self.zero_stage, self.world_size)
+
+    def banner(self) -> str:
+        """What the run will do, printed at start (and by --dry-run)."""
+        model, t = self.model, self.train
+        return "\n".join([
+            "=" * 72,
+            f"gpt-moe training  run dir {self.run_dir}",
+            f"world {self.world_size} rank(s), expert-parallel size {t.ep_size} "
+            f"({model.n_routed_experts // t.ep_size} routed experts per rank per layer), "
+            f"ZeRO stage {self.zero_stage}, bf16 {self.ds_config['bf16']['enabled']}",
+            describe(account(model, t.seq_len)),
+            "memory per rank (estimate, GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in self.memory_gib().items()),
+            "model config: " + json.dumps({k: v for k, v in model.to_dict().items() if k != "extra"}),
+            "training config: " + json.dumps(dataclasses.asdict(t)),
+            "DeepSpeed config (resolved): " + json.dumps(self.ds_config),
+            "=" * 72,
+        ])
+
+
+def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware: Hardware) -> RunPlan:
+    """The run `cfg` describes on `world_size` ranks of `hardware`; `explicit` names the flags given on the
+    command line (a DeepSpeed JSON value that contradicts one of them is an error)."""
+    model = resolve_model_config(cfg)
+    raw_ds = load_ds_config(cfg.deepspeed_config)
+    check_layout(cfg, model, world_size)
+    prepare_default_data = check_data(cfg)
+    shape = TrainingShape(cfg.micro_batch, cfg.grad_accum, world_size, cfg.lr, cfg.weight_decay, cfg.clip,
+                          hardware.bf16_supported, model.hidden_size, explicit, bf16_native=hardware.bf16_native)
+    ds_config, shape = resolve_ds_config(raw_ds, shape, source=cfg.deepspeed_config)
+    train = dataclasses.replace(cfg, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum, clip=shape.clip,
+                                lr=shape.lr, weight_decay=shape.weight_decay)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / model.name
+    return RunPlan(train, model, ds_config, world_size, zero_stage(ds_config), run_dir, prepare_default_data)
+
+
+def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The model preset or JSON with the training config's loss and balancing overrides."""
+    model_config = ModelConfig.load(cfg.model)
+    overrides = {key: value for key, value in (("mtp_loss_weight", cfg.mtp_weight),
+                                               ("bias_update_rate", cfg.bias_update_rate),
+                                               ("seq_aux_loss_coef", cfg.seq_aux_loss_coef)) if value is not None}
+    return model_config.replace(**overrides) if overrides else model_config
+
+
+def check_layout(cfg: TrainConfig, model_config: ModelConfig, world_size: int) -> None:
+    """Expert-parallel size must divide both the world and the number of routed experts."""
+    if world_size % cfg.ep_size:
+        raise ConfigError(f"--ep-size {cfg.ep_size} does not divide the world size {world_size}; "
+                          f"use a divisor of {world_size}")
+    if model_config.n_routed_experts % cfg.ep_size:
+        raise ConfigError(f"--ep-size {cfg.ep_size} does not divide n_routed_experts="
+                          f"{model_config.n_routed_experts} of model {model_config.name!r}")
+
+
+def check_data(cfg: TrainConfig) -> bool:
+    """True if the data must be prepared first (only the default directory is prepared automatically)."""
+    if (Path(cfg.data) / "manifest.json").is_file():
+        return False
+    if Path(cfg.data) == Path(DEFAULT_DATA_DIR):
+        return True
+    raise DataError(f"{cfg.data}: no prepared data (manifest.json missing); prepare it with "
+                    f"`python -m data_prep --out {cfg.data} ...` or omit --data to use the built-in corpus")
