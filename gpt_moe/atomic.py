@@ -75,6 +75,19 @@ class AtomicFile:
             self.abort()
 
 
+def unwritable_reason(directory: str | Path) -> str | None:
+    """Why files cannot be written in `directory` (made if missing), or None when they can: checked by
+    creating and removing a temporary file, so permissions, read-only mounts and full quotas all show."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = AtomicFile(directory / ".write-probe")
+        probe.abort()
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return None
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Replace `path` with `data` (text is written as UTF-8) atomically and durably."""
     with AtomicFile(path) as f:

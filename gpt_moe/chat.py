@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gpt_moe.errors import CheckpointError, DataError, GptMoeError
+from gpt_moe.errors import CheckpointError, DataError
 from gpt_moe.generate import SamplingConfig, TextStream, generate_ids
 from gpt_moe.loading import TRAIN_HINT, LoadedModel, find_newest_checkpoint, load_for_inference
 from gpt_moe.model import DeepSeekForCausalLM
@@ -253,18 +253,10 @@ def prompt_budget(model: DeepSeekForCausalLM, max_new_tokens: int) -> int:
 
 def load_chat_model(path: str | Path | None, runs_dir: str | Path = "runs") -> LoadedModel:
     """`load_for_inference(path)`, or of the newest complete checkpoint under `runs_dir` when `path` is
-    None. Any failure becomes a one-line CheckpointError (a corrupt file raises whatever its reader
-    raises: the front-ends show one line for it, not a traceback)."""
+    None (CheckpointError when there is none)."""
     if path is None:
         path = find_newest_checkpoint(runs_dir)
         if path is None:
             raise CheckpointError(f"no complete checkpoint under {Path(runs_dir).resolve()}/; {TRAIN_HINT}, "
                                   "or pass --checkpoint PATH")
-    try:
-        return load_for_inference(path)
-    except GptMoeError:
-        raise
-    except Exception as err:  # noqa: BLE001 - reported on one line by the entry points
-        first_line = (str(err).strip().splitlines() or [""])[0][:300]
-        raise CheckpointError(f"{path}: cannot load this checkpoint ({type(err).__name__}: {first_line}); "
-                              f"it may be damaged: {TRAIN_HINT} or export it again") from err
+    return load_for_inference(path)

@@ -20,7 +20,9 @@ whose keys are `{experts module}.deepspeed_moe.experts.deepspeed_experts.{E}.{ga
 
 from __future__ import annotations
 
+import errno
 import json
+import pickle
 import random
 import re
 import shutil
@@ -60,12 +62,86 @@ def newest_complete(checkpoint_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+COMPLETE_KEYS = ("step", "world_size", "ep_size", "zero_stage")
+
+
 def read_complete_info(tag_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((tag_dir / COMPLETE).read_text())
-    except FileNotFoundError:
+    """The COMPLETE record of a checkpoint tag; CheckpointError saying what `tag_dir` is when it has none."""
+    tag_dir = Path(tag_dir)
+    marker = tag_dir / COMPLETE
+    if not marker.is_file():
+        if not tag_dir.is_dir():
+            raise CheckpointError(f"{tag_dir}: no such checkpoint directory; expected runs/<run>/checkpoints/"
+                                  f"{TAG_PREFIX}N or a run directory")
+        if not any(tag_dir.glob("*.pt")):
+            raise CheckpointError(f"{tag_dir}: not a checkpoint (no {COMPLETE} marker and no DeepSpeed files); "
+                                  f"expected runs/<run>/checkpoints/{TAG_PREFIX}N or a run directory")
         raise CheckpointError(f"{tag_dir}: not a complete checkpoint (no {COMPLETE} marker); "
-                              "it was interrupted while saving, resume from an earlier one") from None
+                              "it was interrupted while saving, resume from an earlier one")
+    try:
+        info = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{marker}: not valid JSON ({err}); the checkpoint is damaged, "
+                              "resume from an earlier one") from None
+    missing = [key for key in COMPLETE_KEYS if not isinstance(info, dict) or key not in info]
+    if missing:
+        raise CheckpointError(f"{marker}: lacks {', '.join(missing)}; the checkpoint is damaged or was not "
+                              "written by gpt-moe, resume from an earlier one")
+    return info
+
+
+# DeepSpeed pickles three of its own classes into its checkpoint files: small records of plain values
+DEEPSPEED_RECORDS = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+class DeepSpeedRecord:
+    """Stands in for DeepSpeed's pickled record classes (DEEPSPEED_RECORDS), so that checkpoint files load
+    with `weights_only=True` without importing DeepSpeed; the record's values are kept in `args`."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+
+def load_data_only(path: Path, mmap: bool = False) -> Any:
+    """`torch.load(weights_only=True)`: tensors, containers, numbers, strings and DeepSpeed's records only.
+    Anything else in the pickle (a class, a function, a `__reduce__` payload) is refused with a
+    CheckpointError naming what it found; it is never run."""
+    try:
+        with torch.serialization.safe_globals([(DeepSpeedRecord, name) for name in DEEPSPEED_RECORDS]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"it pickles {found[1]}" if found else (str(err).strip().splitlines() or ["unpicklable"])[0][:120]
+        raise CheckpointError(f"{path}: holds more than tensors and plain data ({what}); refusing to load it: "
+                              "a loader that unpickles freely would run code from it; use only checkpoints written "
+                              "by gpt-moe that you trust") from None
+
+
+def check_data_only(tag_dir: Path) -> None:
+    """Every file DeepSpeed's loader would unpickle (`*.pt` in the tag) holds data only; CheckpointError naming
+    the first that does not. DeepSpeed loads with `weights_only=False`, which runs whatever code a pickle
+    carries: this check runs first, with the safe loader, so a planted payload is refused, not executed."""
+    for file in sorted(Path(tag_dir).rglob("*.pt")):
+        try:
+            load_data_only(file, mmap=True)
+        except CheckpointError:
+            raise
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise CheckpointError(f"{file}: unreadable ({reason}); the checkpoint is damaged, resume from an "
+                                  "earlier one") from None
+
+
+def describe_save_failure(err: BaseException, checkpoint_dir: Path) -> str:
+    """Why a save failed, in words: the OS's reason, or "no space left" when the disk is (nearly) full --
+    torch.save reports a full disk only as "unexpected pos"."""
+    free = shutil.disk_usage(checkpoint_dir if checkpoint_dir.exists() else checkpoint_dir.parent).free
+    if getattr(err, "errno", None) == errno.ENOSPC or free < 64 * 1024 ** 2:
+        return f"no space left on the device; {free / 1024 ** 2:.0f} MiB free now"
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def prune(checkpoint_dir: Path, keep_last: int) -> list[Path]:

@@ -51,6 +51,7 @@ class TrainingShape:
     hidden_size: int
     explicit: frozenset[str] = frozenset()  # names of the flags given on the command line
     bf16_native: bool | None = None  # bf16 matmuls are fast here (`gpt_moe.hardware`); None: as bf16_supported
+    device_type: str = "cuda"  # "cpu" when DeepSpeed runs on its CPU accelerator
 
     @property
     def bf16_auto(self) -> bool:
@@ -90,6 +91,7 @@ def resolve_ds_config(raw: dict[str, Any], shape: TrainingShape, source: str = "
         conflicts.append(f"train_batch_size={batch} but micro batch {shape.micro_batch} x accumulation "
                          f"{shape.grad_accum} x data-parallel ranks {shape.data_parallel_size} = {shape.global_batch}")
     _resolve_precision(cfg, shape, conflicts, source)
+    _resolve_cpu_adam(cfg, shape)
     zero = cfg.get("zero_optimization", {})
     h = shape.hidden_size
     for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
@@ -135,6 +137,23 @@ def _settle_training_values(cfg: dict[str, Any], shape: TrainingShape, conflicts
     return fixed
 
 
+def _resolve_cpu_adam(cfg: dict[str, Any], shape: TrainingShape) -> None:
+    """On CPU, Adam/AdamW run as torch's AdamW (`"torch_adam": true`) unless the JSON chooses.
+
+    DeepSpeed's CPU Adam kernel keeps beta1^t and beta2^t as running products, multiplied once per step,
+    while a resumed run starts them from pow(beta, t): the two differ in the last bit at some steps (t = 7
+    with betas 0.9/0.95), so a run resumed there drifted from the uninterrupted one. torch's AdamW computes
+    the bias correction from the step count every time, so resuming is bit-exact. Optimizer offload keeps
+    DeepSpeed's CPU Adam (its requirement); GPUs keep FusedAdam, which also computes from the step."""
+    optimizer = cfg.get("optimizer")
+    zero = cfg.get("zero_optimization", {})
+    offloaded = isinstance(zero, dict) and zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if (shape.device_type != "cpu" or offloaded or not isinstance(optimizer, dict)
+            or str(optimizer.get("type", "")).lower() not in ("adam", "adamw")):
+        return
+    optimizer.setdefault("params", {}).setdefault("torch_adam", True)
+
+
 def _resolve_precision(cfg: dict[str, Any], shape: TrainingShape, conflicts: list[str], source: str) -> None:
     """bf16.enabled "auto" -> native bf16 of this hardware; fp16 "auto" -> off."""
     bf16 = cfg.setdefault("bf16", {"enabled": "auto"})
@@ -150,6 +169,47 @@ def _resolve_precision(cfg: dict[str, Any], shape: TrainingShape, conflicts: lis
         fp16["enabled"] = False  # bf16 is preferred; fp16 only when asked for
     if isinstance(fp16, dict) and fp16.get("enabled") and bf16.get("enabled"):
         conflicts.append("fp16.enabled and bf16.enabled are both true")
+
+
+def validate_with_deepspeed(cfg: dict[str, Any], source: str) -> None:
+    """Checks a resolved config with DeepSpeed's own config classes, nested sections included (a typo such as
+    zero_optimization.overlap_com is refused there with a pydantic traceback once the engine starts; here it
+    is one ConfigError naming the key path). DeepSpeed checks the batch sizes against its own world size,
+    which is 1 before distributed start: the probe's batch is this rank's share (ours is checked above)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = copy.deepcopy(cfg)
+    probe["train_batch_size"] = probe["train_micro_batch_size_per_gpu"] * probe["gradient_accumulation_steps"]
+    try:
+        DeepSpeedConfig(probe)
+    except ValueError as err:  # pydantic's ValidationError is one
+        errors = err.errors() if hasattr(err, "errors") else []
+        if errors:
+            first = errors[0]
+            path = _locate(cfg, tuple(str(part) for part in first["loc"]))
+            raise ConfigError(f"{source}: {path}: {first['msg'].lower()} (got {first.get('input')!r}); check it "
+                              "against the DeepSpeed config reference") from None
+        raise ConfigError(f"{source}: DeepSpeed rejects this config: {_first_line(err)}") from None
+    except (AssertionError, AttributeError, KeyError, TypeError) as err:
+        raise ConfigError(f"{source}: DeepSpeed rejects this config: {_first_line(err)}") from None
+
+
+def _locate(cfg: dict[str, Any], loc: tuple[str, ...]) -> str:
+    """The dotted path of `loc` (relative to one of DeepSpeed's section models) in the JSON: the first
+    top-level section under which it exists, else `loc` itself."""
+    for section, value in cfg.items():
+        node = value
+        for part in loc:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return ".".join((section, *loc))
+    return ".".join(loc)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def _auto_paths(node: Any, prefix: str = "") -> list[str]:

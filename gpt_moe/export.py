@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gpt_moe.atomic import unwritable_reason
 from gpt_moe.chat import JINJA_TEMPLATE
 from gpt_moe.config import ModelConfig, to_hf_config
 from gpt_moe.errors import CheckpointError
@@ -47,7 +48,9 @@ def export(loaded: LoadedModel, out_dir: str | Path, dtype: torch.dtype = torch.
         raise CheckpointError(f"{out_dir}: exists and is not empty; choose a new export directory")
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    reason = unwritable_reason(tmp)
+    if reason:
+        raise CheckpointError(f"{out_dir}: cannot write the export there ({reason}); choose a writable directory")
 
     config = loaded.model.config
     mtp_prefix = f"model.layers.{config.num_hidden_layers}."

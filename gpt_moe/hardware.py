@@ -109,9 +109,10 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, max_size: int 
     hardware only emulates (bf16 on an AVX2 CPU: one 1024^3 matmul takes seconds) is measured on
     smaller matrices instead of stalling the start of a run."""
     size = 128
+    generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (saved in checkpoints) alone
     while True:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
+        a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+        b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
         start = time.perf_counter()
         a @ b  # also the warm-up
         if size >= max_size or (time.perf_counter() - start) * 32 > seconds:

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from gpt_moe.checkpoint import (COMPLETE, EXPERT_FILE, MODEL_CONFIG_FILE, TAG_PREFIX, TOKENIZER_INFO_FILE,
-                                newest_complete, parse_expert_key, read_complete_info)
+                                load_data_only, newest_complete, parse_expert_key, read_complete_info)
 from gpt_moe.config import ModelConfig
-from gpt_moe.errors import CheckpointError
+from gpt_moe.errors import CheckpointError, GptMoeError
 from gpt_moe.model import DeepSeekForCausalLM
 from gpt_moe.tokenizer import TokenizerInfo, load_saved_tokenizer
 
@@ -60,7 +60,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_data_only(path)
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -87,19 +87,8 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-class _DeepSpeedRecord:
-    """Stands in for the two DeepSpeed classes pickled into ZeRO optimizer files (ZeroStageEnum,
-    LossScaler), so they load with `weights_only=True` and without importing DeepSpeed."""
-
-    def __init__(self, *args: Any) -> None:
-        self.args = args
-
-
 def _load_zero_optimizer_file(path: Path) -> dict[str, Any]:
-    stand_ins = [(_DeepSpeedRecord, "deepspeed.runtime.zero.config.ZeroStageEnum"),
-                 (_DeepSpeedRecord, "deepspeed.runtime.fp16.loss_scaler.LossScaler")]
-    with torch.serialization.safe_globals(stand_ins):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["optimizer_state_dict"]
+    return load_data_only(path, mmap=True)["optimizer_state_dict"]
 
 
 def zero3_state_dict(tag_dir: Path, info: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -162,8 +151,20 @@ def zero3_state_dict(tag_dir: Path, info: dict[str, Any]) -> dict[str, torch.Ten
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Model + tokenizer from a training checkpoint (any ZeRO stage / EP size) or an exported directory."""
-    source = resolve_checkpoint(path)
+    """Model + tokenizer from a training checkpoint (any ZeRO stage / EP size) or an exported directory.
+    Any failure is one CheckpointError: a damaged file raises whatever its reader raises, and the entry
+    points show one line for it, not a traceback."""
+    try:
+        return _load_for_inference(resolve_checkpoint(path), device, dtype)
+    except GptMoeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader's failure on a damaged file, reported in one line
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{path}: cannot load this checkpoint ({type(err).__name__}: {first_line}); "
+                              f"it may be damaged: {TRAIN_HINT} or export it again") from err
+
+
+def _load_for_inference(source: Path, device: str | torch.device, dtype: torch.dtype) -> LoadedModel:
     if (source / "config.json").is_file():
         from gpt_moe.export import read_exported
 

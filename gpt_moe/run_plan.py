@@ -19,7 +19,7 @@ from typing import Any
 
 from gpt_moe.config import ModelConfig
 from gpt_moe.data import DEFAULT_DATA_DIR
-from gpt_moe.ds_config import TrainingShape, load_ds_config, resolve_ds_config, zero_stage
+from gpt_moe.ds_config import TrainingShape, load_ds_config, resolve_ds_config, validate_with_deepspeed, zero_stage
 from gpt_moe.errors import ConfigError, DataError
 from gpt_moe.params import account, describe, training_memory_gib
 from gpt_moe.train_config import TrainConfig
@@ -31,6 +31,7 @@ class Hardware:
 
     bf16_supported: bool  # runs bf16 at all
     bf16_native: bool  # computes bf16 natively (see gpt_moe.hardware.native_bf16)
+    device_type: str = "cuda"  # DeepSpeed's accelerator: "cuda", "cpu", ...
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,16 @@ def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardwa
     model = resolve_model_config(cfg)
     raw_ds = load_ds_config(cfg.deepspeed_config)
     check_layout(cfg, model, world_size)
+    if cfg.seq_len > model.max_position_embeddings:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the context of model {model.name!r} "
+                          f"(max_position_embeddings={model.max_position_embeddings}); lower --seq-len, or use a "
+                          "model config with a longer context (YaRN rope_scaling and a larger max_position_embeddings)")
     prepare_default_data = check_data(cfg)
     shape = TrainingShape(cfg.micro_batch, cfg.grad_accum, world_size, cfg.lr, cfg.weight_decay, cfg.clip,
-                          hardware.bf16_supported, model.hidden_size, explicit, bf16_native=hardware.bf16_native)
+                          hardware.bf16_supported, model.hidden_size, explicit, bf16_native=hardware.bf16_native,
+                          device_type=hardware.device_type)
     ds_config, shape = resolve_ds_config(raw_ds, shape, source=cfg.deepspeed_config)
+    validate_with_deepspeed(ds_config, cfg.deepspeed_config)
     train = dataclasses.replace(cfg, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum, clip=shape.clip,
                                 lr=shape.lr, weight_decay=shape.weight_decay)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / model.name

@@ -118,19 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
         suffix = "" if spec.default in (None, "") else f" (default: {spec.default})"
         parser.add_argument(*names, dest=spec.name, type=kind, default=None, help=spec.metadata["help"] + suffix)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    # fault injection for the tests: NaN losses at these steps; SIGKILL rank 0 inside this step's save
+    # fault injection for the tests (see FaultInjection)
     parser.add_argument("--inject-nan-at", default="", help=argparse.SUPPRESS)
     parser.add_argument("--inject-kill-during-save", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--inject-full-disk-at", type=int, default=-1, help=argparse.SUPPRESS)
     return parser
 
 
 @dataclass(frozen=True)
 class FaultInjection:
     """Failures the tests provoke on purpose (hidden flags): a NaN loss at these steps; rank 0 killed by
-    SIGKILL inside this step's checkpoint save, before it is marked complete."""
+    SIGKILL inside this step's checkpoint save, before it is marked complete; every rank's save of this step
+    failing as on a full disk (after DeepSpeed wrote its files)."""
 
     nan_at: frozenset[int] = frozenset()
     kill_during_save_at: int | None = None
+    full_disk_at: int | None = None
 
 
 def parse_train_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozenset[str], FaultInjection]:
@@ -146,7 +149,8 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[TrainConfig, frozen
     config = TrainConfig(**values)
     config.validate()
     faults = FaultInjection(frozenset(int(step) for step in args.inject_nan_at.split(",") if step),
-                            args.inject_kill_during_save if args.inject_kill_during_save >= 0 else None)
+                            args.inject_kill_during_save if args.inject_kill_during_save >= 0 else None,
+                            args.inject_full_disk_at if args.inject_full_disk_at >= 0 else None)
     return config, frozenset(explicit), faults
 
 

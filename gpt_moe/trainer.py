@@ -13,10 +13,12 @@ stop the run after saving the last good state.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import time
@@ -69,19 +71,18 @@ class Trainer:
     def __init__(self, plan: RunPlan, faults: FaultInjection = FaultInjection(),
                  prepare_data: Callable[[Path], None] | None = None) -> None:
         self.plan, self.cfg, self.faults = plan, plan.train, faults
+        self.resume_from = self.checkpoint_to_resume()  # before anything starts: a refusal costs nothing
         self._start_distributed()
-        self.resume_from = self.checkpoint_to_resume()
         if plan.prepare_default_data:
             self._prepare_default_data(prepare_data)
         self.shards = TokenShards(self.cfg.data)
         self.shards.check_vocab(plan.model.vocab_size)
+        self.loader = TrainBatches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, self.rank, self.world,
+                                   self.cfg.seed)
+        self.val_batches = self._validation_batches()
         self.engine = self._build_engine()
         self.moe_layers: list[tuple[int, MoE]] = self.engine.module.moe_layers()
         self.expert_ranges = self._gather_expert_ranges()
-        self.loader = TrainBatches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, self.rank, self.world,
-                                   self.cfg.seed)
-        self.val_batches = ValBatches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, self.cfg.eval_batches,
-                                      self.rank, self.world)
         self.step = self.tokens_seen = self.bad_steps_total = self.bad_steps_in_a_row = 0
         self.last_val_loss = float("nan")
         self.history: list[dict[str, float]] = []
@@ -114,6 +115,17 @@ class Trainer:
                         self.cfg.data)
             prepare_data(Path(self.cfg.data))
         dist.barrier()
+
+    def _validation_batches(self) -> ValBatches | None:
+        """The evaluation batches, or None (with one warning) for data prepared with --val-fraction 0."""
+        val = self.shards.manifest.splits.get("val")
+        if val is None or val.tokens == 0:
+            if self.is_rank0:
+                log.warning("%s has no validation split (prepared with --val-fraction 0): evaluation is skipped",
+                            self.cfg.data)
+            return None
+        return ValBatches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, self.cfg.eval_batches, self.rank,
+                          self.world)
 
     def _build_engine(self):
         import deepspeed
@@ -156,15 +168,34 @@ class Trainer:
             "tokenizer": self.shards.manifest.tokenizer.to_dict(), "world_size": self.world,
             "ep_size": self.cfg.ep_size,
         }
-        self.engine.save_checkpoint(str(self.plan.checkpoint_dir), tag=tag, client_state=client)
-        ckpt.save_rank_state(self.plan.checkpoint_dir / tag, self.rank)
+        tag_dir = self.plan.checkpoint_dir / tag
+        failure: BaseException | None = None
+        try:
+            self.engine.save_checkpoint(str(self.plan.checkpoint_dir), tag=tag, client_state=client)
+            ckpt.save_rank_state(tag_dir, self.rank)
+            if self.step == self.faults.full_disk_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
+        except (OSError, RuntimeError) as err:  # a full disk surfaces as either (torch.save: "unexpected pos")
+            failure = err
         if self.step == self.faults.kill_during_save_at and self.is_rank0:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the tests: die before COMPLETE
-        dist.barrier()  # every rank has finished writing
+        if self._all_reduce(torch.tensor([float(failure is not None)])).item():  # also the "all written" barrier
+            self._abandon_save(tag_dir, failure)
         if self.is_rank0:
-            self._mark_complete(self.plan.checkpoint_dir / tag)
+            self._mark_complete(tag_dir)
         dist.barrier()
-        return self.plan.checkpoint_dir / tag
+        return tag_dir
+
+    def _abandon_save(self, tag_dir: Path, failure: BaseException | None) -> None:
+        """A save failed on some rank: remove the partial tag, keep the complete ones, stop with one line."""
+        if self.is_rank0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        dist.barrier()
+        why = ckpt.describe_save_failure(failure, self.plan.checkpoint_dir) if failure else "failed on another rank"
+        newest = ckpt.newest_complete(self.plan.checkpoint_dir)
+        raise GptMoeError(f"{tag_dir}: saving the checkpoint failed ({why}); the partial checkpoint was removed and "
+                          f"the newest complete one is {newest or 'none'}; free space or fix the permissions, then "
+                          "rerun the same command to resume")
 
     def _mark_complete(self, tag_dir: Path) -> None:
         ckpt.save_inference_files(tag_dir, self.plan.model, self.shards.manifest.tokenizer, self.shards.directory)
@@ -180,15 +211,18 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume == "none":
             return None
-        tag_dir = ckpt.newest_complete(self.plan.checkpoint_dir) if cfg.resume == "auto" else Path(cfg.resume)
+        if cfg.resume == "auto":
+            tag_dir = ckpt.newest_complete(self.plan.checkpoint_dir)
+        else:  # a tag directory, or a run directory: its newest complete checkpoint
+            tag_dir = ckpt.newest_complete(Path(cfg.resume) / "checkpoints") or Path(cfg.resume)
         if tag_dir is None:
             return None
         info = ckpt.read_complete_info(tag_dir)
-        if info["world_size"] != self.world or info["ep_size"] != cfg.ep_size:
+        if info["world_size"] != self.plan.world_size or info["ep_size"] != cfg.ep_size:
             raise GptMoeError(
                 f"{tag_dir}: saved with {info['world_size']} rank(s) and --ep-size {info['ep_size']}, resuming with "
-                f"{self.world} and {cfg.ep_size}: optimizer shards cannot be re-split; resume with the same layout "
-                "or start a new run (--resume none --run-dir ...)")
+                f"{self.plan.world_size} and {cfg.ep_size}: optimizer shards cannot be re-split; resume with the same "
+                "layout or start a new run (--resume none --run-dir ...)")
         bf16 = self.plan.bf16
         saved_bf16 = info.get("bf16", bf16)
         if saved_bf16 != bf16 or info["zero_stage"] != self.plan.zero_stage:
@@ -197,6 +231,7 @@ class Trainer:
                 f"{self.plan.zero_stage} and bf16 {bf16}: DeepSpeed's optimizer files differ; resume with the same "
                 "DeepSpeed config (bf16 \"auto\" follows the hardware: set it explicitly) or start a new run "
                 "(--resume none)")
+        ckpt.check_data_only(tag_dir)  # before DeepSpeed's loader, which would run pickled code
         return tag_dir
 
     def resume(self, tag_dir: Path) -> None:
@@ -269,6 +304,13 @@ class Trainer:
         self._begin()
         bar = tqdm(total=self.plan.last_step, initial=self.step, disable=not self.is_rank0, unit="step",
                    dynamic_ncols=True)
+        try:
+            self._loop(bar)
+        finally:
+            bar.close()  # before any error message: the bar's line must not swallow it
+        return self._write_summary()
+
+    def _loop(self, bar) -> None:
         window = LossWindow()
         while self.step < self.plan.last_step:
             step_start = time.perf_counter()
@@ -293,8 +335,6 @@ class Trainer:
                 self.save()
                 self.throughput.restart()
             bar.update(1)
-        bar.close()
-        return self._write_summary()
 
     def _begin(self) -> None:
         """Resume if there is a checkpoint; write the resolved configs; print the banner; start the clock."""
@@ -360,14 +400,15 @@ class Trainer:
             self.writer.add_histogram(f"experts/layer{layer}_load", load, self.step)
 
     def _evaluate_and_sample(self, bar) -> None:
-        self.last_val_loss = self.evaluate()
-        ppl = math.exp(min(self.last_val_loss, 50))
-        self.writer.add_scalar("val/loss", self.last_val_loss, self.step)
-        self.writer.add_scalar("val/ppl", ppl, self.step)
+        if self.val_batches is not None:
+            self.last_val_loss = self.evaluate()
+            ppl = math.exp(min(self.last_val_loss, 50))
+            self.writer.add_scalar("val/loss", self.last_val_loss, self.step)
+            self.writer.add_scalar("val/ppl", ppl, self.step)
+            if self.is_rank0:
+                bar.write(f"step {self.step}: val loss {self.last_val_loss:.4f} (ppl {ppl:.1f})")
         if self.cfg.sample_tokens:
             self.writer.add_text("sample", self.sample_text(), self.step)
-        if self.is_rank0:
-            bar.write(f"step {self.step}: val loss {self.last_val_loss:.4f} (ppl {ppl:.1f})")
         self.throughput.restart()  # keep evaluation out of the throughput window
 
     def _write_summary(self) -> dict[str, Any]:

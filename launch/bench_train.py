@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = get_accelerator()
     bf16_supported = accelerator.is_bf16_supported()
     shape = TrainingShape(args.micro_batch, 1, 1, 1e-3, 0.1, 1.0, bf16_supported, config.hidden_size,
-                          bf16_native=native_bf16(accelerator.device_name(), bf16_supported))
+                          bf16_native=native_bf16(accelerator.device_name(), bf16_supported),
+                          device_type=accelerator.device_name())
     ds_config, _ = resolve_ds_config(load_ds_config(args.deepspeed), shape)
     device = torch.device(accelerator.current_device_name())
     if device.type == "cpu":

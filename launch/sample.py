@@ -12,6 +12,7 @@ turn of the chat template and prints the assistant's reply (stops at <|end|>). W
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from gpt_moe.chat import fit_chat, load_chat_model, prompt_budget, reply_stop_ids
@@ -41,10 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check(args: argparse.Namespace) -> None:
     """Sampling options in range, or DataError naming the option."""
-    problems = [(args.temperature >= 0, "--temperature must be >= 0"),
+    problems = [(0 <= args.temperature < math.inf, f"--temperature {args.temperature}: expected a number >= 0"),
                 (args.top_k >= 0, "--top-k must be >= 0"),
                 (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-                (args.repetition_penalty > 0, "--repetition-penalty must be > 0"),
+                (0 < args.repetition_penalty < math.inf, "--repetition-penalty must be a number > 0"),
                 (all(args.stop), "--stop needs a non-empty string")]
     for ok, message in problems:
         if not ok:

@@ -12,7 +12,9 @@ import logging
 import os
 import sys
 
+from gpt_moe.atomic import unwritable_reason
 from gpt_moe.cli import run_cli
+from gpt_moe.errors import ConfigError
 from gpt_moe.run_plan import Hardware, plan_run
 from gpt_moe.train_config import parse_train_args
 
@@ -25,7 +27,8 @@ def hardware() -> Hardware:
 
     accelerator = get_accelerator()
     supported = accelerator.is_bf16_supported()
-    return Hardware(bf16_supported=supported, bf16_native=native_bf16(accelerator.device_name(), supported))
+    return Hardware(bf16_supported=supported, bf16_native=native_bf16(accelerator.device_name(), supported),
+                    device_type=accelerator.device_name())
 
 
 def train(argv: list[str] | None) -> int:
@@ -39,6 +42,9 @@ def train(argv: list[str] | None) -> int:
     if cfg.dry_run:
         print(plan.banner())
         return 0
+    reason = unwritable_reason(plan.run_dir)
+    if reason:
+        raise ConfigError(f"--run-dir {plan.run_dir}: cannot write there ({reason}); choose a writable directory")
 
     from data_prep import prepare_default
     from gpt_moe.trainer import Trainer

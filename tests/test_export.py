@@ -73,5 +73,8 @@ def test_missing_checkpoint_message(tmp_path):
         load_for_inference(tmp_path)
     half = tmp_path / "checkpoints" / "step_00000004"
     half.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_for_inference(half)
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"")  # a save that stopped part-way
     with pytest.raises(CheckpointError, match="interrupted while saving"):
         load_for_inference(half)

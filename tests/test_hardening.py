@@ -1,0 +1,210 @@
+"""Hostile but fair input to the trainer and the checkpoint readers: a pickle that carries code, a save that
+fails half-way, a resume from every saved step, and the one-line errors of bad paths and values."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_RUN = ["--seq-len", "32", "--micro-batch", "2", "--log-interval", "1", "--eval-batches", "2",
+            "--sample-tokens", "4", "--warmup-steps", "30", "--keep-last", "10"]
+FP32_ZERO2 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": False},
+              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-8,
+                                                        "weight_decay": "auto"}},
+              "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
+
+
+def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of DeepSpeed's model and optimizer files of a tag, by file and key path (our per-rank
+    RNG files are left out)."""
+    from gpt_moe.checkpoint import load_data_only
+
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, torch.Tensor):
+            found[path] = node
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+
+    for file in sorted(tag_dir.glob("*.pt")):
+        if not file.name.startswith("client_rank"):
+            walk(load_data_only(file), file.name)
+    return found
+
+
+@pytest.fixture(scope="module")
+def fp32_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ds") / "zero2_fp32.json"
+    path.write_text(json.dumps(FP32_ZERO2))
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved_run(prepared_data, fp32_config, tmp_path_factory) -> Path:
+    """8 steps of `tiny`, evaluated and saved every 2 steps (tags 2, 4, 6, 8), one rank, fp32."""
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    result = run("launch/train.py", "--deepspeed", str(fp32_config), "--data", str(prepared_data), "--run-dir",
+                 str(run_dir), "--max-steps", "8", "--save-interval", "2", "--eval-interval", "2", *TINY_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("step", [2, 4, 6])
+def test_resume_from_every_saved_step_is_bit_exact(saved_run, prepared_data, fp32_config, tmp_path, step):
+    """Weights, optimizer state and the routing biases (the MTP block's included) after resuming equal the
+    uninterrupted run's, bit for bit. From step 6 DeepSpeed's CPU Adam kernel used to drift: it keeps beta^t as
+    a running product, which a resumed run starts from pow(beta, t) (see ds_config._resolve_cpu_adam)."""
+    tag = f"step_{step:08d}"
+    resumed = tmp_path / "resumed"
+    shutil.copytree(saved_run / "checkpoints" / tag, resumed / "checkpoints" / tag)
+    result = run("launch/train.py", "--deepspeed", str(fp32_config), "--data", str(prepared_data), "--run-dir",
+                 str(resumed), "--max-steps", "8", "--save-interval", "2", "--eval-interval", "2", *TINY_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, theirs = tensors(resumed / "checkpoints" / "step_00000008"), tensors(saved_run / "checkpoints" /
+                                                                                "step_00000008")
+    assert ours.keys() == theirs.keys()
+    biases = [key for key in ours if key.endswith("e_score_correction_bias")]
+    assert len(biases) == 4 and any(".layers.4." in key for key in biases)  # 3 MoE layers + the MTP block
+    assert any("exp_avg_sq" in key for key in ours)
+    different = [key for key in ours if not torch.equal(ours[key], theirs[key])]
+    assert not different, different[:5]
+
+
+class Payload:
+    """Unpickled by a loader that runs code (`weights_only=False`), this creates the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_carrying_code_is_refused_everywhere_and_never_runs(saved_run, prepared_data, fp32_config,
+                                                                        tmp_path):
+    tag = tmp_path / "run" / "checkpoints" / "step_00000004"
+    shutil.copytree(saved_run / "checkpoints" / "step_00000004", tag)
+    marker = tmp_path / "payload-ran"
+    states = tag / "mp_rank_00_model_states.pt"
+    planted = torch.load(states, weights_only=False)
+    planted["extra"] = Payload(marker)
+    torch.save(planted, states)
+
+    attempts = {
+        "resume": run("launch/train.py", "--deepspeed", str(fp32_config), "--data", str(prepared_data),
+                      "--run-dir", str(tmp_path / "run"), "--resume", str(tag), "--max-steps", "6", *TINY_RUN),
+        "sample": run("launch/sample.py", "--checkpoint", str(tag), "--max-new-tokens", "4", "hello"),
+        "export": run("launch/export.py", str(tag), str(tmp_path / "exported")),
+        "app": run("app.py", "--checkpoint", str(tag), "--port", "0"),
+    }
+    for name, result in attempts.items():
+        assert_one_line_error(result, str(tag))
+        assert "holds more than tensors and plain data (it pickles io.open)" in result.stderr, name
+    assert not marker.exists()
+    torch.load(states, weights_only=False)  # the planted payload is real: a loader that runs code runs it
+    assert marker.exists()
+
+
+@pytest.mark.multiprocess
+def test_a_failed_save_removes_its_partial_tag_and_keeps_the_previous(prepared_data, fp32_config, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["launch/train.py", "--deepspeed", str(fp32_config), "--data", str(prepared_data), "--run-dir",
+            str(run_dir), "--max-steps", "6", "--save-interval", "2", "--eval-interval", "100", *TINY_RUN]
+    assert_one_line_error(run(*args, "--inject-full-disk-at", "4"), "no space left on the device")
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_00000002"] and (run_dir / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    again = run(*args)  # the same command resumes from the complete one
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["history"][0]["step"] == 3
+
+
+# ------------------------------------------------------------------------------------------- one-line errors
+def damaged_tag(root: Path, kind: str) -> Path:
+    tag = root / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    if kind == "not json":
+        (tag / "COMPLETE").write_text("{ half")
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+    elif kind == "lacks keys":
+        (tag / "COMPLETE").write_text(json.dumps({"step": 2}))
+    elif kind == "never a checkpoint":
+        (tag / "notes.txt").write_text("hello")
+    return tag
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "no such checkpoint directory"),
+    ("never a checkpoint", "not a checkpoint (no COMPLETE marker and no DeepSpeed files)"),
+    ("not json", "COMPLETE: not valid JSON"),
+    ("lacks keys", "COMPLETE: lacks world_size, ep_size, zero_stage"),
+])
+def test_resume_of_what_is_no_complete_checkpoint_is_one_line(prepared_data, tmp_path, kind, message):
+    tag = tmp_path / "missing" if kind == "missing" else damaged_tag(tmp_path, kind)
+    started = time.perf_counter()
+    result = run("launch/train.py", "--data", str(prepared_data), "--run-dir", str(tmp_path / "run"),
+                 "--resume", str(tag))
+    assert_one_line_error(result, message)
+    assert time.perf_counter() - started < 15  # refused before anything starts (most of it is DeepSpeed's import)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-len", "4096"], "--seq-len 4096 exceeds the context of model 'tiny' (max_position_embeddings=2048)"),
+    (["--run-dir", "{file}/run"], "cannot write there (Not a directory)"),
+    (["--deepspeed", "{nested_typo}"], "zero_optimization.overlap_com: extra inputs are not permitted"),
+])
+def test_bad_training_input_is_one_line(prepared_data, tmp_path, args, message):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    nested_typo = tmp_path / "typo.json"
+    nested_typo.write_text(json.dumps({**FP32_ZERO2, "zero_optimization": {"stage": 2, "overlap_com": True}}))
+    args = [a.format(file=a_file, nested_typo=nested_typo) for a in args]
+    started = time.perf_counter()
+    assert_one_line_error(run("launch/train.py", "--data", str(prepared_data), *args), message)
+    assert time.perf_counter() - started < 15
+
+
+def test_bad_inference_input_is_one_line(tiny_checkpoint, tmp_path):
+    assert_one_line_error(run("launch/sample.py", "--checkpoint", str(tiny_checkpoint), "--temperature", "inf", "x"),
+                          "--temperature inf: expected a number >= 0")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert_one_line_error(run("launch/export.py", str(tiny_checkpoint), str(a_file / "out")),
+                          "cannot write the export there")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_checkpoint, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for script in ("launch/export.py", "launch/sample.py"):
+        extra = [str(tmp_path / "out")] if script.endswith("export.py") else ["x"]
+        args = [str(truncated), *extra] if script.endswith("export.py") else ["--checkpoint", str(truncated), *extra]
+        assert_one_line_error(run(script, *args), "cannot load this checkpoint")
