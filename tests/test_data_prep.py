@@ -89,10 +89,25 @@ def assert_partition(reference: list[bytes], decoded: dict[str, tuple[list[bytes
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """python -m data_prep ARGS with a fixed clock; `env` replaces the environment when given."""
+    """python -m data_prep ARGS with a fixed clock; `env` replaces the environment when given. The result's
+    `seconds` is the wall time of the run."""
     env = {**(os.environ if env is None else env), "SOURCE_DATE_EPOCH": EPOCH}
-    return subprocess.run([sys.executable, "-m", "data_prep", *args, "--no-progress"], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=120)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "data_prep", *args, "--no-progress"], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=120)
+    result.seconds = time.monotonic() - start
+    return result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> str:
+    """Exit code 2, no traceback, and the last line of stderr is the only `error: ...` line, matching
+    the regular expression `expected`; returns that line."""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in result.stderr, result.stderr
+    assert regex.search(expected, errors[0]), errors[0]
+    return errors[0]
 
 
 def dir_bytes(path: Path) -> dict[str, bytes]:
@@ -342,9 +357,17 @@ def test_cli_bad_input_is_one_clear_line(bad_inputs, tmp_path, args, env, expect
         args += ["--out", str(tmp_path / "out")]
     env = {**{k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_HUB_OFFLINE"}, **env}
     result = run_cli(*args, "--text-field", "text", env=env)
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert result.returncode == 2
-    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in result.stderr, result.stderr
-    assert regex.search(expected, errors[0]), errors[0]
+    assert_one_line_error(result, expected)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--max-tokens", "infk", "not finite"), ("--max-tokens", "nan", "not a count"),
+    ("--shard-tokens", "1e30k", "too large"), ("--bpe-sample-chars", "2.5k5", "not a count"),
+    ("--max-tokens", "1.2345k", "not a whole number"),
+])
+def test_absurd_counts_are_one_line_errors(tmp_path, flag, value, expected):
+    result = run_cli(flag, value, "--out", str(tmp_path / "out"))
+    line = assert_one_line_error(result, expected)
+    assert f"argument {flag}: {value!r}" in line and result.seconds < 5
+    assert not (tmp_path / "out").exists()
