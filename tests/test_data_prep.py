@@ -371,3 +371,16 @@ def test_absurd_counts_are_one_line_errors(tmp_path, flag, value, expected):
     line = assert_one_line_error(result, expected)
     assert f"argument {flag}: {value!r}" in line and result.seconds < 5
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad_line, expected", [
+    (b'{"text": broken}', "not valid JSON"), (b'{"text": "cut', "not valid JSON"),
+    (b'["text", "a list"]', "a JSON array, expected an object"), (b'{"text": "caf\xe9"}', "not UTF-8"),
+])
+def test_malformed_jsonl_line_is_named(tmp_path, bad_line, expected):
+    lines = [b'{"text": "first document"}', b'{"text": "second"}', bad_line, b'{"text": "fourth"}']
+    source = tmp_path / "rows.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    result = run_cli("--source", str(source), "--out", str(tmp_path / "out"), "--tokenizer", "cl100k_base")
+    line = assert_one_line_error(result, rf"{source}:3: {expected}.*hint: fix or remove line 3")
+    assert result.seconds < 5, line
