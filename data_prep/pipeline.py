@@ -27,14 +27,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.build_tokenizer import build_tokenizer
 from data_prep.encode import ParallelEncoder, Piece, batches, pieces
 from data_prep.manifest import PartRecord, Progress, SplitCount, inspect_output, remove_stale_files
 from data_prep.shards import SHARD_NAME, ShardWriter, is_val
-from data_prep.sources import Corpus, open_corpus
+from data_prep.sources import open_corpus
 from gpt_moe.atomic import fsync_dir, write_atomic
 from gpt_moe.data import DEFAULT_DATA_DIR, MANIFEST_FILE, PROGRESS_FILE, Manifest, dtype_for_vocab
 from gpt_moe.errors import DataError
-from gpt_moe.tokenizer import load_saved_tokenizer, load_tokenizer, parse_tokenizer_spec, save_tokenizer, train_bpe
+from gpt_moe.tokenizer import load_saved_tokenizer, parse_tokenizer_spec, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -101,27 +102,6 @@ def _ensure_writable(out: Path) -> None:
     except OSError as e:
         raise DataError(f"--out {out}: cannot write there ({e.strerror or type(e).__name__}); "
                         "hint: choose a writable directory") from None
-
-
-def _sample(corpus: Corpus, limit_chars: int) -> Iterator[str]:
-    """The first `limit_chars` characters of the corpus, as pieces."""
-    seen = 0
-    for piece in pieces(corpus.documents()):
-        yield piece.text
-        seen += len(piece.text)
-        if seen >= limit_chars:
-            return
-
-
-def _build_tokenizer(config: PrepareConfig, corpus: Corpus):
-    spec = parse_tokenizer_spec(config.tokenizer)
-    if spec.kind != "bpe":
-        return load_tokenizer(config.tokenizer)
-    log.info("training %s on up to %.1fM characters of the corpus", config.tokenizer, config.bpe_sample_chars / 1e6)
-    start = time.perf_counter()
-    enc = train_bpe(_sample(corpus, config.bpe_sample_chars), spec.vocab_size, name=config.tokenizer)
-    log.info("trained %s: %d tokens in %.1fs", enc.name, enc.n_vocab, time.perf_counter() - start)
-    return enc
 
 
 class _PartWriter:
@@ -205,7 +185,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
 
     progress = state.progress
     if progress is None:
-        info = save_tokenizer(_build_tokenizer(config, corpus), out)
+        info = save_tokenizer(build_tokenizer(config.tokenizer, corpus, config.bpe_sample_chars), out)
         progress = Progress(created_at=created_at(), source=corpus.description, args=args, tokenizer=info,
                             dtype=dtype_for_vocab(info.n_vocab).name)
         progress.save(out)

@@ -210,6 +210,11 @@ def _with_special_tokens(name: str, pat_str: str, ranks: dict[bytes, int],
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special)
 
 
+def bpe_encoding(ranks: dict[bytes, int], name: str, pat_str: str = BPE_PAT_STR) -> tiktoken.Encoding:
+    """A byte-level BPE of these mergeable ranks, the special tokens after them (what `train_bpe` returns)."""
+    return _with_special_tokens(name, pat_str, ranks, {})
+
+
 def load_bpe_file(path: Path, name: str | None = None) -> tiktoken.Encoding:
     """Load a trained BPE saved by `save_tokenizer` (our pattern and special tokens)."""
     path = Path(path)
@@ -218,7 +223,7 @@ def load_bpe_file(path: Path, name: str | None = None) -> tiktoken.Encoding:
     except OSError as e:
         raise DataError(f"{path}: cannot read the tokenizer file ({e.strerror})") from None
     ranks = parse_tiktoken_file(data, str(path))
-    return _with_special_tokens(name or f"bpe{len(ranks) + 1 + len(CHAT_TOKENS)}", BPE_PAT_STR, ranks, {})
+    return bpe_encoding(ranks, name or f"bpe{len(ranks) + 1 + len(CHAT_TOKENS)}")
 
 
 # ------------------------------------------------------------------------------ standard encodings
@@ -319,7 +324,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, name: str | None = None,
     if len(ranks) < vocab_size - n_special:
         log.warning("bpe: the corpus gave only %d merges (asked for %d); vocabulary has %d tokens",
                     len(ranks) - 256, vocab_size - n_special - 256, len(ranks) + n_special)
-    return _with_special_tokens(name or f"bpe{len(ranks) + n_special}", pat_str, ranks, {})
+    return bpe_encoding(ranks, name or f"bpe{len(ranks) + n_special}", pat_str)
 
 
 # ------------------------------------------------------------------------- transformers' tokenizer.json

@@ -381,6 +381,33 @@ def test_malformed_jsonl_line_is_named(tmp_path, bad_line, expected):
     lines = [b'{"text": "first document"}', b'{"text": "second"}', bad_line, b'{"text": "fourth"}']
     source = tmp_path / "rows.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
-    result = run_cli("--source", str(source), "--out", str(tmp_path / "out"), "--tokenizer", "cl100k_base")
+    result = run_cli("--source", str(source), "--out", str(tmp_path / "out"), "--tokenizer", "bpe:300")
     line = assert_one_line_error(result, rf"{source}:3: {expected}.*hint: fix or remove line 3")
     assert result.seconds < 5, line
+
+
+def test_ctrl_c_during_bpe_training_stops_at_once(tmp_path):
+    """The BPE trainer does not look at signals while it runs (~12 s for bpe:4096 on the builtin sample here):
+    Ctrl-C (SIGINT to the process group, as a terminal sends it) must end the run at once, trainer included."""
+    env = {**os.environ, "SOURCE_DATE_EPOCH": EPOCH}
+    command = [sys.executable, "-m", "data_prep", "--tokenizer", "bpe:4096", "--out", str(tmp_path / "out"),
+               "--no-progress"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "training bpe:4096" not in seen and proc.poll() is None:
+            seen += proc.stderr.readline()
+        time.sleep(1.5)  # well inside the training
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+        seconds = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and seconds < 3, (seconds, seen + rest)
+    assert rest.strip().endswith("interrupted; run the same command again to resume into " + str(tmp_path / "out"))
+    assert "Traceback" not in rest, rest
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # nothing of the run is left, the trainer included
+        os.killpg(proc.pid, 0)
