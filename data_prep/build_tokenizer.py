@@ -2,7 +2,9 @@
 
     enc = build_tokenizer("bpe:4096", corpus, sample_chars=1 << 25)
 
-`bpe:N` trains on the first `sample_chars` characters in a child process: HF `tokenizers`' trainer
+`bpe:N` trains on the first `sample_chars` characters; when they support fewer than N tokens the
+tokenizer is named `bpe:M` after its real size M (with a warning), so that a name never overstates
+the vocabulary; N is at most `MAX_BPE_VOCAB`. It trains in a child process: HF `tokenizers`' trainer
 runs native code that does not look at signals until it returns (many seconds), so Ctrl-C reaches
 the parent, which ends the child at once and raises KeyboardInterrupt. The child ignores SIGINT
 (the parent owns the interruption) and dies with the parent, also when the parent is killed (Linux).
@@ -39,7 +41,13 @@ def build_tokenizer(spec: str, corpus: Corpus, sample_chars: int) -> tiktoken.En
         return load_tokenizer(spec)
     log.info("training %s on up to %.1fM characters of the corpus", spec, sample_chars / 1e6)
     start = time.perf_counter()
-    enc = bpe_encoding(_train_in_child(corpus, parsed.vocab_size, sample_chars), name=spec)
+    ranks = _train_in_child(corpus, parsed.vocab_size, sample_chars)
+    enc = bpe_encoding(ranks, name=spec)
+    if enc.n_vocab < parsed.vocab_size:  # the name says the size: bpe:N names N tokens
+        enc = bpe_encoding(ranks, name=f"bpe:{enc.n_vocab}")
+        log.warning("--tokenizer %s: the corpus sample gave %d tokens, so the tokenizer is named %s after its real "
+                    "size; hint: a larger corpus (or --bpe-sample-chars) gives more merges", spec, enc.n_vocab,
+                    enc.name)
     log.info("trained %s: %d tokens in %.1fs", enc.name, enc.n_vocab, time.perf_counter() - start)
     return enc
 

@@ -45,6 +45,9 @@ CHAT_TOKENS: tuple[str, ...] = (SYSTEM, USER, ASSISTANT, END)
 """Role markers reserved for the chat app, in id order after the document separator."""
 
 STANDARD_ENCODINGS: tuple[str, ...] = ("cl100k_base", "o200k_base", "gpt2")
+MAX_BPE_VOCAB = 1 << 24
+"""Largest bpe:N: HF `tokenizers`' trainer reserves memory in proportion to N before it starts (bpe:2^32 aborts
+asking for 283 GB); the largest vocabularies in use have a few hundred thousand tokens."""
 TOKENIZER_FILE = "tokenizer.tiktoken"
 """File name of the tokenizer saved beside the shards of a prepared dataset."""
 
@@ -81,6 +84,9 @@ def parse_tokenizer_spec(spec: str) -> TokenizerSpec:
         if n < min_bpe_vocab():
             raise DataError(f"--tokenizer {spec!r}: a byte-level BPE needs N >= {min_bpe_vocab()} "
                             f"(256 bytes + {len(CHAT_TOKENS) + 1} special tokens + merges); {hint}")
+        if n > MAX_BPE_VOCAB:
+            raise DataError(f"--tokenizer {spec!r}: expected N <= {MAX_BPE_VOCAB} (the trainer reserves memory for "
+                            "N tokens up front; vocabularies in use have up to a few 100k); hint: e.g. bpe:32768")
         return TokenizerSpec("bpe", spec, vocab_size=n)
     if spec.endswith(".tiktoken"):
         path = Path(spec)

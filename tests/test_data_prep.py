@@ -350,6 +350,7 @@ def bad_inputs(tmp_path_factory) -> Path:
     (["--source", "{root}/empty.txt", "--tokenizer", "sentencepiece"], {}, "unknown tokenizer 'sentencepiece'"),
     (["--source", "{root}/good.txt", "--out", "{root}/afile/sub"], {}, "cannot write there"),
     (["--val-fraction", "1.5"], {}, r"--val-fraction 1.5: expected a number in \[0, 1\)"),
+    (["--source", "{root}/good.txt", "--tokenizer", "bpe:4294967296"], {}, "bpe:4294967296.*N <= 16777216"),
 ])
 def test_cli_bad_input_is_one_clear_line(bad_inputs, tmp_path, args, env, expected):
     args = [a.format(root=bad_inputs) for a in args]
@@ -411,3 +412,15 @@ def test_ctrl_c_during_bpe_training_stops_at_once(tmp_path):
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # nothing of the run is left, the trainer included
         os.killpg(proc.pid, 0)
+
+
+def test_bpe_larger_than_the_corpus_supports_is_named_by_its_real_size(tmp_path):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("a small corpus: only a few hundred merges are possible. " * 50)
+    out = tmp_path / "out"
+    result = run_cli("--source", str(corpus), "--tokenizer", "bpe:100000", "--out", str(out), "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    tokenizer = json.loads((out / "manifest.json").read_text())["tokenizer"]
+    assert tokenizer["n_vocab"] < 1000 and tokenizer["name"] == f"bpe:{tokenizer['n_vocab']}"
+    assert f"bpe:100000: the corpus sample gave {tokenizer['n_vocab']} tokens" in result.stderr
+    assert f"tokenizer bpe:{tokenizer['n_vocab']}" in result.stdout
