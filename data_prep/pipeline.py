@@ -31,7 +31,7 @@ from data_prep.build_tokenizer import build_tokenizer
 from data_prep.encode import ParallelEncoder, Piece, batches, pieces
 from data_prep.manifest import PartRecord, Progress, SplitCount, inspect_output, remove_stale_files
 from data_prep.shards import SHARD_NAME, ShardWriter, is_val
-from data_prep.sources import open_corpus
+from data_prep.sources import Corpus, open_corpus
 from gpt_moe.atomic import fsync_dir, write_atomic
 from gpt_moe.data import DEFAULT_DATA_DIR, MANIFEST_FILE, PROGRESS_FILE, Manifest, dtype_for_vocab
 from gpt_moe.errors import DataError
@@ -176,11 +176,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
         (out / PROGRESS_FILE).unlink(missing_ok=True)
         log.info("%s is already prepared (%s); nothing to do", out, _summary(state.manifest))
         return PrepareResult(out, state.manifest, already_prepared=True)
-    stream = pieces(corpus.documents())
-    first = next(stream, None)  # an empty corpus fails here, before anything is written
-    if first is None:
-        raise DataError(f"empty corpus: {corpus.description} yielded no text; hint: check the --source paths "
-                        "and --text-field")
+    head, stream = _read_head(corpus, config.val_fraction)
     _ensure_writable(out)
 
     progress = state.progress
@@ -198,21 +194,57 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     writer = _PartWriter(out, progress, config)
     start_tokens, resumed_parts = writer.total, len(progress.parts)
     start = time.perf_counter()
-    documents = _encode(chain([first], stream), writer, config, corpus.n_documents)
+    documents = _encode(chain(head, stream), writer, config, corpus.n_documents)
     seconds = time.perf_counter() - start
 
     manifest = writer.progress.manifest()
+    if config.val_fraction > 0 and not manifest.splits["val"].documents:
+        raise _no_validation_document(config, out, manifest)
     write_atomic(out / MANIFEST_FILE, manifest.to_json().encode())
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     fsync_dir(out)
-    if config.val_fraction > 0 and not manifest.splits["val"].tokens:
-        log.warning("the validation split is empty: %d documents are too few for --val-fraction %g",
-                    manifest.splits["train"].documents, config.val_fraction)
     result = PrepareResult(out, manifest, resumed_parts=resumed_parts, tokens=writer.total - start_tokens,
                            documents=documents, seconds=seconds)
     log.info("prepared %s in %.1fs (%s tokens/s): %s", out, seconds, f"{result.tokens / max(seconds, 1e-9):,.0f}",
              _summary(manifest))
     return result
+
+
+HEAD_PIECES = 16
+"""Pieces (of at most 1M characters each) read before anything is written, to see a second document."""
+
+
+def _read_head(corpus: Corpus, val_fraction: float) -> tuple[list[Piece], Iterator[Piece]]:
+    """The corpus' first pieces (through the first piece of document 1, at most HEAD_PIECES) and the rest.
+
+    Refused here, before anything is written: an empty corpus, and a single document when a
+    validation split is asked for (it needs a second document, see `shards.is_val`).
+    """
+    stream = pieces(corpus.documents())
+    head: list[Piece] = []
+    for piece in stream:
+        head.append(piece)
+        if piece.doc >= 1 or len(head) >= HEAD_PIECES:
+            break
+    if not head:
+        raise DataError(f"empty corpus: {corpus.description} yielded no text; hint: check the --source paths "
+                        "and --text-field")
+    if val_fraction > 0 and head[-1].doc == 0 and len(head) < HEAD_PIECES:
+        raise DataError(f"{corpus.description}: 1 document, too few for a validation split (--val-fraction "
+                        f"{val_fraction:g}); hint: add documents, or pass --val-fraction 0 for no validation split")
+    return head, stream
+
+
+def _no_validation_document(config: PrepareConfig, out: Path, manifest: Manifest) -> DataError:
+    """The error for a finished stream without a validation document (its parts stay, unfinished)."""
+    if config.max_tokens is not None and manifest.splits["train"].tokens >= config.max_tokens:
+        cause = f"--max-tokens {config.max_tokens} ends inside the first document"
+        fix = "raise --max-tokens"
+    else:
+        cause = f"the corpus has {manifest.splits['train'].documents} document(s)"
+        fix = "add documents"
+    return DataError(f"{out}: {cause}: no validation document for --val-fraction {config.val_fraction:g}; "
+                     f"hint: {fix}, or delete {out} and pass --val-fraction 0 for no validation split")
 
 
 def prepare_default(out: Path = DEFAULT_OUT) -> PrepareResult:

@@ -27,8 +27,12 @@ def is_val(doc: int, val_fraction: float) -> bool:
     """Whether document `doc` belongs to the validation split.
 
     Every 1/f-th document (f = val_fraction), evenly spread: document i is held out when
-    floor((i + 1) * f) > floor(i * f), so the first n documents hold floor(n * f) of them.
+    floor((i + 1) * f) > floor(i * f), so the first n documents hold floor(n * f) of them;
+    and when f > 0, document 1 too, so that any two documents make a validation split
+    (document 0 always trains: f < 1).
     """
+    if val_fraction > 0 and doc == 1:
+        return True
     return math.floor((doc + 1) * val_fraction) > math.floor(doc * val_fraction)
 
 

@@ -175,6 +175,11 @@ class TokenShards:
     def eot_id(self) -> int:
         return self.manifest.tokenizer.eot_id
 
+    def has_split(self, split: str) -> bool:
+        """Whether the data has tokens in `split`: "val" is empty when prepared with --val-fraction 0."""
+        info = self.manifest.splits.get(split)
+        return info is not None and info.tokens > 0
+
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest."""
         for split in self.manifest.splits.values():
@@ -219,6 +224,10 @@ class _Windows:
         counts = np.array([(len(a) - 1) // seq_len for a in self.arrays], dtype=np.int64)
         self.ends = np.cumsum(counts)  # windows of shards 0..s
         self.count = int(self.ends[-1]) if len(self.ends) else 0
+        if not shards.has_split(split):
+            raise DataError(f"{shards.directory}: split {split!r} has no tokens (a dataset prepared with "
+                            "--val-fraction 0 has no validation split); hint: check TokenShards.has_split() first, "
+                            "or prepare the data with --val-fraction > 0")
         if self.count == 0:
             total = sum(len(a) for a in self.arrays)
             raise DataError(f"{shards.directory}: split {split!r} has {total} tokens, fewer than one window of "

@@ -26,6 +26,7 @@ import regex
 
 from data_prep import PrepareConfig, prepare
 from data_prep.encode import _SAFE_CUT, split_text
+from data_prep.shards import is_val
 from gpt_moe.data import TokenShards
 from gpt_moe.errors import DataError
 from gpt_moe.tokenizer import BPE_PAT_STR, TokenizerInfo, load_saved_tokenizer, load_standard
@@ -348,7 +349,7 @@ def bad_inputs(tmp_path_factory) -> Path:
     (["--source", "{root}/nullrow.jsonl"], {}, "row 1: text field 'text' is missing"),
     (["--source", "{root}/empty.txt"], {}, "empty corpus"),
     (["--source", "{root}/empty.txt", "--tokenizer", "sentencepiece"], {}, "unknown tokenizer 'sentencepiece'"),
-    (["--source", "{root}/good.txt", "--out", "{root}/afile/sub"], {}, "cannot write there"),
+    (["--source", "{root}/good.txt", "--val-fraction", "0", "--out", "{root}/afile/sub"], {}, "cannot write there"),
     (["--val-fraction", "1.5"], {}, r"--val-fraction 1.5: expected a number in \[0, 1\)"),
     (["--source", "{root}/good.txt", "--tokenizer", "bpe:4294967296"], {}, "bpe:4294967296.*N <= 16777216"),
 ])
@@ -424,3 +425,49 @@ def test_bpe_larger_than_the_corpus_supports_is_named_by_its_real_size(tmp_path)
     assert tokenizer["n_vocab"] < 1000 and tokenizer["name"] == f"bpe:{tokenizer['n_vocab']}"
     assert f"bpe:100000: the corpus sample gave {tokenizer['n_vocab']} tokens" in result.stderr
     assert f"tokenizer bpe:{tokenizer['n_vocab']}" in result.stdout
+
+
+# ------------------------------------------------------------------------------- validation split
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.01, 0.3, 0.5, 0.7, 0.99])
+def test_any_two_documents_hold_a_validation_and_a_training_document(fraction):
+    for n in range(2, 300):
+        held_out = sum(is_val(doc, fraction) for doc in range(n))
+        assert 1 <= held_out < n, (fraction, n)
+        assert held_out - int(n * fraction) in (0, 1)  # the fraction, evenly spread, plus at most document 1
+    assert not any(is_val(doc, 0.0) for doc in range(300))
+
+
+def test_small_corpus_gets_a_validation_split_and_val_fraction_0_none(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):  # 20 documents: 1% of them rounds down to none
+        (corpus / f"{i:02d}.txt").write_text(f"document {i} says hello to the world. " * 20)
+    result = run_cli("--source", str(corpus), "--tokenizer", "bpe:300", "--out", str(tmp_path / "default"))
+    assert result.returncode == 0, result.stderr
+    shards = TokenShards(tmp_path / "default")
+    assert shards.has_split("val") and shards.has_split("train") and shards.manifest.splits["val"].documents >= 1
+    result = run_cli("--source", str(corpus), "--tokenizer", "bpe:300", "--out", str(tmp_path / "none"),
+                     "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    shards = TokenShards(tmp_path / "none")
+    assert not shards.has_split("val") and shards.has_split("train")
+
+
+def test_corpus_too_small_for_a_validation_document_is_refused(tmp_path):
+    single = tmp_path / "one.txt"
+    single.write_text("a single document " * 100)
+    result = run_cli("--source", str(single), "--tokenizer", "bpe:300", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, r"one\.txt.*1 document, too few for a validation split \(--val-fraction 0\.01\)"
+                                  ".*--val-fraction 0")
+    assert result.seconds < 5 and not (tmp_path / "out").exists()
+
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "a.txt").write_text("the first document is long enough " * 100)
+    (two / "b.txt").write_text("the second one")
+    capped = run_cli("--source", str(two), "--tokenizer", "bpe:300", "--out", str(tmp_path / "capped"),
+                     "--max-tokens", "50")
+    assert_one_line_error(capped, r"--max-tokens 50 ends inside the first document.*no validation document")
+    assert not (tmp_path / "capped" / "manifest.json").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -183,12 +184,13 @@ def test_truncated_or_altered_shard_is_detected(prepared, tmp_path):
         TokenShards(truncated)
 
     altered = _copy(prepared, tmp_path / "altered")
-    shard = altered / "train_00001.bin"
+    name = Manifest.load(altered).splits["train"].shards[1].file
+    shard = altered / name
     data = bytearray(shard.read_bytes())
     data[7] ^= 0x01
     shard.write_bytes(bytes(data))
     TokenShards(altered)  # sizes agree; only checksums can tell
-    with pytest.raises(DataError, match=r"train_00001\.bin: sha256 .* differs from the manifest's .*altered"):
+    with pytest.raises(DataError, match=rf"{name}: sha256 .* differs from the manifest's .*altered"):
         TokenShards(altered, verify=True)
 
     missing = _copy(prepared, tmp_path / "missing")
@@ -199,3 +201,17 @@ def test_truncated_or_altered_shard_is_detected(prepared, tmp_path):
     (missing / "manifest.json").unlink()
     with pytest.raises(DataError, match="no manifest.*incomplete"):
         TokenShards(missing)
+
+
+def test_data_without_validation_split_says_so(prepared, tmp_path):
+    manifest = Manifest.load(prepared)
+    no_val = _copy(prepared, tmp_path / "no_val")
+    for shard in manifest.splits["val"].shards:
+        (no_val / shard.file).unlink()
+    splits = {"train": manifest.splits["train"], "val": SplitInfo()}  # as data_prep --val-fraction 0 writes it
+    (no_val / "manifest.json").write_text(dataclasses.replace(manifest, splits=splits).to_json())
+    shards = TokenShards(no_val)
+    assert shards.has_split("train") and not shards.has_split("val") and not shards.has_split("test")
+    assert TokenShards(prepared).has_split("val")
+    with pytest.raises(DataError, match=r"split 'val' has no tokens.*--val-fraction 0.*has_split"):
+        ValBatches(shards, SEQ, micro_batch=1)
