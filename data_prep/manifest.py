@@ -80,8 +80,7 @@ class Progress:
             data = json.loads(path.read_text(encoding="utf-8"))
             parts = tuple(PartRecord(pieces=int(p["pieces"]), tokens=int(p["tokens"]),
                                      splits={k: SplitCount(**v) for k, v in p["splits"].items()},
-                                     shards=tuple((s["split"], ShardInfo(s["file"], int(s["tokens"]), s["sha256"]))
-                                                  for s in p["shards"]))
+                                     shards=tuple((s["split"], ShardInfo.from_dict(s)) for s in p["shards"]))
                           for p in data["parts"])
             return cls(created_at=data["created_at"], source=data["source"], args=data["args"],
                        tokenizer=TokenizerInfo.from_dict(data["tokenizer"], str(path)), dtype=data["dtype"],

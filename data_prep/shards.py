@@ -45,17 +45,21 @@ class ShardWriter:
         self.file = AtomicFile(self.path)
         self.digest = hashlib.sha256()
         self.tokens = 0
+        self.max_token_id = -1
 
     def write(self, tokens: np.ndarray) -> None:
-        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
-        self.file.write(data)
-        self.digest.update(data)
-        self.tokens += len(tokens)
+        data = np.ascontiguousarray(tokens, dtype=self.dtype)
+        raw = data.tobytes()
+        self.file.write(raw)
+        self.digest.update(raw)
+        self.tokens += len(data)
+        if len(data):
+            self.max_token_id = max(self.max_token_id, int(data.max()))
 
     def close(self) -> ShardInfo:
         """Commit the file under its final name; the shard's record."""
         self.file.commit()
-        return ShardInfo(self.path.name, self.tokens, self.digest.hexdigest())
+        return ShardInfo(self.path.name, self.tokens, self.digest.hexdigest(), self.max_token_id)
 
     def abort(self) -> None:
         self.file.abort()

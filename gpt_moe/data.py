@@ -3,7 +3,7 @@
 A prepared directory (written by `python -m data_prep`) holds
 
     manifest.json        format version, tokenizer identity, dtype, per split: documents,
-                         tokens and the shard list (file, token count, sha256)
+                         tokens and the shard list (file, token count, sha256, largest token id)
     tokenizer.tiktoken   the tokenizer's BPE ranks (see gpt_moe.tokenizer)
     train_00000.bin ...  raw little-endian token ids, uint16 when n_vocab <= 65536 else
     val_00000.bin ...    uint32; every document is followed by <|endoftext|>
@@ -67,11 +67,19 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard file: name relative to the dataset directory, token count, sha256 of its bytes."""
+    """One shard file: name relative to the dataset directory, token count, sha256 of its bytes, and its
+    largest token id (None in manifests written before it was recorded; -1 for an empty shard)."""
 
     file: str
     tokens: int
     sha256: str
+    max_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ShardInfo:
+        """From its JSON form; KeyError, TypeError or ValueError when malformed."""
+        found = data.get("max_token_id")
+        return cls(str(data["file"]), int(data["tokens"]), str(data["sha256"]), None if found is None else int(found))
 
 
 @dataclass(frozen=True)
@@ -120,8 +128,7 @@ class Manifest:
                             f"{FORMAT_VERSION}; {PREPARE_HINT}")
         try:
             splits = {name: SplitInfo(documents=int(s["documents"]), tokens=int(s["tokens"]),
-                                      shards=tuple(ShardInfo(str(x["file"]), int(x["tokens"]), str(x["sha256"]))
-                                                   for x in s["shards"]))
+                                      shards=tuple(ShardInfo.from_dict(x) for x in s["shards"]))
                       for name, s in data["splits"].items()}
             manifest = cls(created_at=str(data["created_at"]), source=str(data["source"]), args=dict(data["args"]),
                            tokenizer=TokenizerInfo.from_dict(data["tokenizer"], where), dtype=str(data["dtype"]),

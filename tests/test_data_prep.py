@@ -51,7 +51,7 @@ def decoded_documents(out: Path) -> dict[str, tuple[list[bytes], bool]]:
             data = (out / shard["file"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == shard["sha256"]
             arrays.append(np.frombuffer(data, dtype=dtype))
-            assert len(arrays[-1]) == shard["tokens"]
+            assert len(arrays[-1]) == shard["tokens"] and shard["max_token_id"] == arrays[-1].max()
         tokens = np.concatenate(arrays) if arrays else np.empty(0, dtype)
         assert len(tokens) == split["tokens"]
         ends = np.flatnonzero(tokens == info.eot_id).tolist()
