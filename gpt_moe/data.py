@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,22 @@ if TYPE_CHECKING:
 PREPARE_HINT = "hint: run python -m data_prep with --out pointing at this directory"
 DEFAULT_DATA_DIR = "data/builtin"
 """Where `python -m data_prep` puts the built-in corpus and where training looks for data by default."""
+
+
+def prepare_command(manifest: Manifest, directory: str | Path) -> str:
+    """The `python -m data_prep` command that made `directory`: the arguments its manifest records."""
+    words = ["python", "-m", "data_prep"]
+    for key, value in manifest.args.items():
+        if value is None:
+            continue
+        flag = "--source" if key == "sources" else "--" + key.replace("_", "-")
+        words += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return shlex.join([*words, "--out", str(directory)])
+
+
+def repair_hint(manifest: Manifest, directory: str | Path) -> str:
+    """The hint for damaged or missing shards: data_prep with the same arguments rebuilds them."""
+    return f"hint: rerun `{prepare_command(manifest, directory)}` (the same arguments): it rebuilds damaged shards"
 
 
 def dtype_for_vocab(n_vocab: int) -> np.dtype:
@@ -153,7 +170,8 @@ class TokenShards:
     """A prepared directory opened for reading: manifest checked, shards memory-mapped on use.
 
     Opening checks that every shard exists with the size its token count implies;
-    `verify=True` (or `verify()`) also checks every sha256. Nothing is read into RAM.
+    `verify=True` (or `verify()`) also checks every sha256 (`gpt_moe.data_verify` checks them once
+    and remembers, the check before training). Nothing is read into RAM.
     """
 
     def __init__(self, directory: str | Path, verify: bool = False):
@@ -170,7 +188,7 @@ class TokenShards:
                     found = "missing" if size is None else f"{size} bytes"
                     raise DataError(f"{path}: {found}, the manifest says {shard.tokens} tokens = {expected} bytes "
                                     f"of {self.manifest.dtype} (truncated or replaced shard); "
-                                    "hint: prepare the data again with python -m data_prep")
+                                    f"{repair_hint(self.manifest, self.directory)}")
         if verify:
             self.verify()
 
@@ -188,15 +206,10 @@ class TokenShards:
         return info is not None and info.tokens > 0
 
     def verify(self) -> None:
-        """Check every shard's sha256 against the manifest."""
-        for split in self.manifest.splits.values():
-            for shard in split.shards:
-                path = self.directory / shard.file
-                digest = sha256_file(path)
-                if digest != shard.sha256:
-                    raise DataError(f"{path}: sha256 {digest[:12]}... differs from the manifest's "
-                                    f"{shard.sha256[:12]}... (altered shard); "
-                                    "hint: prepare the data again with python -m data_prep")
+        """Check every shard's sha256 against the manifest: `gpt_moe.data_verify.verify_data(self, "always")`."""
+        from gpt_moe.data_verify import verify_data  # that module builds on this one
+
+        verify_data(self, "always")
 
     def tokens(self, split: str) -> list[np.ndarray]:
         """The split's shards as read-only memory maps, 1-D [tokens] each, in stream order."""
