@@ -5,7 +5,8 @@ the arguments, the tokenizer and the completed parts. A rerun of the same comman
 the parts whose shards still match their size and sha256 and continues after the last
 one; the finished run writes `manifest.json` and removes `progress.json`. A directory
 with a manifest is complete: the same command reports it, another tokenizer or other
-arguments are refused.
+arguments are refused. data_prep writes only into a new or empty directory or one it
+made (`check_ownership`), and deletes only files of its own names in one it made.
 """
 
 from __future__ import annotations
@@ -137,11 +138,28 @@ def _part_intact(out: Path, part: PartRecord, itemsize: int) -> bool:
     return True
 
 
-def inspect_output(out: Path, args: dict) -> OutputState:
-    """Compare an existing output directory with the requested `args` (see the module docstring)."""
+OWN_MARKERS = (MANIFEST_FILE, PROGRESS_FILE)
+"""Files that make a directory data_prep's: it writes only into a new or empty directory or one holding one."""
+
+
+def check_ownership(out: Path) -> None:
+    """Refuse an `--out` that exists and is not a directory, or is neither empty nor made by data_prep."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if not out.exists():
+        return
+    if not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a directory; hint: choose another --out")
+    names = sorted(path.name for path in out.iterdir())
+    if names and not any(name in OWN_MARKERS for name in names):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise DataError(f"--out {out}: not empty ({shown}) and not made by data_prep (no {' or '.join(OWN_MARKERS)}); "
+                        "refusing to write there; hint: choose a new or empty directory")
+
+
+def inspect_output(out: Path, args: dict) -> OutputState:
+    """Compare an output directory that `check_ownership` allows with the requested `args` (see the module
+    docstring)."""
+    out = Path(out)
     requested = _normalized(args)
     if (out / MANIFEST_FILE).is_file():
         manifest = Manifest.load(out)

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from data_prep.build_tokenizer import build_tokenizer
 from data_prep.encode import ParallelEncoder, Piece, batches, pieces
-from data_prep.manifest import PartRecord, Progress, SplitCount, inspect_output, remove_stale_files
+from data_prep.manifest import (PartRecord, Progress, SplitCount, check_ownership, inspect_output,
+                               remove_stale_files)
 from data_prep.shards import SHARD_NAME, ShardWriter, is_val
 from data_prep.sources import Corpus, open_corpus
 from gpt_moe.atomic import fsync_dir, write_atomic
@@ -170,6 +171,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     parse_tokenizer_spec(config.tokenizer)
     corpus = open_corpus(config.sources, config.text_field)
     out = Path(config.out)
+    check_ownership(out)  # before anything reads the corpus or writes
     args = config.output_args()
     state = inspect_output(out, args)
     if state.manifest is not None:

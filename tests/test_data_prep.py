@@ -471,3 +471,25 @@ def test_corpus_too_small_for_a_validation_document_is_refused(tmp_path):
                      "--max-tokens", "50")
     assert_one_line_error(capped, r"--max-tokens 50 ends inside the first document.*no validation document")
     assert not (tmp_path / "capped" / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------------------ the output directory
+
+
+def test_unrelated_directory_is_never_written(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text " * 100)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    files = {"tokenizer.tiktoken": b"someone's tokenizer", "train_00007.bin": b"someone's shard", "notes.txt": b"x"}
+    for name, data in files.items():
+        (theirs / name).write_bytes(data)
+    result = run_cli("--source", str(corpus), "--val-fraction", "0", "--tokenizer", "bpe:300", "--out", str(theirs))
+    assert_one_line_error(result, rf"--out {theirs}: not empty \(notes.txt, tokenizer.tiktoken, train_00007.bin\) "
+                                  r"and not made by data_prep.*hint: choose a new or empty directory")
+    assert result.seconds < 5 and dir_bytes(theirs) == files
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("--source", str(corpus), "--val-fraction", "0", "--tokenizer", "bpe:300", "--out", str(empty))
+    assert result.returncode == 0 and (empty / "manifest.json").is_file(), result.stderr
