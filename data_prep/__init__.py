@@ -4,7 +4,8 @@ Modules, one concept each: `sources` (where documents come from), `encode` (cutt
 documents into pieces and tokenizing them in parallel, in order), `build_tokenizer`
 (a standard encoding, a file, or `bpe:N` trained in a child process), `shards` (the
 train/val assignment and atomic shard files), `manifest` (the output directory's
-state: progress, resume, manifest), `pipeline` (one run, wiring them together: `prepare()`).
+state: progress, resume, manifest), `lock` (one run per output directory), `pipeline`
+(one run, wiring them together: `prepare()`).
 The format of the output is defined and read by `gpt_moe.data`.
 """
 

@@ -17,6 +17,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_prep.lock import LOCK_FILE
 from data_prep.shards import SHARD_FILE
 from gpt_moe.atomic import TEMP_NAME, write_atomic
 from gpt_moe.data import MANIFEST_FILE, PROGRESS_FILE, Manifest, ShardInfo, SplitInfo, sha256_file
@@ -138,8 +139,9 @@ def _part_intact(out: Path, part: PartRecord, itemsize: int) -> bool:
     return True
 
 
-OWN_MARKERS = (MANIFEST_FILE, PROGRESS_FILE)
-"""Files that make a directory data_prep's: it writes only into a new or empty directory or one holding one."""
+OWN_MARKERS = (MANIFEST_FILE, PROGRESS_FILE, LOCK_FILE)
+"""Files that make a directory data_prep's: it writes only into a new or empty directory or one holding one
+(the lock file, taken only in such a directory, also covers a run stopped before its progress record)."""
 
 
 def check_ownership(out: Path) -> None:
@@ -152,8 +154,8 @@ def check_ownership(out: Path) -> None:
     names = sorted(path.name for path in out.iterdir())
     if names and not any(name in OWN_MARKERS for name in names):
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        raise DataError(f"--out {out}: not empty ({shown}) and not made by data_prep (no {' or '.join(OWN_MARKERS)}); "
-                        "refusing to write there; hint: choose a new or empty directory")
+        raise DataError(f"--out {out}: not empty ({shown}) and not made by data_prep (no {MANIFEST_FILE} or "
+                        f"{PROGRESS_FILE}); refusing to write there; hint: choose a new or empty directory")
 
 
 def inspect_output(out: Path, args: dict) -> OutputState:

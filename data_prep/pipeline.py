@@ -2,9 +2,10 @@
 
     prepare(PrepareConfig(sources=("builtin",), tokenizer="bpe:4096", out=Path("data/builtin")))
 
-Order of work: check the arguments, the corpus and the output directory (an identical
-finished dataset is reported, a different one refused, an unfinished one resumed);
-build the tokenizer (train `bpe:N` on the first `bpe_sample_chars` characters) and save
+Order of work: check the arguments, the corpus and the output directory (only a new or
+empty directory or one data_prep made is used); take the directory's lock (one run at a
+time); report an identical finished dataset, refuse a different one, resume an unfinished
+one; build the tokenizer (train `bpe:N` on the first `bpe_sample_chars` characters) and save
 it with a progress record; stream the documents through the workers, writing parts;
 write the manifest. Each document is followed by the end-of-text token; `max_tokens`
 stops the stream after exactly that many tokens (cutting the last document).
@@ -16,7 +17,6 @@ import copy
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from data_prep.build_tokenizer import build_tokenizer
 from data_prep.encode import ParallelEncoder, Piece, batches, pieces
 from data_prep.manifest import (PartRecord, Progress, SplitCount, check_ownership, inspect_output,
                                remove_stale_files)
+from data_prep.lock import OutputLock
 from data_prep.shards import SHARD_NAME, ShardWriter, is_val
 from data_prep.sources import Corpus, open_corpus
 from gpt_moe.atomic import fsync_dir, write_atomic
@@ -95,16 +96,6 @@ def created_at() -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _ensure_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise DataError(f"--out {out}: cannot write there ({e.strerror or type(e).__name__}); "
-                        "hint: choose a writable directory") from None
-
-
 class _PartWriter:
     """Appends encoded pieces to the current part's shards and closes parts as they fill."""
 
@@ -166,26 +157,33 @@ class _PartWriter:
 
 
 def prepare(config: PrepareConfig) -> PrepareResult:
-    """Prepare (or resume, or report) the dataset described by `config`; DataError on bad input."""
+    """Prepare (or resume, or report) the dataset described by `config`; DataError on bad input.
+
+    Holds the output directory's lock (`data_prep.lock`) while it works: a second run on the same
+    directory is refused at once.
+    """
     config.validate()
     parse_tokenizer_spec(config.tokenizer)
     corpus = open_corpus(config.sources, config.text_field)
     out = Path(config.out)
     check_ownership(out)  # before anything reads the corpus or writes
-    args = config.output_args()
-    state = inspect_output(out, args)
-    if state.manifest is not None:
-        (out / PROGRESS_FILE).unlink(missing_ok=True)
-        log.info("%s is already prepared (%s); nothing to do", out, _summary(state.manifest))
-        return PrepareResult(out, state.manifest, already_prepared=True)
-    head, stream = _read_head(corpus, config.val_fraction)
-    _ensure_writable(out)
+    head = None if (out / MANIFEST_FILE).is_file() else _read_head(corpus, config.val_fraction)
+    with OutputLock(out):
+        state = inspect_output(out, config.output_args())
+        if state.manifest is not None:
+            (out / PROGRESS_FILE).unlink(missing_ok=True)
+            log.info("%s is already prepared (%s); nothing to do", out, _summary(state.manifest))
+            return PrepareResult(out, state.manifest, already_prepared=True)
+        return _prepare_into(out, config, corpus, state.progress, head or _read_head(corpus, config.val_fraction))
 
-    progress = state.progress
+
+def _prepare_into(out: Path, config: PrepareConfig, corpus: Corpus, progress: Progress | None,
+                  head: tuple[list[Piece], Iterator[Piece]]) -> PrepareResult:
+    """Build the tokenizer (or check the saved one), encode the pieces after the kept parts, write the manifest."""
     if progress is None:
         info = save_tokenizer(build_tokenizer(config.tokenizer, corpus, config.bpe_sample_chars), out)
-        progress = Progress(created_at=created_at(), source=corpus.description, args=args, tokenizer=info,
-                            dtype=dtype_for_vocab(info.n_vocab).name)
+        progress = Progress(created_at=created_at(), source=corpus.description, args=config.output_args(),
+                            tokenizer=info, dtype=dtype_for_vocab(info.n_vocab).name)
         progress.save(out)
     else:
         load_saved_tokenizer(progress.tokenizer, out)  # refuses a tokenizer file that changed
@@ -196,7 +194,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     writer = _PartWriter(out, progress, config)
     start_tokens, resumed_parts = writer.total, len(progress.parts)
     start = time.perf_counter()
-    documents = _encode(chain(head, stream), writer, config, corpus.n_documents)
+    documents = _encode(chain(*head), writer, config, corpus.n_documents)
     seconds = time.perf_counter() - start
 
     manifest = writer.progress.manifest()

@@ -111,8 +111,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) ->
     return errors[0]
 
 
+RUN_FILES = {".data_prep.lock", "verified.json"}  # they describe runs (holder, mtimes), not the dataset
+
+
 def dir_bytes(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    """The dataset's files, by name."""
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name not in RUN_FILES}
 
 
 def prepare_quiet(**kwargs) -> None:
@@ -259,15 +263,15 @@ def test_long_documents_are_cut_without_changing_tokens():
 # ---------------------------------------------------------------------------- interruption, resume
 
 
-# the CLI with a pause after each batch of pieces, so that a kill lands mid-way on any machine
+# the CLI with a pause after each batch of pieces (0.2 s, or $SLOW_BATCH_SECONDS), so that a kill lands mid-way
 SLOW_CLI = """
-import sys, time
+import os, sys, time
 import data_prep.pipeline as pipeline
 fast = pipeline.batches
 def slow(*args, **kwargs):
     for batch in fast(*args, **kwargs):
         yield batch
-        time.sleep(0.2)
+        time.sleep(float(os.environ.get("SLOW_BATCH_SECONDS", "0.2")))
 pipeline.batches = slow
 from data_prep.__main__ import main
 sys.exit(main(sys.argv[1:]))
@@ -493,3 +497,32 @@ def test_unrelated_directory_is_never_written(tmp_path):
     empty.mkdir()
     result = run_cli("--source", str(corpus), "--val-fraction", "0", "--tokenizer", "bpe:300", "--out", str(empty))
     assert result.returncode == 0 and (empty / "manifest.json").is_file(), result.stderr
+
+
+def test_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    args = ["--source", "builtin", "--tokenizer", "cl100k_base", "--max-tokens", "1200k", "--shard-tokens", "60k",
+            "--val-fraction", "0.02"]
+    out = tmp_path / "out"
+    env = {**os.environ, "SOURCE_DATE_EPOCH": EPOCH, "SLOW_BATCH_SECONDS": "1"}
+    first = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args, "--out", str(out), "--workers", "2",
+                              "--no-progress"], cwd=ROOT, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "progress.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        same = run_cli(*args, "--out", str(out))
+        holder = rf"--out {out} is in use by another data_prep run \(pid {first.pid} on .*: .*-c .*--out {out}"
+        assert_one_line_error(same, holder)
+        other = run_cli(*[a.replace("1200k", "1M") for a in args], "--out", str(out))
+        assert_one_line_error(other, holder)
+        assert same.seconds < 5 and other.seconds < 5 and first.poll() is None
+        os.kill(first.pid, signal.SIGKILL)  # the run alone: its tokenizer workers are left behind for a while
+        first.wait()
+        resumed = run_cli(*args, "--out", str(out))  # the lock went with the run that held it
+        assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
