@@ -7,7 +7,8 @@ examples:
       --max-tokens 2B --out data/fineweb-edu
   python -m data_prep --source 'corpus/*.jsonl' --text-field content --out data/mine
 
-Running the same command again resumes an interrupted run or reports that the data is ready.
+Running the same command again resumes an interrupted run, or verifies a finished one and rebuilds
+only its damaged or missing shards.
 """
 
 from __future__ import annotations
@@ -102,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(config: PrepareConfig) -> None:
     result = prepare(config)
-    if result.already_prepared:
+    if result.rebuilt:
+        rebuilt = ", ".join(f"{name} ({problem})" for name, problem in result.rebuilt)
+        print(f"{result.out}: rebuilt {len(result.rebuilt)} damaged or missing file(s): {rebuilt}; "
+              "the dataset is whole again")
+    elif result.already_prepared:
         print(f"{result.out} is already prepared; nothing to do")
     else:
         print(f"prepared {result.out}: {result.manifest.splits['train'].tokens:,} train + "

@@ -14,6 +14,7 @@ data_prep writes in place rather than atomically, since a lock must stay the sam
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shlex
@@ -28,20 +29,36 @@ LOCK_FILE = ".data_prep.lock"
 
 
 class OutputLock:
-    """Holds the lock of the output directory `out` (created when missing) between enter and exit."""
+    """Holds the lock of the output directory `out` (created when missing) between enter and exit.
 
-    def __init__(self, out: Path):
+    With `read_only_ok`, a directory this process may not write into (permissions, a read-only
+    filesystem) is not an error: nothing can be written there, so the lock is not needed to read it
+    (`writable` is False; `require_writable()` raises before a write).
+    """
+
+    def __init__(self, out: Path, read_only_ok: bool = False):
         self.out = Path(out)
         self.path = self.out / LOCK_FILE
+        self.read_only_ok = read_only_ok
         self.fd: int | None = None
+        self.writable = True
+        self.reason = ""
+
+    def require_writable(self) -> None:
+        if not self.writable:
+            raise DataError(f"--out {self.out}: cannot write there ({self.reason}); hint: choose a writable directory")
 
     def __enter__(self) -> OutputLock:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as e:
-            raise DataError(f"--out {self.out}: cannot write there ({e.strerror or type(e).__name__}); "
-                            "hint: choose a writable directory") from None
+            self.writable, self.reason = False, e.strerror or type(e).__name__
+            read_only = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        if not self.writable:
+            if not (self.read_only_ok and read_only):
+                self.require_writable()
+            return self
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -32,12 +32,14 @@ from data_prep.encode import ParallelEncoder, Piece, batches, pieces
 from data_prep.manifest import (PartRecord, Progress, SplitCount, check_ownership, inspect_output,
                                remove_stale_files)
 from data_prep.lock import OutputLock
-from data_prep.shards import SHARD_NAME, ShardWriter, is_val
+from data_prep.shards import SHARD_NAME, ShardWriter, is_val, part_number
 from data_prep.sources import Corpus, open_corpus
 from gpt_moe.atomic import fsync_dir, write_atomic
-from gpt_moe.data import DEFAULT_DATA_DIR, MANIFEST_FILE, PROGRESS_FILE, Manifest, dtype_for_vocab
+from gpt_moe.data import (DEFAULT_DATA_DIR, MANIFEST_FILE, PROGRESS_FILE, Manifest, ShardInfo, dtype_for_vocab,
+                          sha256_file)
+from gpt_moe.data_verify import check_data
 from gpt_moe.errors import DataError
-from gpt_moe.tokenizer import load_saved_tokenizer, parse_tokenizer_spec, save_tokenizer
+from gpt_moe.tokenizer import load_saved_tokenizer, parse_tokenizer_spec, save_tokenizer, tokenizer_info
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class PrepareResult:
     tokens: int = 0
     documents: int = 0
     seconds: float = 0.0
+    rebuilt: tuple[tuple[str, str], ...] = ()  # (file, what was wrong with it) of a finished directory
 
 
 def created_at() -> str:
@@ -96,11 +99,37 @@ def created_at() -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class _PartWriter:
-    """Appends encoded pieces to the current part's shards and closes parts as they fill."""
+@dataclass(frozen=True)
+class Rebuild:
+    """Re-encoding part of a finished dataset to rebuild its `damaged` shard files: every shard made is
+    checked against the manifest's record (`expected`), only damaged ones are written, and the stream
+    stops after part `last_part`."""
 
-    def __init__(self, out: Path, progress: Progress, config: PrepareConfig):
-        self.out, self.progress, self.config = out, progress, config
+    out: Path
+    expected: dict[str, ShardInfo]
+    damaged: frozenset[str]
+    last_part: int
+
+    def check(self, writer: ShardWriter) -> None:
+        """Refuse (without writing) a re-encoded shard that is not the one the manifest records."""
+        made, expected = writer.info(), self.expected.get(writer.path.name)
+        if expected is None or (made.tokens, made.sha256) != (expected.tokens, expected.sha256):
+            writer.abort()
+            recorded = (f"{expected.tokens} tokens, sha256 {expected.sha256[:12]}..." if expected
+                        else "no such shard")
+            raise DataError(f"{writer.path}: re-encoding the corpus gives {made.tokens} tokens, sha256 "
+                            f"{made.sha256[:12]}..., the manifest records {recorded}: the corpus, the tokenizer or "
+                            f"data_prep changed since the data was prepared, so it cannot be rebuilt; "
+                            f"hint: delete {self.out} and prepare it again")
+
+
+class _PartWriter:
+    """Appends encoded pieces to the current part's shards and closes parts as they fill (or, with a
+    `Rebuild`, re-makes parts of a finished dataset to rebuild its damaged shards)."""
+
+    def __init__(self, out: Path, progress: Progress, config: PrepareConfig, rebuild: Rebuild | None = None):
+        self.out, self.progress, self.config, self.rebuild = out, progress, config, rebuild
+        self.done = False  # a rebuild has made its last part
         last = progress.parts[-1] if progress.parts else None
         self.counts = copy.deepcopy(last.splits) if last else {"train": SplitCount(), "val": SplitCount()}
         self.pieces = last.pieces if last else 0
@@ -112,7 +141,8 @@ class _PartWriter:
         self.part_tokens = 0
 
     def add(self, piece: Piece, tokens: np.ndarray) -> bool:
-        """Write one piece (plus end-of-text if its document ends); False once max_tokens is reached."""
+        """Write one piece (plus end-of-text if its document ends); False once max_tokens is reached (or a
+        rebuild is done)."""
         split = "val" if is_val(piece.doc, self.config.val_fraction) else "train"
         if piece.last:
             tokens = np.concatenate([tokens, self.eot])
@@ -122,7 +152,8 @@ class _PartWriter:
         if len(tokens):
             if split not in self.writers:
                 name = SHARD_NAME.format(split=split, part=len(self.progress.parts))
-                self.writers[split] = ShardWriter(self.out / name, self.dtype)
+                keep = self.rebuild is None or name in self.rebuild.damaged
+                self.writers[split] = ShardWriter(self.out / name, self.dtype, keep=keep)
             self.writers[split].write(tokens)
             count = self.counts[split]
             if count.last_doc != piece.doc:
@@ -136,18 +167,24 @@ class _PartWriter:
             return False
         if self.part_tokens >= self.config.shard_tokens:
             self.close_part()
-        return True
+        return not self.done
 
     def close_part(self) -> None:
         """Rename the part's shards complete and record the part (no-op when it is empty)."""
         if not self.writers:
             return
+        if self.rebuild is not None:
+            for writer in self.writers.values():
+                self.rebuild.check(writer)
         shards = tuple((split, self.writers[split].close()) for split in ("train", "val") if split in self.writers)
         self.writers = {}
         fsync_dir(self.out)
         record = PartRecord(pieces=self.pieces, tokens=self.total, splits=copy.deepcopy(self.counts), shards=shards)
         self.progress = dataclasses.replace(self.progress, parts=self.progress.parts + (record,))
-        self.progress.save(self.out)
+        if self.rebuild is None:
+            self.progress.save(self.out)
+        else:
+            self.done = len(self.progress.parts) > self.rebuild.last_part
         self.part_tokens = 0
 
     def abort(self) -> None:
@@ -167,14 +204,80 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     corpus = open_corpus(config.sources, config.text_field)
     out = Path(config.out)
     check_ownership(out)  # before anything reads the corpus or writes
-    head = None if (out / MANIFEST_FILE).is_file() else _read_head(corpus, config.val_fraction)
-    with OutputLock(out):
+    finished = (out / MANIFEST_FILE).is_file()
+    head = None if finished else _read_head(corpus, config.val_fraction)
+    with OutputLock(out, read_only_ok=finished) as lock:
         state = inspect_output(out, config.output_args())
         if state.manifest is not None:
-            (out / PROGRESS_FILE).unlink(missing_ok=True)
-            log.info("%s is already prepared (%s); nothing to do", out, _summary(state.manifest))
-            return PrepareResult(out, state.manifest, already_prepared=True)
+            return _check_finished(out, config, corpus, state.manifest, lock)
+        lock.require_writable()
         return _prepare_into(out, config, corpus, state.progress, head or _read_head(corpus, config.val_fraction))
+
+
+def _check_finished(out: Path, config: PrepareConfig, corpus: Corpus, manifest: Manifest,
+                    lock: OutputLock) -> PrepareResult:
+    """Verify a finished directory (hashing only what its verification record does not vouch for) and
+    rebuild its damaged or missing files: output is deterministic, so re-encoding from the part of the
+    first damaged shard reproduces it and every later one."""
+    damaged = _damaged_files(out, manifest)
+    if not damaged:
+        if lock.writable:
+            (out / PROGRESS_FILE).unlink(missing_ok=True)
+        log.info("%s is already prepared (%s); nothing to do", out, _summary(manifest))
+        return PrepareResult(out, manifest, already_prepared=True)
+    for name, problem in damaged.items():
+        log.warning("%s: %s; rebuilding it", out / name, problem)
+    lock.require_writable()
+    remove_stale_files(out, {s.file for split in manifest.splits.values() for s in split.shards})
+    if manifest.tokenizer.file in damaged:
+        _rebuild_tokenizer(out, config, corpus, manifest)
+    shards = frozenset(damaged) - {manifest.tokenizer.file}
+    if shards:
+        _rebuild_shards(out, config, corpus, manifest, shards)
+    still = _damaged_files(out, manifest)
+    if still:
+        name, problem = next(iter(still.items()))
+        raise DataError(f"{out / name}: {problem} after rebuilding (the corpus changed, or something else writes "
+                        f"there); hint: delete {out} and prepare it again")
+    log.info("%s: rebuilt %s", out, ", ".join(damaged))
+    return PrepareResult(out, manifest, rebuilt=tuple(damaged.items()))
+
+
+def _damaged_files(out: Path, manifest: Manifest) -> dict[str, str]:
+    """File name -> what is wrong with it, for every shard and the tokenizer file of a finished directory."""
+    damaged = {problem.file: problem.problem for problem in check_data(out, manifest, "first").problems}
+    tokenizer = out / manifest.tokenizer.file
+    if not tokenizer.is_file():
+        damaged[tokenizer.name] = "missing"
+    elif (digest := sha256_file(tokenizer)) != manifest.tokenizer.sha256:
+        damaged[tokenizer.name] = (f"sha256 {digest[:12]}... differs from the manifest's "
+                                   f"{manifest.tokenizer.sha256[:12]}...")
+    return damaged
+
+
+def _rebuild_tokenizer(out: Path, config: PrepareConfig, corpus: Corpus, manifest: Manifest) -> None:
+    enc = build_tokenizer(config.tokenizer, corpus, config.bpe_sample_chars)
+    if tokenizer_info(enc).sha256 != manifest.tokenizer.sha256:
+        raise DataError(f"{out / manifest.tokenizer.file}: building {config.tokenizer} again gives another "
+                        "tokenizer than the manifest records (the corpus or the library changed), so it cannot be "
+                        f"rebuilt; hint: delete {out} and prepare it again")
+    save_tokenizer(enc, out)
+
+
+def _rebuild_shards(out: Path, config: PrepareConfig, corpus: Corpus, manifest: Manifest,
+                    damaged: frozenset[str]) -> None:
+    """Re-encode from the part of the first damaged shard (from the start with a manifest that does not
+    record its parts) through the part of the last one, writing the damaged shards only."""
+    parts = sorted(part_number(name) for name in damaged)
+    finished = Progress.from_manifest(manifest)
+    start = parts[0] if finished is not None else 0
+    progress = Progress(created_at=manifest.created_at, source=manifest.source, args=manifest.args,
+                        tokenizer=manifest.tokenizer, dtype=manifest.dtype,
+                        parts=finished.parts[:start] if finished is not None else ())
+    log.info("%s: re-encoding parts %d to %d", out, start, parts[-1])
+    expected = {shard.file: shard for split in manifest.splits.values() for shard in split.shards}
+    writer = _PartWriter(out, progress, config, Rebuild(out, expected, damaged, parts[-1]))
+    _encode(pieces(corpus.documents()), writer, config, corpus.n_documents)
 
 
 def _prepare_into(out: Path, config: PrepareConfig, corpus: Corpus, progress: Progress | None,
@@ -189,7 +292,7 @@ def _prepare_into(out: Path, config: PrepareConfig, corpus: Corpus, progress: Pr
         load_saved_tokenizer(progress.tokenizer, out)  # refuses a tokenizer file that changed
         log.info("resuming %s: keeping %d completed part(s) (%d tokens)", out, len(progress.parts),
                  progress.parts[-1].tokens if progress.parts else 0)
-    remove_stale_files(out, progress)
+    remove_stale_files(out, {shard.file for part in progress.parts for _, shard in part.shards})
 
     writer = _PartWriter(out, progress, config)
     start_tokens, resumed_parts = writer.total, len(progress.parts)

@@ -18,9 +18,18 @@ import numpy as np
 
 from gpt_moe.atomic import AtomicFile
 from gpt_moe.data import ShardInfo
+from gpt_moe.errors import DataError
 
 SHARD_NAME = "{split}_{part:05d}.bin"
-SHARD_FILE = re.compile(r"^(train|val)_\d{5}\.bin$")
+SHARD_FILE = re.compile(r"^(train|val)_(\d{5})\.bin$")
+
+
+def part_number(name: str) -> int:
+    """The part a shard file belongs to, from its name (`SHARD_NAME`)."""
+    match = SHARD_FILE.match(name)
+    if match is None:
+        raise DataError(f"{name}: not a shard name data_prep writes (expected e.g. train_00001.bin)")
+    return int(match[2])
 
 
 def is_val(doc: int, val_fraction: float) -> bool:
@@ -37,12 +46,16 @@ def is_val(doc: int, val_fraction: float) -> bool:
 
 
 class ShardWriter:
-    """One shard being written: tokens appended to a temporary file (`gpt_moe.atomic`), hashed on the way."""
+    """One shard being written: tokens appended to a temporary file (`gpt_moe.atomic`), hashed on the way.
 
-    def __init__(self, path: Path, dtype: np.dtype):
+    With `keep=False` the tokens are only hashed, nothing is written (a rebuild checks that
+    re-encoding reproduces a shard that is intact on disk).
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype, keep: bool = True):
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
-        self.file = AtomicFile(self.path)
+        self.file = AtomicFile(self.path) if keep else None
         self.digest = hashlib.sha256()
         self.tokens = 0
         self.max_token_id = -1
@@ -50,16 +63,23 @@ class ShardWriter:
     def write(self, tokens: np.ndarray) -> None:
         data = np.ascontiguousarray(tokens, dtype=self.dtype)
         raw = data.tobytes()
-        self.file.write(raw)
+        if self.file is not None:
+            self.file.write(raw)
         self.digest.update(raw)
         self.tokens += len(data)
         if len(data):
             self.max_token_id = max(self.max_token_id, int(data.max()))
 
-    def close(self) -> ShardInfo:
-        """Commit the file under its final name; the shard's record."""
-        self.file.commit()
+    def info(self) -> ShardInfo:
+        """The shard's record (of what was written so far)."""
         return ShardInfo(self.path.name, self.tokens, self.digest.hexdigest(), self.max_token_id)
 
+    def close(self) -> ShardInfo:
+        """Commit the file under its final name (when kept); the shard's record."""
+        if self.file is not None:
+            self.file.commit()
+        return self.info()
+
     def abort(self) -> None:
-        self.file.abort()
+        if self.file is not None:
+            self.file.abort()

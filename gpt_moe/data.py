@@ -113,7 +113,10 @@ class Manifest:
     """manifest.json of a prepared directory.
 
     `args` holds the data_prep options that determine the output (everything except the
-    worker count and the output path, so that the bytes do not depend on them).
+    worker count and the output path, so that the bytes do not depend on them). `parts` is
+    data_prep's own record of where each part of its output stream ends (readers ignore it;
+    data_prep re-encodes a damaged shard from there, see `data_prep.manifest`); manifests
+    written before it have none.
     """
 
     created_at: str
@@ -122,13 +125,15 @@ class Manifest:
     tokenizer: TokenizerInfo
     dtype: str
     splits: dict[str, SplitInfo] = field(default_factory=dict)
+    parts: tuple[dict, ...] = ()
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
         data = {"format": self.format, "format_version": self.format_version, "created_at": self.created_at,
                 "source": self.source, "args": self.args, "tokenizer": self.tokenizer.to_dict(),
-                "dtype": self.dtype, "splits": {name: asdict(split) for name, split in self.splits.items()}}
+                "dtype": self.dtype, "splits": {name: asdict(split) for name, split in self.splits.items()},
+                "parts": list(self.parts)}
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
@@ -147,9 +152,10 @@ class Manifest:
             splits = {name: SplitInfo(documents=int(s["documents"]), tokens=int(s["tokens"]),
                                       shards=tuple(ShardInfo.from_dict(x) for x in s["shards"]))
                       for name, s in data["splits"].items()}
+            parts = data.get("parts")
             manifest = cls(created_at=str(data["created_at"]), source=str(data["source"]), args=dict(data["args"]),
                            tokenizer=TokenizerInfo.from_dict(data["tokenizer"], where), dtype=str(data["dtype"]),
-                           splits=splits)
+                           splits=splits, parts=tuple(parts) if isinstance(parts, list) else ())
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{where}: malformed manifest ({type(e).__name__}: {e}); {PREPARE_HINT}") from None
         if manifest.dtype not in ("uint16", "uint32"):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import regex
 
 from data_prep import PrepareConfig, prepare
 from data_prep.encode import _SAFE_CUT, split_text
-from data_prep.shards import is_val
+from data_prep.shards import is_val, part_number
 from gpt_moe.data import TokenShards
 from gpt_moe.errors import DataError
 from gpt_moe.tokenizer import BPE_PAT_STR, TokenizerInfo, load_saved_tokenizer, load_standard
@@ -526,3 +527,77 @@ def test_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path):
             os.killpg(first.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# ----------------------------------------------------------------------- a finished directory, damaged
+
+REBUILD_ARGS = ["--source", "builtin", "--tokenizer", "bpe:512", "--bpe-sample-chars", "300k", "--max-tokens", "400k",
+                "--shard-tokens", "30k", "--val-fraction", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "data"
+    result = run_cli(*REBUILD_ARGS, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def _as_older_manifest(out: Path) -> None:
+    """Rewrite the manifest as data_prep wrote it before it recorded part positions and largest token ids."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["parts"]
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            del shard["max_token_id"]
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+@pytest.mark.parametrize("older_manifest", [False, True])
+def test_rerun_rebuilds_damaged_or_missing_files_and_nothing_else(finished, tmp_path, older_manifest):
+    out = tmp_path / "data"
+    shutil.copytree(finished, out)
+    if older_manifest:
+        _as_older_manifest(out)
+    original = dir_bytes(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    train, val = ([s["file"] for s in manifest["splits"][name]["shards"]] for name in ("train", "val"))
+    altered, missing = train[3], val[-1]
+    data = bytearray((out / altered).read_bytes())
+    data[11] ^= 0x01  # same size: only its sha256 tells
+    (out / altered).write_bytes(bytes(data))
+    (out / missing).unlink()
+    (out / "tokenizer.tiktoken").unlink()
+    untouched = {name: (out / name).stat() for name in train + val if name not in (altered, missing)}
+
+    result = run_cli(*REBUILD_ARGS, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert (f"rebuilt 3 damaged or missing file(s): {altered} (sha256 " in result.stdout
+            and f"{missing} (missing), tokenizer.tiktoken (missing)" in result.stdout), result.stdout
+    assert dir_bytes(out) == original
+    for name, stat in untouched.items():  # not rewritten
+        assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    first = 0 if older_manifest else part_number(altered)  # an older manifest: from the start
+    assert f"re-encoding parts {first} to {part_number(missing)}" in result.stderr
+
+    again = run_cli(*REBUILD_ARGS, "--out", str(out))
+    assert again.returncode == 0 and "already prepared" in again.stdout and again.seconds < 5, again.stderr
+
+
+def test_rebuild_refuses_a_shard_the_corpus_no_longer_gives(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(_texts(30, seed=3)):
+        (corpus / f"{i:02d}.txt").write_text(text)
+    out = tmp_path / "out"
+    args = ["--source", str(corpus), "--tokenizer", "bpe:300", "--shard-tokens", "2000", "--out", str(out)]
+    assert run_cli(*args).returncode == 0
+    shard = out / "train_00000.bin"
+    damaged = bytearray(shard.read_bytes())
+    damaged[5] ^= 0x01
+    shard.write_bytes(bytes(damaged))
+    (corpus / "00.txt").write_text("the corpus changed since")
+    result = run_cli(*args)
+    assert_one_line_error(result, r"train_00000\.bin: re-encoding the corpus gives .* the manifest records .*"
+                                  r"cannot be rebuilt; hint: delete")
+    assert shard.read_bytes() == damaged and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
