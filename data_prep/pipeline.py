@@ -226,7 +226,7 @@ def _check_finished(out: Path, config: PrepareConfig, corpus: Corpus, manifest: 
         log.info("%s is already prepared (%s); nothing to do", out, _summary(manifest))
         return PrepareResult(out, manifest, already_prepared=True)
     for name, problem in damaged.items():
-        log.warning("%s: %s; rebuilding it", out / name, problem)
+        log.warning("%s: %s", out / name, problem)
     lock.require_writable()
     remove_stale_files(out, {s.file for split in manifest.splits.values() for s in split.shards})
     if manifest.tokenizer.file in damaged:

@@ -251,9 +251,9 @@ class _Windows:
         self.ends = np.cumsum(counts)  # windows of shards 0..s
         self.count = int(self.ends[-1]) if len(self.ends) else 0
         if not shards.has_split(split):
-            raise DataError(f"{shards.directory}: split {split!r} has no tokens (a dataset prepared with "
-                            "--val-fraction 0 has no validation split); hint: check TokenShards.has_split() first, "
-                            "or prepare the data with --val-fraction > 0")
+            why = " (prepared with --val-fraction 0: no validation split)" if split == "val" else ""
+            raise DataError(f"{shards.directory}: split {split!r} has no tokens{why}; hint: check "
+                            "TokenShards.has_split() first, or prepare the data with --val-fraction > 0")
         if self.count == 0:
             total = sum(len(a) for a in self.arrays)
             raise DataError(f"{shards.directory}: split {split!r} has {total} tokens, fewer than one window of "
