@@ -196,7 +196,7 @@ class _PartWriter:
 def prepare(config: PrepareConfig) -> PrepareResult:
     """Prepare (or resume, or report) the dataset described by `config`; DataError on bad input.
 
-    Holds the output directory's lock (`data_prep.lock`) while it works: a second run on the same
+    Holds the output directory's lock (`.data_prep.lock`) while it works: a second run on the same
     directory is refused at once.
     """
     config.validate()
