@@ -1,9 +1,11 @@
 """data_prep: turn a text corpus into token shards for training (`python -m data_prep --help`).
 
 Modules, one concept each: `sources` (where documents come from), `encode` (cutting
-documents into pieces and tokenizing them in parallel, in order), `shards` (the
+documents into pieces and tokenizing them in parallel, in order), `build_tokenizer`
+(a standard encoding, a file, or `bpe:N` trained in a child process), `shards` (the
 train/val assignment and atomic shard files), `manifest` (the output directory's
-state: progress, resume, manifest), `pipeline` (one run, wiring them together: `prepare()`).
+state: progress, resume, manifest), `lock` (one run per output directory), `pipeline`
+(one run, wiring them together: `prepare()`).
 The format of the output is defined and read by `gpt_moe.data`.
 """
 

@@ -7,36 +7,60 @@ examples:
       --max-tokens 2B --out data/fineweb-edu
   python -m data_prep --source 'corpus/*.jsonl' --text-field content --out data/mine
 
-Running the same command again resumes an interrupted run or reports that the data is ready.
+Running the same command again resumes an interrupted run, or verifies a finished one and rebuilds
+only its damaged or missing shards.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 from data_prep.pipeline import DEFAULT_OUT, PrepareConfig, prepare
-from gpt_moe.cli import run_cli
+from gpt_moe.cli import EXIT_BAD_INPUT, run_cli
 
 _SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+MAX_COUNT = 2**63 - 1  # the largest count an int64 holds
+
+
+def _count_problem(value: float | None) -> str:
+    """Why a parsed count is not one ("" when it is)."""
+    if value is None or value < 0:
+        return "not a count"
+    if not math.isfinite(value):
+        return "not finite"
+    if value != int(value):
+        return "not a whole number"
+    return "too large" if value > MAX_COUNT else ""
 
 
 def count(text: str) -> int:
-    """An integer count, optionally with a k/M/B suffix: 500k, 20M, 1.5B."""
+    """A whole, finite count from 0 to 2^63 - 1, optionally with a k/M/B suffix: 500k, 20M, 1.5B."""
     text = text.strip().replace("_", "")
     scale = _SUFFIXES.get(text[-1:].lower(), 1)
     try:
         value = float(text[:-1]) * scale if scale != 1 else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (e.g. 5000000, 500k, 20M, 1.5B)") from None
+        value = None
+    if problem := _count_problem(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is {problem}; expected a whole number of at most 2^63 - 1, "
+                                         "e.g. 5000000, 500k, 20M, 1.5B")
     return int(value)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: `error: ...` on stderr and exit 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message}; hint: python -m data_prep --help lists the options\n")
+
+
 def parse_args(argv: list[str] | None = None) -> PrepareConfig:
-    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split(":", 1)[1].strip(),
+    parser = _Parser(prog="python -m data_prep", description=__doc__.split(":", 1)[1].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", nargs="+", default=["builtin"], metavar="SOURCE",
                         help="builtin (default) | hf:NAME[:CONFIG][@SPLIT] | .txt/.jsonl/.json/.parquet files, "
@@ -79,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(config: PrepareConfig) -> None:
     result = prepare(config)
-    if result.already_prepared:
+    if result.rebuilt:
+        rebuilt = ", ".join(f"{name} ({problem})" for name, problem in result.rebuilt)
+        print(f"{result.out}: rebuilt {len(result.rebuilt)} damaged or missing file(s): {rebuilt}; "
+              "the dataset is whole again")
+    elif result.already_prepared:
         print(f"{result.out} is already prepared; nothing to do")
     else:
         print(f"prepared {result.out}: {result.manifest.splits['train'].tokens:,} train + "

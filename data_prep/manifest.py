@@ -3,9 +3,11 @@
 While a preparation runs, `progress.json` (rewritten atomically after every part) records
 the arguments, the tokenizer and the completed parts. A rerun of the same command keeps
 the parts whose shards still match their size and sha256 and continues after the last
-one; the finished run writes `manifest.json` and removes `progress.json`. A directory
-with a manifest is complete: the same command reports it, another tokenizer or other
-arguments are refused.
+one; the finished run writes `manifest.json` (with each part's position) and removes
+`progress.json`. A directory with a manifest is complete: the same command verifies it and
+rebuilds damaged shards from those positions (`pipeline`), another tokenizer or other
+arguments are refused. data_prep writes only into a new or empty directory or one it
+made (`check_ownership`), and deletes only files of its own names in one it made.
 """
 
 from __future__ import annotations
@@ -16,19 +18,22 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_prep.lock import LOCK_FILE
 from data_prep.shards import SHARD_FILE
 from gpt_moe.atomic import TEMP_NAME, write_atomic
 from gpt_moe.data import MANIFEST_FILE, PROGRESS_FILE, Manifest, ShardInfo, SplitInfo, sha256_file
+from gpt_moe.data_verify import RECORD_FILE
 from gpt_moe.errors import DataError
 from gpt_moe.tokenizer import TOKENIZER_FILE, TokenizerInfo
 
 log = logging.getLogger(__name__)
 
-_OUR_TEMPORARY_FILES = {TOKENIZER_FILE, PROGRESS_FILE, MANIFEST_FILE}
+_OUR_TEMPORARY_FILES = {TOKENIZER_FILE, PROGRESS_FILE, MANIFEST_FILE, RECORD_FILE}
 
 
 def _is_ours(name: str) -> bool:
-    """A shard, or the temporary file of a shard, the tokenizer, the progress record or the manifest."""
+    """A shard, or the temporary file of a shard, the tokenizer, the progress record, the manifest or the
+    verification record."""
     temp = TEMP_NAME.match(name)
     final = temp["name"] if temp else name
     return bool(SHARD_FILE.match(final)) or (temp is not None and final in _OUR_TEMPORARY_FILES)
@@ -52,6 +57,16 @@ class PartRecord:
     splits: dict[str, SplitCount]
     shards: tuple[tuple[str, ShardInfo], ...]  # (split, shard)
 
+    def position(self) -> dict:
+        """Where the stream stands after this part: what resuming (or rebuilding) after it needs."""
+        return {"pieces": self.pieces, "tokens": self.tokens, "splits": {k: asdict(v) for k, v in self.splits.items()}}
+
+    @classmethod
+    def from_position(cls, data: dict, shards: tuple[tuple[str, ShardInfo], ...]) -> PartRecord:
+        """Inverse of `position()` with the part's shards; KeyError, TypeError or ValueError when malformed."""
+        return cls(pieces=int(data["pieces"]), tokens=int(data["tokens"]),
+                   splits={k: SplitCount(**v) for k, v in data["splits"].items()}, shards=shards)
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -67,9 +82,7 @@ class Progress:
     def to_json(self) -> str:
         data = {"created_at": self.created_at, "source": self.source, "args": self.args,
                 "tokenizer": self.tokenizer.to_dict(), "dtype": self.dtype,
-                "parts": [{"pieces": p.pieces, "tokens": p.tokens,
-                           "splits": {k: asdict(v) for k, v in p.splits.items()},
-                           "shards": [{"split": split, **asdict(shard)} for split, shard in p.shards]}
+                "parts": [{**p.position(), "shards": [{"split": split, **asdict(shard)} for split, shard in p.shards]}
                           for p in self.parts]}
         return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
 
@@ -78,10 +91,7 @@ class Progress:
         path = Path(directory) / PROGRESS_FILE
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            parts = tuple(PartRecord(pieces=int(p["pieces"]), tokens=int(p["tokens"]),
-                                     splits={k: SplitCount(**v) for k, v in p["splits"].items()},
-                                     shards=tuple((s["split"], ShardInfo(s["file"], int(s["tokens"]), s["sha256"]))
-                                                  for s in p["shards"]))
+            parts = tuple(PartRecord.from_position(p, tuple((s["split"], ShardInfo.from_dict(s)) for s in p["shards"]))
                           for p in data["parts"])
             return cls(created_at=data["created_at"], source=data["source"], args=data["args"],
                        tokenizer=TokenizerInfo.from_dict(data["tokenizer"], str(path)), dtype=data["dtype"],
@@ -90,19 +100,34 @@ class Progress:
             raise DataError(f"{path}: unreadable progress record ({type(e).__name__}: {e}); "
                             f"hint: delete {path.parent} and prepare again") from None
 
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> Progress | None:
+        """The record of the finished run that wrote `manifest` (from its `parts`), or None when the manifest
+        has no usable one (written before data_prep kept it)."""
+        shards = {s.file: (name, s) for name, split in manifest.splits.items() for s in split.shards}
+        try:
+            parts = tuple(PartRecord.from_position(p, tuple(shards[f] for f in p["files"])) for p in manifest.parts)
+        except (KeyError, TypeError, ValueError):
+            return None
+        if sum(len(part.shards) for part in parts) != len(shards) or (shards and not parts):
+            return None
+        return cls(created_at=manifest.created_at, source=manifest.source, args=manifest.args,
+                   tokenizer=manifest.tokenizer, dtype=manifest.dtype, parts=parts)
+
     def save(self, directory: Path) -> None:
         write_atomic(Path(directory) / PROGRESS_FILE, self.to_json().encode())
 
     def manifest(self) -> Manifest:
-        """The manifest of the finished run."""
+        """The manifest of the finished run (with each part's position, for rebuilding a damaged shard)."""
         counts = self.parts[-1].splits if self.parts else {}
         splits = {}
         for name in ("train", "val"):
             count = counts.get(name, SplitCount())
             shards = tuple(shard for part in self.parts for split, shard in part.shards if split == name)
             splits[name] = SplitInfo(documents=count.documents, tokens=count.tokens, shards=shards)
+        parts = tuple({**part.position(), "files": [shard.file for _, shard in part.shards]} for part in self.parts)
         return Manifest(created_at=self.created_at, source=self.source, args=self.args, tokenizer=self.tokenizer,
-                        dtype=self.dtype, splits=splits)
+                        dtype=self.dtype, splits=splits, parts=parts)
 
 
 @dataclass(frozen=True)
@@ -138,11 +163,29 @@ def _part_intact(out: Path, part: PartRecord, itemsize: int) -> bool:
     return True
 
 
-def inspect_output(out: Path, args: dict) -> OutputState:
-    """Compare an existing output directory with the requested `args` (see the module docstring)."""
+OWN_MARKERS = (MANIFEST_FILE, PROGRESS_FILE, LOCK_FILE)
+"""Files that make a directory data_prep's: it writes only into a new or empty directory or one holding one
+(the lock file, taken only in such a directory, also covers a run stopped before its progress record)."""
+
+
+def check_ownership(out: Path) -> None:
+    """Refuse an `--out` that exists and is not a directory, or is neither empty nor made by data_prep."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if not out.exists():
+        return
+    if not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a directory; hint: choose another --out")
+    names = sorted(path.name for path in out.iterdir())
+    if names and not any(name in OWN_MARKERS for name in names):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise DataError(f"--out {out}: not empty ({shown}) and not made by data_prep (no {MANIFEST_FILE} or "
+                        f"{PROGRESS_FILE}); refusing to write there; hint: choose a new or empty directory")
+
+
+def inspect_output(out: Path, args: dict) -> OutputState:
+    """Compare an output directory that `check_ownership` allows with the requested `args` (see the module
+    docstring)."""
+    out = Path(out)
     requested = _normalized(args)
     if (out / MANIFEST_FILE).is_file():
         manifest = Manifest.load(out)
@@ -161,9 +204,9 @@ def inspect_output(out: Path, args: dict) -> OutputState:
     return OutputState()
 
 
-def remove_stale_files(out: Path, progress: Progress | None) -> None:
-    """Delete temporary shards and shard files that no kept part lists (ours only, by name)."""
-    keep = {shard.file for part in (progress.parts if progress else ()) for _, shard in part.shards}
+def remove_stale_files(out: Path, keep: set[str]) -> None:
+    """Delete our temporary files and the shard files not in `keep` (ours only, by name, in a directory
+    `check_ownership` allows)."""
     for path in Path(out).iterdir():
         if _is_ours(path.name) and path.name not in keep:
             path.unlink()

@@ -17,6 +17,7 @@ BPE training rely on, and yields the same documents in the same order each time.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import socket
@@ -141,13 +142,45 @@ class DatasetFiles:
 
     def documents(self) -> Iterator[Document]:
         import datasets
+        logging.getLogger(_JSON_LOADER_LOG).setLevel(logging.CRITICAL)  # a bad file is reported below, in one line
         for path in self.paths:
             try:
                 ds = datasets.load_dataset(self.builder, data_files=[str(path)], split="train", streaming=True)
-            except Exception as e:  # datasets raises many types for a bad file
-                raise DataError(f"{path}: cannot read as {self.builder} ({type(e).__name__}: {_first_line(e)})") \
-                    from None
-            yield from _texts(ds, self.text_field, str(path))
+                yield from _texts(ds, self.text_field, str(path))
+            except DataError:
+                raise
+            except Exception as e:  # datasets and pyarrow raise many types for a bad file, some only mid-way
+                raise _unreadable(path, self.builder, e) from None
+
+
+_JSON_LOADER_LOG = "datasets.packaged_modules.json.json"  # logs "Failed to load JSON ..." before raising
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _unreadable(path: Path, builder: str, error: Exception) -> DataError:
+    """The error for a file the loader failed on: for JSON lines, the first bad line found by reading it here."""
+    if path.suffix.lower() == ".jsonl" and (found := _bad_json_line(path)):
+        lineno, problem = found
+        return DataError(f"{path}:{lineno}: {problem}; hint: fix or remove line {lineno}")
+    return DataError(f"{path}: cannot read as {builder} ({type(error).__name__}: {_first_line(error)}); "
+                     f"hint: check that the file is valid {builder}")
+
+
+def _bad_json_line(path: Path) -> tuple[int, str] | None:
+    """(line number, what is wrong) of the first line of a JSON-lines file that is not one JSON object."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                return lineno, f"not UTF-8 (byte {e.start} of the line: {e.reason})"
+            except json.JSONDecodeError as e:
+                return lineno, f"not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(value, dict):
+                return lineno, f"a JSON {_JSON_KINDS.get(type(value), type(value).__name__)}, expected an object"
+    return None
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 A prepared directory (written by `python -m data_prep`) holds
 
     manifest.json        format version, tokenizer identity, dtype, per split: documents,
-                         tokens and the shard list (file, token count, sha256)
+                         tokens and the shard list (file, token count, sha256, largest token id)
     tokenizer.tiktoken   the tokenizer's BPE ranks (see gpt_moe.tokenizer)
     train_00000.bin ...  raw little-endian token ids, uint16 when n_vocab <= 65536 else
     val_00000.bin ...    uint32; every document is followed by <|endoftext|>
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,22 @@ DEFAULT_DATA_DIR = "data/builtin"
 """Where `python -m data_prep` puts the built-in corpus and where training looks for data by default."""
 
 
+def prepare_command(manifest: Manifest, directory: str | Path) -> str:
+    """The `python -m data_prep` command that made `directory`: the arguments its manifest records."""
+    words = ["python", "-m", "data_prep"]
+    for key, value in manifest.args.items():
+        if value is None:
+            continue
+        flag = "--source" if key == "sources" else "--" + key.replace("_", "-")
+        words += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return shlex.join([*words, "--out", str(directory)])
+
+
+def repair_hint(manifest: Manifest, directory: str | Path) -> str:
+    """The hint for damaged or missing shards: data_prep with the same arguments rebuilds them."""
+    return f"hint: rerun `{prepare_command(manifest, directory)}` (the same arguments): it rebuilds damaged shards"
+
+
 def dtype_for_vocab(n_vocab: int) -> np.dtype:
     """Little-endian uint16 when every id fits (n_vocab <= 65536), else uint32."""
     return np.dtype("<u2") if n_vocab <= 1 << 16 else np.dtype("<u4")
@@ -67,11 +84,19 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard file: name relative to the dataset directory, token count, sha256 of its bytes."""
+    """One shard file: name relative to the dataset directory, token count, sha256 of its bytes, and its
+    largest token id (None in manifests written before it was recorded; -1 for an empty shard)."""
 
     file: str
     tokens: int
     sha256: str
+    max_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ShardInfo:
+        """From its JSON form; KeyError, TypeError or ValueError when malformed."""
+        found = data.get("max_token_id")
+        return cls(str(data["file"]), int(data["tokens"]), str(data["sha256"]), None if found is None else int(found))
 
 
 @dataclass(frozen=True)
@@ -88,7 +113,10 @@ class Manifest:
     """manifest.json of a prepared directory.
 
     `args` holds the data_prep options that determine the output (everything except the
-    worker count and the output path, so that the bytes do not depend on them).
+    worker count and the output path, so that the bytes do not depend on them). `parts` is
+    data_prep's own record of where each part of its output stream ends (readers ignore it;
+    data_prep re-encodes a damaged shard from there, see `data_prep.manifest`); manifests
+    written before it have none.
     """
 
     created_at: str
@@ -97,13 +125,15 @@ class Manifest:
     tokenizer: TokenizerInfo
     dtype: str
     splits: dict[str, SplitInfo] = field(default_factory=dict)
+    parts: tuple[dict, ...] = ()
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
         data = {"format": self.format, "format_version": self.format_version, "created_at": self.created_at,
                 "source": self.source, "args": self.args, "tokenizer": self.tokenizer.to_dict(),
-                "dtype": self.dtype, "splits": {name: asdict(split) for name, split in self.splits.items()}}
+                "dtype": self.dtype, "splits": {name: asdict(split) for name, split in self.splits.items()},
+                "parts": list(self.parts)}
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
@@ -120,12 +150,12 @@ class Manifest:
                             f"{FORMAT_VERSION}; {PREPARE_HINT}")
         try:
             splits = {name: SplitInfo(documents=int(s["documents"]), tokens=int(s["tokens"]),
-                                      shards=tuple(ShardInfo(str(x["file"]), int(x["tokens"]), str(x["sha256"]))
-                                                   for x in s["shards"]))
+                                      shards=tuple(ShardInfo.from_dict(x) for x in s["shards"]))
                       for name, s in data["splits"].items()}
+            parts = data.get("parts")
             manifest = cls(created_at=str(data["created_at"]), source=str(data["source"]), args=dict(data["args"]),
                            tokenizer=TokenizerInfo.from_dict(data["tokenizer"], where), dtype=str(data["dtype"]),
-                           splits=splits)
+                           splits=splits, parts=tuple(parts) if isinstance(parts, list) else ())
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{where}: malformed manifest ({type(e).__name__}: {e}); {PREPARE_HINT}") from None
         if manifest.dtype not in ("uint16", "uint32"):
@@ -146,7 +176,8 @@ class TokenShards:
     """A prepared directory opened for reading: manifest checked, shards memory-mapped on use.
 
     Opening checks that every shard exists with the size its token count implies;
-    `verify=True` (or `verify()`) also checks every sha256. Nothing is read into RAM.
+    `verify=True` (or `verify()`) also checks every sha256 (`gpt_moe.data_verify` checks them once
+    and remembers, the check before training). Nothing is read into RAM.
     """
 
     def __init__(self, directory: str | Path, verify: bool = False):
@@ -163,7 +194,7 @@ class TokenShards:
                     found = "missing" if size is None else f"{size} bytes"
                     raise DataError(f"{path}: {found}, the manifest says {shard.tokens} tokens = {expected} bytes "
                                     f"of {self.manifest.dtype} (truncated or replaced shard); "
-                                    "hint: prepare the data again with python -m data_prep")
+                                    f"{repair_hint(self.manifest, self.directory)}")
         if verify:
             self.verify()
 
@@ -175,16 +206,16 @@ class TokenShards:
     def eot_id(self) -> int:
         return self.manifest.tokenizer.eot_id
 
+    def has_split(self, split: str) -> bool:
+        """Whether the data has tokens in `split`: "val" is empty when prepared with --val-fraction 0."""
+        info = self.manifest.splits.get(split)
+        return info is not None and info.tokens > 0
+
     def verify(self) -> None:
-        """Check every shard's sha256 against the manifest."""
-        for split in self.manifest.splits.values():
-            for shard in split.shards:
-                path = self.directory / shard.file
-                digest = sha256_file(path)
-                if digest != shard.sha256:
-                    raise DataError(f"{path}: sha256 {digest[:12]}... differs from the manifest's "
-                                    f"{shard.sha256[:12]}... (altered shard); "
-                                    "hint: prepare the data again with python -m data_prep")
+        """Check every shard's sha256 against the manifest: `gpt_moe.data_verify.verify_data(self, "always")`."""
+        from gpt_moe.data_verify import verify_data  # that module builds on this one
+
+        verify_data(self, "always")
 
     def tokens(self, split: str) -> list[np.ndarray]:
         """The split's shards as read-only memory maps, 1-D [tokens] each, in stream order."""
@@ -219,6 +250,10 @@ class _Windows:
         counts = np.array([(len(a) - 1) // seq_len for a in self.arrays], dtype=np.int64)
         self.ends = np.cumsum(counts)  # windows of shards 0..s
         self.count = int(self.ends[-1]) if len(self.ends) else 0
+        if not shards.has_split(split):
+            why = " (prepared with --val-fraction 0: no validation split)" if split == "val" else ""
+            raise DataError(f"{shards.directory}: split {split!r} has no tokens{why}; hint: check "
+                            "TokenShards.has_split() first, or prepare the data with --val-fraction > 0")
         if self.count == 0:
             total = sum(len(a) for a in self.arrays)
             raise DataError(f"{shards.directory}: split {split!r} has {total} tokens, fewer than one window of "

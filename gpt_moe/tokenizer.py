@@ -45,6 +45,9 @@ CHAT_TOKENS: tuple[str, ...] = (SYSTEM, USER, ASSISTANT, END)
 """Role markers reserved for the chat app, in id order after the document separator."""
 
 STANDARD_ENCODINGS: tuple[str, ...] = ("cl100k_base", "o200k_base", "gpt2")
+MAX_BPE_VOCAB = 1 << 24
+"""Largest bpe:N: HF `tokenizers`' trainer reserves memory in proportion to N before it starts (bpe:2^32 aborts
+asking for 283 GB); the largest vocabularies in use have a few hundred thousand tokens."""
 TOKENIZER_FILE = "tokenizer.tiktoken"
 """File name of the tokenizer saved beside the shards of a prepared dataset."""
 
@@ -81,6 +84,9 @@ def parse_tokenizer_spec(spec: str) -> TokenizerSpec:
         if n < min_bpe_vocab():
             raise DataError(f"--tokenizer {spec!r}: a byte-level BPE needs N >= {min_bpe_vocab()} "
                             f"(256 bytes + {len(CHAT_TOKENS) + 1} special tokens + merges); {hint}")
+        if n > MAX_BPE_VOCAB:
+            raise DataError(f"--tokenizer {spec!r}: expected N <= {MAX_BPE_VOCAB} (the trainer reserves memory for "
+                            "N tokens up front; vocabularies in use have up to a few 100k); hint: e.g. bpe:32768")
         return TokenizerSpec("bpe", spec, vocab_size=n)
     if spec.endswith(".tiktoken"):
         path = Path(spec)
@@ -210,6 +216,11 @@ def _with_special_tokens(name: str, pat_str: str, ranks: dict[bytes, int],
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=special)
 
 
+def bpe_encoding(ranks: dict[bytes, int], name: str, pat_str: str = BPE_PAT_STR) -> tiktoken.Encoding:
+    """A byte-level BPE of these mergeable ranks, the special tokens after them (what `train_bpe` returns)."""
+    return _with_special_tokens(name, pat_str, ranks, {})
+
+
 def load_bpe_file(path: Path, name: str | None = None) -> tiktoken.Encoding:
     """Load a trained BPE saved by `save_tokenizer` (our pattern and special tokens)."""
     path = Path(path)
@@ -218,7 +229,7 @@ def load_bpe_file(path: Path, name: str | None = None) -> tiktoken.Encoding:
     except OSError as e:
         raise DataError(f"{path}: cannot read the tokenizer file ({e.strerror})") from None
     ranks = parse_tiktoken_file(data, str(path))
-    return _with_special_tokens(name or f"bpe{len(ranks) + 1 + len(CHAT_TOKENS)}", BPE_PAT_STR, ranks, {})
+    return bpe_encoding(ranks, name or f"bpe{len(ranks) + 1 + len(CHAT_TOKENS)}")
 
 
 # ------------------------------------------------------------------------------ standard encodings
@@ -319,7 +330,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, name: str | None = None,
     if len(ranks) < vocab_size - n_special:
         log.warning("bpe: the corpus gave only %d merges (asked for %d); vocabulary has %d tokens",
                     len(ranks) - 256, vocab_size - n_special - 256, len(ranks) + n_special)
-    return _with_special_tokens(name or f"bpe{len(ranks) + n_special}", pat_str, ranks, {})
+    return bpe_encoding(ranks, name or f"bpe{len(ranks) + n_special}", pat_str)
 
 
 # ------------------------------------------------------------------------- transformers' tokenizer.json

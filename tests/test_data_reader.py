@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,7 @@ import torch
 
 from data_prep import PrepareConfig, prepare
 from gpt_moe.data import Manifest, ShardInfo, SplitInfo, TokenShards, TrainBatches, ValBatches
+from gpt_moe.data_verify import RECORD_FILE, verify_data
 from gpt_moe.errors import DataError
 from gpt_moe.tokenizer import TokenizerInfo
 
@@ -156,9 +161,11 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def _copy(src: Path, dst: Path) -> Path:
+    """A copy of a dataset (without a verification record: it describes the original files)."""
     dst.mkdir()
     for path in src.iterdir():
-        (dst / path.name).write_bytes(path.read_bytes())
+        if path.name != RECORD_FILE:
+            (dst / path.name).write_bytes(path.read_bytes())
     return dst
 
 
@@ -183,12 +190,13 @@ def test_truncated_or_altered_shard_is_detected(prepared, tmp_path):
         TokenShards(truncated)
 
     altered = _copy(prepared, tmp_path / "altered")
-    shard = altered / "train_00001.bin"
+    name = Manifest.load(altered).splits["train"].shards[1].file
+    shard = altered / name
     data = bytearray(shard.read_bytes())
     data[7] ^= 0x01
     shard.write_bytes(bytes(data))
     TokenShards(altered)  # sizes agree; only checksums can tell
-    with pytest.raises(DataError, match=r"train_00001\.bin: sha256 .* differs from the manifest's .*altered"):
+    with pytest.raises(DataError, match=rf"{name}: sha256 .* differs from the manifest's .*altered"):
         TokenShards(altered, verify=True)
 
     missing = _copy(prepared, tmp_path / "missing")
@@ -199,3 +207,115 @@ def test_truncated_or_altered_shard_is_detected(prepared, tmp_path):
     (missing / "manifest.json").unlink()
     with pytest.raises(DataError, match="no manifest.*incomplete"):
         TokenShards(missing)
+
+
+def test_data_without_validation_split_says_so(prepared, tmp_path):
+    manifest = Manifest.load(prepared)
+    no_val = _copy(prepared, tmp_path / "no_val")
+    for shard in manifest.splits["val"].shards:
+        (no_val / shard.file).unlink()
+    splits = {"train": manifest.splits["train"], "val": SplitInfo()}  # as data_prep --val-fraction 0 writes it
+    (no_val / "manifest.json").write_text(dataclasses.replace(manifest, splits=splits).to_json())
+    shards = TokenShards(no_val)
+    assert shards.has_split("train") and not shards.has_split("val") and not shards.has_split("test")
+    assert TokenShards(prepared).has_split("val")
+    with pytest.raises(DataError, match=r"split 'val' has no tokens.*--val-fraction 0.*has_split"):
+        ValBatches(shards, SEQ, micro_batch=1)
+
+
+# ------------------------------------------------------------------------------ verification on first use
+
+
+def _shard_files(directory: Path) -> list[str]:
+    return [s.file for split in Manifest.load(directory).splits.values() for s in split.shards]
+
+
+def _age(directory: Path, seconds: float = 60) -> None:
+    """Set every shard's mtime `seconds` into the past (as for data prepared a while ago)."""
+    past = time.time_ns() - int(seconds * 1e9)
+    for name in _shard_files(directory):
+        os.utime(directory / name, ns=(past, past))
+
+
+def _flip_a_bit(path: Path, keep_mtime: bool = False) -> None:
+    """Alter a shard in place (same size); with `keep_mtime`, as if within the same timestamp tick."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0x01
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_verify_data_hashes_once_then_only_what_changed(prepared, tmp_path):
+    data = _copy(prepared, tmp_path / "data")
+    _age(data)
+    files = _shard_files(data)
+    shards = TokenShards(data)
+    first = verify_data(shards)  # mode "first" is the default
+    assert first.hashed == files and first.problems == [] and first.record == data / RECORD_FILE
+    assert first.max_token_id == max(int(np.fromfile(data / f, dtype="<u2").max()) for f in files) < shards.n_vocab
+    assert verify_data(shards, "first").hashed == []  # the record vouches for every shard
+    assert verify_data(shards, "always").hashed == files and verify_data(shards, "never").hashed == []
+
+    altered = data / files[1]
+    original = altered.read_bytes()
+    _flip_a_bit(altered)
+    with pytest.raises(DataError, match=rf"{files[1]}: sha256 .* differs from the manifest's .*altered shard.*"
+                                        rf"rerun `python -m data_prep .*--out {data}`"):
+        verify_data(shards)
+    with pytest.raises(DataError, match="altered shard"):  # not recorded as good: found again
+        verify_data(shards, "first")
+    assert verify_data(shards, "never").hashed == []  # "never" does not look
+    altered.write_bytes(original)
+    assert verify_data(shards).hashed == [files[1]]  # only the shard whose mtime changed
+    record = json.loads((data / RECORD_FILE).read_text())
+    assert sorted(record["shards"]) == sorted(files)
+
+
+def test_verify_data_hashes_a_recently_modified_shard_again(prepared, tmp_path):
+    """A shard modified within the timestamp granularity after it was hashed can keep its mtime: a record
+    entry made within RACY_NS of the shard's mtime does not vouch for it."""
+    data = _copy(prepared, tmp_path / "data")  # fresh files: modified just now
+    shards = TokenShards(data)
+    files = _shard_files(data)
+    assert verify_data(shards).hashed == files
+    _flip_a_bit(data / files[0], keep_mtime=True)  # same size, same mtime
+    with pytest.raises(DataError, match=f"{files[0]}: sha256"):
+        verify_data(shards)
+
+
+def test_verify_data_without_a_writable_directory_verifies_every_time(prepared, tmp_path):
+    data = _copy(prepared, tmp_path / "data")
+    _age(data)
+    if os.geteuid() == 0:  # root writes through file modes: make the record's name unusable instead
+        (data / RECORD_FILE).mkdir()
+    else:
+        data.chmod(0o555)
+    try:
+        shards = TokenShards(data)
+        for _ in range(2):
+            check = verify_data(shards)
+            assert check.hashed == _shard_files(data) and check.record is None and RECORD_FILE in check.record_error
+    finally:
+        data.chmod(0o755)
+    assert [p.name for p in data.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_max_token_id_of_data_whose_manifest_lacks_it(synthetic):
+    """Manifests written before the largest token id was recorded still work: it is computed."""
+    assert all(s.max_token_id is None for split in Manifest.load(synthetic).splits.values() for s in split.shards)
+    expected = sum(sum(sizes) for sizes in SHARD_SIZES.values()) - 1  # tokens are positions
+    shards = TokenShards(synthetic)
+    assert verify_data(shards, "never").max_token_id == expected
+    assert verify_data(shards, "always").max_token_id == expected
+
+
+def test_manifest_whose_vocabulary_is_too_small_for_its_data_is_refused(prepared, tmp_path):
+    data = _copy(prepared, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tokenizer"]["n_vocab"] = 200  # the data holds ids up to ~300
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"the data holds token id \d+ \(in .*\.bin\) but the manifest's tokenizer "
+                                        r"bpe:300 has n_vocab 200"):
+        verify_data(TokenShards(data), "never")

@@ -1,0 +1,117 @@
+"""The tokenizer of a preparation run: a standard encoding, a `.tiktoken` file, or `bpe:N` trained on the corpus.
+
+    enc = build_tokenizer("bpe:4096", corpus, sample_chars=1 << 25)
+
+`bpe:N` trains on the first `sample_chars` characters; when they support fewer than N tokens the
+tokenizer is named `bpe:M` after its real size M (with a warning), so that a name never overstates
+the vocabulary; N is at most `MAX_BPE_VOCAB`. It trains in a child process: HF `tokenizers`' trainer
+runs native code that does not look at signals until it returns (many seconds), so Ctrl-C reaches
+the parent, which ends the child at once and raises KeyboardInterrupt. The child ignores SIGINT
+(the parent owns the interruption) and dies with the parent, also when the parent is killed (Linux).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+
+import tiktoken
+
+from data_prep.encode import pieces
+from data_prep.sources import Corpus
+from gpt_moe.errors import GptMoeError
+from gpt_moe.tokenizer import bpe_encoding, load_tokenizer, mergeable_ranks, parse_tokenizer_spec, train_bpe
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def build_tokenizer(spec: str, corpus: Corpus, sample_chars: int) -> tiktoken.Encoding:
+    """The Encoding for `--tokenizer spec` (bpe:N: trained on the corpus' first `sample_chars` characters)."""
+    parsed = parse_tokenizer_spec(spec)
+    if parsed.kind != "bpe":
+        return load_tokenizer(spec)
+    log.info("training %s on up to %.1fM characters of the corpus", spec, sample_chars / 1e6)
+    start = time.perf_counter()
+    ranks = _train_in_child(corpus, parsed.vocab_size, sample_chars)
+    enc = bpe_encoding(ranks, name=spec)
+    if enc.n_vocab < parsed.vocab_size:  # the name says the size: bpe:N names N tokens
+        enc = bpe_encoding(ranks, name=f"bpe:{enc.n_vocab}")
+        log.warning("--tokenizer %s: the corpus sample gave %d tokens, so the tokenizer is named %s after its real "
+                    "size; hint: a larger corpus (or --bpe-sample-chars) gives more merges", spec, enc.n_vocab,
+                    enc.name)
+    log.info("trained %s: %d tokens in %.1fs", enc.name, enc.n_vocab, time.perf_counter() - start)
+    return enc
+
+
+def _sample(corpus: Corpus, limit_chars: int) -> Iterator[str]:
+    """The first `limit_chars` characters of the corpus, as pieces."""
+    seen = 0
+    for piece in pieces(corpus.documents()):
+        yield piece.text
+        seen += len(piece.text)
+        if seen >= limit_chars:
+            return
+
+
+def _train_in_child(corpus: Corpus, vocab_size: int, sample_chars: int) -> dict[bytes, int]:
+    """The mergeable ranks of a BPE trained in a child process; its DataError is raised here as is."""
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(send, corpus, vocab_size, sample_chars, os.getpid()),
+                            name="bpe-training")
+    # SIGINT stays blocked in the child until it has chosen to ignore it (the mask survives fork and exec)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        child.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    send.close()
+    try:
+        kind, payload = receive.recv()
+    except BaseException as e:  # Ctrl-C, or EOFError: the child died without a word
+        child.terminate()
+        child.join()
+        if isinstance(e, EOFError):
+            raise RuntimeError(f"BPE training process ended without a result (exit code {child.exitcode})") from None
+        raise
+    finally:
+        receive.close()
+    child.join()
+    if kind == "ranks":
+        return payload
+    if kind == "error":
+        raise payload
+    raise RuntimeError(f"BPE training failed in its process:\n{payload}")
+
+
+def _child(send, corpus: Corpus, vocab_size: int, sample_chars: int, parent: int) -> None:
+    """The training process: sends ("ranks", ranks), ("error", GptMoeError) or ("bug", traceback text)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _die_with_parent(parent)
+    try:
+        result = ("ranks", mergeable_ranks(train_bpe(_sample(corpus, sample_chars), vocab_size)))
+    except GptMoeError as e:
+        result = ("error", e)
+    except Exception:  # a bug: its traceback goes to the parent, which raises it
+        result = ("bug", traceback.format_exc())
+    send.send(result)
+    send.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """On Linux, the kernel ends this process when its parent (pid `parent`) dies, even by SIGKILL."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
