@@ -61,6 +61,8 @@ class TrainConfig:
     log_interval: int = option(10, "optimizer steps between logged scalars")
     sample_tokens: int = option(48, "tokens generated as a text sample at each evaluation")
     max_bad_steps: int = option(5, "consecutive non-finite steps that stop the run")
+    verify_data: str = option("first", "check the shards' sha256 against the manifest: first (hash what is new or "
+                                       "changed since the last check), always, never")
     dry_run: bool = option(False, "resolve and print both configs, parameter counts and a memory estimate, then exit")
 
     def validate(self) -> None:
@@ -78,6 +80,8 @@ class TrainConfig:
             fail("lr", "a positive number")
         if not 0 <= self.min_lr_ratio <= 1:
             fail("min_lr_ratio", "a number in [0, 1]")
+        if self.verify_data not in ("first", "always", "never"):
+            fail("verify_data", "'first', 'always' or 'never'")
         if self.schedule not in ("cosine", "wsd"):
             fail("schedule", "'cosine' or 'wsd'")
         if not 0 < self.decay_fraction <= 1:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from gpt_moe import checkpoint as ckpt
 from gpt_moe.atomic import write_atomic
 from gpt_moe.data import TokenShards, TrainBatches, ValBatches
+from gpt_moe.data_verify import verify_data
 from gpt_moe.errors import DataError, GptMoeError
 from gpt_moe.hardware import deepspeed_cuda_arch_list, device_peak_flops, keep_freed_memory
 from gpt_moe.metrics import Throughput, expert_load_stats, make_writer
@@ -77,6 +78,7 @@ class Trainer:
             self._prepare_default_data(prepare_data)
         self.shards = TokenShards(self.cfg.data)
         self.shards.check_vocab(plan.model.vocab_size)
+        self._verify_data()
         self.loader = TrainBatches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, self.rank, self.world,
                                    self.cfg.seed)
         self.val_batches = self._validation_batches()
@@ -116,10 +118,29 @@ class Trainer:
             prepare_data(Path(self.cfg.data))
         dist.barrier()
 
+    def _verify_data(self) -> None:
+        """Rank 0 checks every shard against the manifest (`gpt_moe.data_verify`, `--verify-data`) and the data's
+        largest token id against the model's vocabulary; every rank gets the verdict, before step 1."""
+        verdict: list[str | None] = [None]
+        if self.is_rank0:
+            try:
+                check = verify_data(self.shards, self.cfg.verify_data)
+                if check.record is None and check.hashed:
+                    log.warning("%s: verification not recorded (%s): every start hashes the shards again",
+                                self.cfg.data, check.record_error)
+                if check.max_token_id >= self.plan.model.vocab_size:
+                    verdict = [f"{self.cfg.data}: token id {check.max_token_id} in the data, but the model's "
+                               f"vocab_size is {self.plan.model.vocab_size}; use a model config with vocab_size > "
+                               f"{check.max_token_id} or data prepared with the model's tokenizer"]
+            except DataError as err:
+                verdict = [str(err)]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise DataError(verdict[0])
+
     def _validation_batches(self) -> ValBatches | None:
         """The evaluation batches, or None (with one warning) for data prepared with --val-fraction 0."""
-        val = self.shards.manifest.splits.get("val")
-        if val is None or val.tokens == 0:
+        if not self.shards.has_split("val"):
             if self.is_rank0:
                 log.warning("%s has no validation split (prepared with --val-fraction 0): evaluation is skipped",
                             self.cfg.data)

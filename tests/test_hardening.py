@@ -208,3 +208,37 @@ def test_bad_inference_input_is_one_line(tiny_checkpoint, tmp_path):
         extra = [str(tmp_path / "out")] if script.endswith("export.py") else ["x"]
         args = [str(truncated), *extra] if script.endswith("export.py") else ["--checkpoint", str(truncated), *extra]
         assert_one_line_error(run(script, *args), "cannot load this checkpoint")
+
+
+# ---------------------------------------------------------------------------------- data checked before step 1
+def copy_of(prepared_data: Path, tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(prepared_data, data, ignore=shutil.ignore_patterns("verified.json", ".data_prep.lock"))
+    return data
+
+
+def test_a_shard_altered_in_place_is_refused_before_step_1(prepared_data, tmp_path):
+    data = copy_of(prepared_data, tmp_path)
+    shard = data / json.loads((data / "manifest.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    content = bytearray(shard.read_bytes())
+    content[10:12] = content[12:14]  # same size, other tokens
+    shard.write_bytes(bytes(content))
+    result = run("launch/train.py", "--data", str(data), "--run-dir", str(tmp_path / "run"), "--max-steps", "2",
+                 *TINY_RUN)
+    assert_one_line_error(result, shard.name)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step trained
+
+
+def test_token_ids_beyond_the_models_vocabulary_are_refused_before_step_1(prepared_data, small_config, tmp_path):
+    """The manifest's n_vocab lowered to 512 and a model of 512 tokens: ids up to 1023 would index past the
+    embedding (an IndexError at step 1, or only at the first evaluation with a larger model)."""
+    data = copy_of(prepared_data, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tokenizer"]["n_vocab"] = 512
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps(small_config.replace(vocab_size=512).to_dict()))
+    result = run("launch/train.py", "--data", str(data), "--model", str(model), "--run-dir", str(tmp_path / "run"),
+                 "--max-steps", "2", *TINY_RUN)
+    assert_one_line_error(result, "token id")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
