@@ -131,8 +131,10 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, self.config.rope_interleave).squeeze(1)
         return self.kv_a_layernorm(latent), k_rope
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over the whole sequence. cos/sin: [seq, rope/2]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention over the whole sequence. cos/sin: [seq, rope/2] or [b, 1, seq, rope/2];
+        attn_mask: None (causal) or [b, 1, seq, seq] bool, True where a query may attend (packed rows)."""
         b, s, _ = x.shape
         q_nope, q_rope = self._queries(x, cos, sin)
         latent, k_rope = self._latents(x, cos, sin)
@@ -144,7 +146,8 @@ class MultiHeadLatentAttention(nn.Module):
         # (V3: 128 vs 192), so they are zero-padded and the padding sliced off the output
         pad = query.shape[-1] - self.v_dim
         out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, pad)) if pad > 0 else value,
-                                             is_causal=True, scale=self.scale)[..., : self.v_dim]
+                                             attn_mask=attn_mask, is_causal=attn_mask is None,
+                                             scale=self.scale)[..., : self.v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | ExpandedCache,

@@ -18,7 +18,7 @@ from torch import nn
 
 from gpt_moe.attention import ExpandedCache, LatentCache, MultiHeadLatentAttention
 from gpt_moe.config import ModelConfig
-from gpt_moe.loss import linear_cross_entropy
+from gpt_moe.loss import IGNORE_INDEX, linear_cross_entropy
 from gpt_moe.moe import MLP, Experts, MoE, TopkRouter
 from gpt_moe.norm import RMSNorm
 from gpt_moe.rope import RotaryEmbedding
@@ -52,10 +52,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, key_mask: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [batch, seq, hidden] -> (same shape, balance loss of this layer or None)."""
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [batch, seq, hidden] -> (same shape, balance loss of this layer or None). attn_mask: see
+        `MultiHeadLatentAttention.forward`; cache/key_mask: decoding."""
         h = self.input_layernorm(x)
-        h = self.self_attn(h, cos, sin) if cache is None else self.self_attn.decode(h, cos, sin, cache, key_mask)
+        if cache is None:
+            h = self.self_attn(h, cos, sin, attn_mask)
+        else:
+            h = self.self_attn.decode(h, cos, sin, cache, key_mask)
         x = x + h
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
@@ -100,10 +104,10 @@ class MultiTokenPredictionLayer(DecoderLayer):
         self.shared_head = SharedHead(config)
 
     def predict(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden, next_embeds: [batch, seq, hidden] -> (normalised output [batch, seq, hidden], aux)."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        x, aux = self.forward(x, cos, sin)
+        x, aux = self.forward(x, cos, sin, attn_mask=attn_mask)
         return self.shared_head.norm(x), aux
 
 
@@ -169,15 +173,24 @@ class DeepSeekForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids, labels: [batch, seq] (labels[t] is the token after input_ids[t]; -100 ignored)."""
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids, labels: [batch, seq] (labels[t] is the token after input_ids[t]; -100 ignored).
+
+        Packed rows (fine-tuning): position_ids [batch, seq] restart at 0 with each conversation and
+        segment_ids [batch, seq] number the conversations of a row; attention never crosses from one
+        segment into another (a block-diagonal causal mask)."""
         cfg = self.config
         seq = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(torch.arange(seq, device=input_ids.device), x.dtype)
+        positions = position_ids if position_ids is not None else torch.arange(seq, device=input_ids.device)
+        cos, sin = self.model.rotary_emb(positions, x.dtype)
+        if cos.dim() == 3:  # per-row positions: broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        mask = packed_causal_mask(segment_ids) if segment_ids is not None else None
         aux_losses = []
         for layer in self.model.main_layers:
-            x, aux = layer(x, cos, sin)
+            x, aux = layer(x, cos, sin, attn_mask=mask)
             aux_losses.append(aux)
         hidden = self.model.norm(x)
         if labels is None:
@@ -188,11 +201,15 @@ class DeepSeekForCausalLM(nn.Module):
         mtp_loss = None
         mtp = self.model.mtp_layer
         if mtp is not None and seq > 1:
-            # position t sees h_t and the embedding of token t+1 (= labels[t]) and predicts labels[t+1]
-            next_embeds = self.model.embed_tokens(labels[:, :-1].clamp(min=0))
-            mtp_hidden, aux = mtp.predict(x[:, :-1], next_embeds, cos[:-1], sin[:-1])
+            # position t sees h_t and the embedding of token t+1 (input_ids[t+1]) and predicts labels[t+1]
+            next_embeds = self.model.embed_tokens(input_ids[:, 1:])
+            mtp_mask = mask[..., :-1, :-1] if mask is not None else None
+            mtp_hidden, aux = mtp.predict(x[:, :-1], next_embeds, cos[..., :-1, :], sin[..., :-1, :], mtp_mask)
             aux_losses.append(aux)
-            mtp_loss = self.lm_head(mtp_hidden, labels=labels[:, 1:])
+            mtp_labels = labels[:, 1:]
+            if segment_ids is not None:  # the token after next must belong to the same conversation
+                mtp_labels = mtp_labels.masked_fill(segment_ids[:, 1:] != segment_ids[:, :-1], IGNORE_INDEX)
+            mtp_loss = self.lm_head(mtp_hidden, labels=mtp_labels)
             loss = loss + cfg.mtp_loss_weight * mtp_loss
         aux_terms = [a for a in aux_losses if a is not None]
         aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
@@ -232,6 +249,13 @@ class DeepSeekForCausalLM(nn.Module):
         """(layer index, MoE block) of every MoE layer in order; the MTP block's index is num_hidden_layers."""
         layers = self.model.layers if include_mtp else self.model.main_layers
         return [(layer.layer_idx, layer.mlp) for layer in layers if isinstance(layer.mlp, MoE)]
+
+
+def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids: [batch, seq] -> [batch, 1, seq, seq] bool: position t may attend to s <= t of its own segment."""
+    seq = segment_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
+    return (causal & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
 
 
 def _seeded_normal_(tensor: torch.Tensor, std: float, seed: int, key: str) -> None:
