@@ -38,9 +38,15 @@ if TYPE_CHECKING:
     from tiktoken import Encoding
 
 ROLE_MARKERS: dict[str, str] = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-JINJA_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
-                  "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
-"""The same template for transformers' `apply_chat_template` (written into exported tokenizer configs)."""
+JINJA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+"""The same template for transformers' `apply_chat_template` (written into exported tokenizer configs); the
+`{% generation %}` block marks what `render_conversation` trains on, so `return_assistant_tokens_mask=True`
+gives our loss mask (what TRL's `assistant_only_loss` reads)."""
 
 
 # --------------------------------------------------------------------------------------- template
@@ -74,6 +80,21 @@ def format_chat(tokenizer: Encoding, messages: Sequence[dict[str, str]],
     if add_generation_prompt:
         ids.append(special_id(tokenizer, ASSISTANT))
     return ids
+
+
+def render_conversation(tokenizer: Encoding, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of a whole conversation for fine-tuning: the ids of `format_chat(..., False)` and,
+    per id, 1 where the model is trained to produce it -- every assistant message's text and its closing
+    `<|end|>` -- and 0 for system and user turns and for every role marker (the marker that opens an
+    assistant turn is part of the prompt: at inference the template writes it)."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for message in messages:
+        turn = message_ids(tokenizer, message)
+        trained = 1 if message.get("role") == "assistant" else 0
+        ids += turn
+        mask += [0] + [trained] * (len(turn) - 1)
+    return ids, mask
 
 
 def reply_stop_ids(tokenizer: Encoding) -> set[int]:

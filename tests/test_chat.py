@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt_moe.chat import (JINJA_TEMPLATE, ChatPrompt, ReplyStream, fit_chat, format_chat, generate_reply,
-                          load_chat_model, recording_routing, reply_stop_ids, special_id)
+                          load_chat_model, recording_routing, render_conversation, reply_stop_ids, special_id)
 from gpt_moe.loading import load_for_inference
 from gpt_moe.errors import CheckpointError, DataError
 from gpt_moe.generate import SamplingConfig
@@ -38,15 +38,19 @@ def test_template_uses_special_ids_and_keeps_marker_text_plain(loaded):
 
 
 @pytest.mark.parametrize("generation_prompt", [True, False])
-def test_jinja_template_renders_what_format_chat_encodes(loaded, generation_prompt):
-    """The template exported for transformers (Jinja) and ours (Python) give the same conversation text."""
-    import jinja2
+def test_jinja_template_renders_what_format_chat_encodes_and_marks_what_is_trained(loaded, generation_prompt):
+    """The template exported for transformers (Jinja, rendered by transformers) and ours (Python) give the same
+    conversation text, and its {% generation %} spans are exactly the text render_conversation trains on."""
+    from transformers.utils.chat_template_utils import render_jinja_template
 
     tok = loaded.tokenizer
     conversation = [*CONVERSATION, {"role": "assistant", "content": "Ok: <|end|>\n"}, {"role": "user", "content": ""}]
-    rendered = jinja2.Environment().from_string(JINJA_TEMPLATE).render(messages=conversation,
-                                                                       add_generation_prompt=generation_prompt)
-    assert rendered == tok.decode(format_chat(tok, conversation, add_generation_prompt=generation_prompt))
+    rendered, spans = render_jinja_template([conversation], chat_template=JINJA_TEMPLATE,
+                                            add_generation_prompt=generation_prompt, return_assistant_tokens_mask=True)
+    assert rendered[0] == tok.decode(format_chat(tok, conversation, add_generation_prompt=generation_prompt))
+    ids, mask = render_conversation(tok, conversation)
+    trained = "".join(tok.decode([i]) for i, m in zip(ids, mask) if m)
+    assert "".join(rendered[0][start:end] for start, end in spans[0]) == trained == "Ok: <|end|>\n<|end|>"
 
 
 def test_fit_chat_drops_oldest_turns_then_cuts_the_last_one(loaded):
