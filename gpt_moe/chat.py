@@ -202,10 +202,10 @@ class ReplyStream:
     """
 
     def __init__(self, model: DeepSeekForCausalLM, tokenizer: Encoding, prompt: ChatPrompt,
-                 cfg: SamplingConfig, lock: threading.Lock | None = None) -> None:
+                 cfg: SamplingConfig, lock: threading.Lock | None = None, stop_ids: set[int] | None = None) -> None:
         self.model, self.tokenizer, self.prompt, self.cfg = model, tokenizer, prompt, cfg
         self.lock = lock if lock is not None else contextlib.nullcontext()
-        self.stop_ids = reply_stop_ids(tokenizer)
+        self.stop_ids = reply_stop_ids(tokenizer) if stop_ids is None else stop_ids
         self.moe_layers = model.moe_layers(include_mtp=False)
         config = model.config
         self.routing = RoutingRecord([i for i, _ in self.moe_layers], config.n_routed_experts,
@@ -258,6 +258,21 @@ def generate_reply(model: DeepSeekForCausalLM, tokenizer: Encoding, messages: Se
     (`max_position_embeddings - max_new_tokens` tokens)."""
     prompt = fit_chat(tokenizer, messages, prompt_budget(model, cfg.max_new_tokens))
     return ReplyStream(model, tokenizer, prompt, cfg, lock)
+
+
+def generate_continuation(model: DeepSeekForCausalLM, tokenizer: Encoding, text: str, cfg: SamplingConfig,
+                          lock: threading.Lock | None = None) -> ReplyStream:
+    """What a base model is good for: a `ReplyStream` continuing `text` as a document (no role markers; the end
+    of an overlong text is kept), ending at `<|endoftext|>`."""
+    ids = tokenizer.encode_ordinary(text)[-prompt_budget(model, cfg.max_new_tokens):]
+    if not ids:
+        raise DataError("empty prompt: type some text for the model to continue")
+    return ReplyStream(model, tokenizer, ChatPrompt(ids), cfg, lock, stop_ids={special_id(tokenizer, ENDOFTEXT)})
+
+
+def is_chat_model(info: dict) -> bool:
+    """Whether a checkpoint's training facts say it was fine-tuned on conversations."""
+    return bool(info.get("chat"))
 
 
 def prompt_budget(model: DeepSeekForCausalLM, max_new_tokens: int) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 import gradio as gr
 
-from gpt_moe.chat import ReplyStream, generate_reply, load_chat_model
+from gpt_moe.chat import ReplyStream, generate_continuation, generate_reply, is_chat_model, load_chat_model
 from gpt_moe.loading import LoadedModel
 from gpt_moe.cli import run_cli
 from gpt_moe.errors import GptMoeError
@@ -30,6 +30,8 @@ from gpt_moe.generate import SamplingConfig
 from gpt_moe.params import account, human
 from gpt_moe.routing_view import load_chart, routing_heatmap, token_label
 
+BASE_MODEL_NOTE = ("**This is a base model** (not fine-tuned on conversations): each message is continued as "
+                   "text, without chat roles. Fine-tune it with `--init-from` to chat.")
 MAX_MESSAGE_CHARS = 4000
 MAX_NEW_TOKENS = 512
 MAX_HISTORY_MESSAGES = 40  # older turns would not fit a small model's context anyway
@@ -66,6 +68,7 @@ def model_facts(loaded: LoadedModel) -> list[tuple[str, str]]:
                              f"per-head K/V would be {a.mha_kv_cache_bytes_per_token:,} B"),
         ("context", f"{config.max_position_embeddings} tokens"),
         ("tokenizer", f"{loaded.tokenizer_info.name} ({loaded.tokenizer_info.n_vocab} tokens)"),
+        ("kind", "chat (fine-tuned on conversations)" if is_chat_model(info) else "base (continues text)"),
         ("checkpoint", str(loaded.source)),
     ]
 
@@ -142,6 +145,7 @@ class ChatApp:
         self.max_new_tokens = min(max_new_tokens, loaded.model.config.max_position_embeddings // 2)
         self.max_message_chars = max_message_chars
         self.lock = threading.Lock()
+        self.chat = is_chat_model(loaded.info)  # a base model continues the typed text instead
 
     def respond(self, message: str, history: list[dict[str, Any]] | None, temperature: float = 0.8,
                 top_k: int = 50, top_p: float = 0.95, max_new_tokens: int = 128, seed: int = -1,
@@ -159,9 +163,13 @@ class ChatApp:
         settings = Settings(temperature, top_k, top_p, max_new_tokens, seed, repetition_penalty,
                             system_prompt if isinstance(system_prompt, str) else "")
         cfg = settings.sampling(self.max_new_tokens)
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
         try:
-            reply = generate_reply(self.loaded.model, self.loaded.tokenizer,
-                                   conversation(history, message, settings.system_prompt), cfg, lock=self.lock)
+            if self.chat:
+                reply = generate_reply(model, tokenizer, conversation(history, message, settings.system_prompt), cfg,
+                                       lock=self.lock)
+            else:
+                reply = generate_continuation(model, tokenizer, message, cfg, lock=self.lock)
         except GptMoeError as err:
             raise gr.Error(str(err)) from None
         asked = [*history, {"role": "user", "content": message}]
@@ -222,6 +230,8 @@ def build_demo(app: ChatApp) -> gr.Blocks:
     with gr.Blocks(title=f"gpt-moe chat: {config.name}", analytics_enabled=False) as demo:
         gr.Markdown(f"## gpt-moe chat: `{config.name}`\nA DeepSeek-style mixture-of-experts model. "
                     "Below the chat: which experts the router chose for every token of the last reply.")
+        if not app.chat:
+            gr.Markdown(BASE_MODEL_NOTE, elem_id="base-model-note")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 chat = gr.Chatbot(label="chat", height=470, elem_id="chat", buttons=["copy"],

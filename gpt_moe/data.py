@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 
 PREPARE_HINT = "hint: run python -m data_prep with --out pointing at this directory"
 DEFAULT_DATA_DIR = "data/builtin"
+DEFAULT_CHAT_DATA_DIR = "data/chat-builtin"
+"""Where `python -m data_prep --format chat --source builtin-chat` puts the built-in conversations: the default
+data of a fine-tuning run (--init-from)."""
 """Where `python -m data_prep` puts the built-in corpus and where training looks for data by default."""
 
 

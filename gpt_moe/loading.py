@@ -19,7 +19,7 @@ import torch
 
 from gpt_moe.checkpoint import (COMPLETE, EXPERT_FILE, MODEL_CONFIG_FILE, TAG_PREFIX, TOKENIZER_INFO_FILE,
                                 load_data_only, newest_complete, parse_expert_key, read_complete_info)
-from gpt_moe.config import ModelConfig
+from gpt_moe.config import ModelConfig, from_hf_config
 from gpt_moe.errors import CheckpointError, GptMoeError
 from gpt_moe.model import DeepSeekForCausalLM
 from gpt_moe.tokenizer import TokenizerInfo, load_saved_tokenizer
@@ -188,3 +188,69 @@ def _load_for_inference(source: Path, device: str | torch.device, dtype: torch.d
         moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
     tokenizer = load_saved_tokenizer(tokenizer_info, source)
     return LoadedModel(model, tokenizer, tokenizer_info, source, info)
+
+
+# ---------------------------------------------------------------------- weights to fine-tune (--init-from)
+@dataclass(frozen=True)
+class Pretrained:
+    """Where `--init-from` weights come from: a training checkpoint tag, a gpt-moe export, or a transformers
+    `DeepseekV3ForCausalLM` directory (config.json + safetensors, no tokenizer record of ours)."""
+
+    source: Path
+    kind: str  # "checkpoint" | "export" | "transformers"
+    config: ModelConfig
+    tokenizer: TokenizerInfo | None  # None for a transformers directory
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model's weights, fp32, experts stacked (read without unpickling code)."""
+        if self.kind == "checkpoint":
+            state = consolidated_state_dict(self.source)
+        else:
+            state = _safetensors_state(self.source, self.config)
+        return {name: value.float() for name, value in state.items()}
+
+
+def pretrained(path: str | Path) -> Pretrained:
+    """Describes the weights at `path` (reading configs only); one CheckpointError when there are none."""
+    try:
+        return _pretrained(resolve_checkpoint(path))
+    except GptMoeError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{path}: cannot read these weights ({type(err).__name__}: {first_line}); expected a "
+                              "training checkpoint, a gpt-moe export or a transformers DeepseekV3 directory") from None
+
+
+def _pretrained(source: Path) -> Pretrained:
+    if not (source / "config.json").is_file():
+        config = ModelConfig.from_json(source / MODEL_CONFIG_FILE)
+        tokenizer = TokenizerInfo.from_dict(json.loads((source / TOKENIZER_INFO_FILE).read_text()),
+                                            str(source / TOKENIZER_INFO_FILE))
+        return Pretrained(source, "checkpoint", config, tokenizer)
+    from gpt_moe.export import OUR_FILE
+
+    if (source / OUR_FILE).is_file():
+        ours = json.loads((source / OUR_FILE).read_text())
+        return Pretrained(source, "export", ModelConfig.from_dict(ours["model_config"], str(source / OUR_FILE)),
+                          TokenizerInfo.from_dict(ours["tokenizer"]))
+    hf = json.loads((source / "config.json").read_text())
+    if hf.get("model_type") != "deepseek_v3":
+        raise CheckpointError(f"{source}/config.json: model_type {hf.get('model_type')!r}, expected deepseek_v3 "
+                              "(a transformers DeepseekV3ForCausalLM directory)")
+    return Pretrained(source, "transformers", from_hf_config(hf, name=source.name), None)
+
+
+def _safetensors_state(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """model*.safetensors (+ our mtp.safetensors) of an export or a transformers directory."""
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("model*.safetensors")) + sorted(directory.glob("mtp.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no model*.safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    if config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    return state

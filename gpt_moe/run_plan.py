@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from gpt_moe.config import ModelConfig
-from gpt_moe.data import DEFAULT_DATA_DIR
+from gpt_moe.data import DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, Manifest
 from gpt_moe.ds_config import TrainingShape, load_ds_config, resolve_ds_config, validate_with_deepspeed, zero_stage
 from gpt_moe.errors import ConfigError, DataError
+from gpt_moe.loading import Pretrained, pretrained
 from gpt_moe.params import account, describe, training_memory_gib
 from gpt_moe.train_config import TrainConfig
 
@@ -43,6 +44,7 @@ class RunPlan:
     zero_stage: int
     run_dir: Path
     prepare_default_data: bool  # the default data directory is not prepared yet
+    pretrained: Pretrained | None = None  # --init-from: the weights to start from
 
     @property
     def bf16(self) -> bool:
@@ -89,7 +91,13 @@ class RunPlan:
 def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware: Hardware) -> RunPlan:
     """The run `cfg` describes on `world_size` ranks of `hardware`; `explicit` names the flags given on the
     command line (a DeepSpeed JSON value that contradicts one of them is an error)."""
-    model = resolve_model_config(cfg)
+    base = pretrained(cfg.init_from) if cfg.init_from else None
+    if base is not None and "--data" not in explicit and cfg.data == DEFAULT_DATA_DIR:
+        cfg = dataclasses.replace(cfg, data=DEFAULT_CHAT_DATA_DIR)  # fine-tuning defaults to the built-in chat set
+    if base is not None and "--model" in explicit:
+        raise ConfigError(f"--model {cfg.model} with --init-from {cfg.init_from}: the model is the one of the weights; "
+                          "drop --model")
+    model = resolve_model_config(cfg, base.config if base else None)
     raw_ds = load_ds_config(cfg.deepspeed_config)
     check_layout(cfg, model, world_size)
     if cfg.seq_len > model.max_position_embeddings:
@@ -97,6 +105,8 @@ def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardwa
                           f"(max_position_embeddings={model.max_position_embeddings}); lower --seq-len, or use a "
                           "model config with a longer context (YaRN rope_scaling and a larger max_position_embeddings)")
     prepare_default_data = check_data(cfg)
+    if not prepare_default_data:
+        check_fine_tuning_data(cfg, base)
     shape = TrainingShape(cfg.micro_batch, cfg.grad_accum, world_size, cfg.lr, cfg.weight_decay, cfg.clip,
                           hardware.bf16_supported, model.hidden_size, explicit, bf16_native=hardware.bf16_native,
                           device_type=hardware.device_type)
@@ -104,13 +114,14 @@ def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardwa
     validate_with_deepspeed(ds_config, cfg.deepspeed_config)
     train = dataclasses.replace(cfg, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum, clip=shape.clip,
                                 lr=shape.lr, weight_decay=shape.weight_decay)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / model.name
-    return RunPlan(train, model, ds_config, world_size, zero_stage(ds_config), run_dir, prepare_default_data)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / (model.name + ("-sft" if base else ""))
+    return RunPlan(train, model, ds_config, world_size, zero_stage(ds_config), run_dir, prepare_default_data, base)
 
 
-def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    """The model preset or JSON with the training config's loss and balancing overrides."""
-    model_config = ModelConfig.load(cfg.model)
+def resolve_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> ModelConfig:
+    """The model preset or JSON (or `base`, the config of --init-from weights) with the training config's loss
+    and balancing overrides."""
+    model_config = base if base is not None else ModelConfig.load(cfg.model)
     overrides = {key: value for key, value in (("mtp_loss_weight", cfg.mtp_weight),
                                                ("bias_update_rate", cfg.bias_update_rate),
                                                ("seq_aux_loss_coef", cfg.seq_aux_loss_coef)) if value is not None}
@@ -131,7 +142,19 @@ def check_data(cfg: TrainConfig) -> bool:
     """True if the data must be prepared first (only the default directory is prepared automatically)."""
     if (Path(cfg.data) / "manifest.json").is_file():
         return False
-    if Path(cfg.data) == Path(DEFAULT_DATA_DIR):
+    if Path(cfg.data) in (Path(DEFAULT_DATA_DIR), Path(DEFAULT_CHAT_DATA_DIR)):
         return True
     raise DataError(f"{cfg.data}: no prepared data (manifest.json missing); prepare it with "
                     f"`python -m data_prep --out {cfg.data} ...` or omit --data to use the built-in corpus")
+
+
+def check_fine_tuning_data(cfg: TrainConfig, base: Pretrained | None) -> None:
+    """Chat data needs --init-from (a model to fine-tune) whose tokenizer made the data."""
+    manifest = Manifest.load(Path(cfg.data))
+    if manifest.content == "chat" and base is None:
+        raise ConfigError(f"{cfg.data}: chat data is for fine-tuning: add --init-from a pretrained run, checkpoint or "
+                          "export (for example --init-from runs/tiny)")
+    if base is not None and base.tokenizer is not None and base.tokenizer.sha256 != manifest.tokenizer.sha256:
+        raise DataError(f"{cfg.data}: tokenized with {manifest.tokenizer.name} ({manifest.tokenizer.sha256[:12]}...), "
+                        f"but {base.source} was trained with {base.tokenizer.name} ({base.tokenizer.sha256[:12]}...); "
+                        f"prepare the data with --tokenizer-from {cfg.init_from}")

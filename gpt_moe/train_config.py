@@ -63,6 +63,9 @@ class TrainConfig:
     max_bad_steps: int = option(5, "consecutive non-finite steps that stop the run")
     verify_data: str = option("first", "check the shards' sha256 against the manifest: first (hash what is new or "
                                        "changed since the last check), always, never")
+    init_from: str = option("", "fine-tune: start from the weights of a training checkpoint (run or step directory), "
+                                "an export or a transformers DeepseekV3 directory; fresh optimizer and schedule")
+    freeze_router: bool = option(False, "fine-tuning: keep every router weight and balancing bias as they are")
     dry_run: bool = option(False, "resolve and print both configs, parameter counts and a memory estimate, then exit")
 
     def validate(self) -> None:

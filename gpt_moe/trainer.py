@@ -32,19 +32,21 @@ import torch.distributed as dist
 
 from gpt_moe import checkpoint as ckpt
 from gpt_moe.atomic import write_atomic
+from gpt_moe.chat_data import ChatBatches, ChatValBatches, PackedBatch
 from gpt_moe.data import TokenShards, TrainBatches, ValBatches
 from gpt_moe.data_verify import verify_data
-from gpt_moe.errors import DataError, GptMoeError
+from gpt_moe.errors import CheckpointError, DataError, GptMoeError
 from gpt_moe.hardware import deepspeed_cuda_arch_list, device_peak_flops, keep_freed_memory
 from gpt_moe.metrics import Throughput, expert_load_stats, make_writer
 from gpt_moe.model import DeepSeekForCausalLM
-from gpt_moe.moe import MoE, update_bias
+from gpt_moe.moe import Experts, MoE, update_bias
 from gpt_moe.params import account
 from gpt_moe.run_plan import RunPlan
 from gpt_moe.train_config import FaultInjection, lr_at
 
 log = logging.getLogger("gpt_moe.train")
 LOSS_NAMES = ("loss", "lm_loss", "mtp_loss", "aux_loss")
+SAMPLE_QUESTION = "What does the function len do?"  # asked at each evaluation of a chat fine-tuning run
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -79,13 +81,15 @@ class Trainer:
         self.shards = TokenShards(self.cfg.data)
         self.shards.check_vocab(plan.model.vocab_size)
         self._verify_data()
-        self.loader = TrainBatches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, self.rank, self.world,
-                                   self.cfg.seed)
+        self.chat = self.shards.content == "chat"  # fine-tuning on conversations: packed rows, trained tokens
+        batches = ChatBatches if self.chat else TrainBatches
+        self.loader = batches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, self.rank, self.world,
+                              self.cfg.seed)
         self.val_batches = self._validation_batches()
         self.engine = self._build_engine()
         self.moe_layers: list[tuple[int, MoE]] = self.engine.module.moe_layers()
         self.expert_ranges = self._gather_expert_ranges()
-        self.step = self.tokens_seen = self.bad_steps_total = self.bad_steps_in_a_row = 0
+        self.step = self.tokens_seen = self.trained_tokens = self.bad_steps_total = self.bad_steps_in_a_row = 0
         self.last_val_loss = float("nan")
         self.history: list[dict[str, float]] = []
         self.writer = make_writer(str(plan.run_dir / "tensorboard"), self.is_rank0)
@@ -138,15 +142,16 @@ class Trainer:
         if verdict[0]:
             raise DataError(verdict[0])
 
-    def _validation_batches(self) -> ValBatches | None:
+    def _validation_batches(self) -> ValBatches | ChatValBatches | None:
         """The evaluation batches, or None (with one warning) for data prepared with --val-fraction 0."""
         if not self.shards.has_split("val"):
             if self.is_rank0:
                 log.warning("%s has no validation split (prepared with --val-fraction 0): evaluation is skipped",
                             self.cfg.data)
             return None
-        return ValBatches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, self.cfg.eval_batches, self.rank,
-                          self.world)
+        batches = ChatValBatches if self.chat else ValBatches
+        return batches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, self.cfg.eval_batches, self.rank,
+                       self.world)
 
     def _build_engine(self):
         import deepspeed
@@ -156,6 +161,11 @@ class Trainer:
             from gpt_moe.expert_parallel import setup_expert_parallel
             expert_parallel = setup_expert_parallel(self.cfg.ep_size, self.plan.zero_stage)
         model = DeepSeekForCausalLM(self.plan.model, expert_parallel, seed=self.cfg.seed)
+        if self.plan.pretrained is not None:
+            self._load_pretrained(model)
+        if self.cfg.freeze_router:
+            for _, moe in model.moe_layers():
+                moe.gate.weight.requires_grad_(False)  # the bias is a buffer: update_balancing leaves it alone
         if self.plan.zero_stage == 3:
             deepspeed.utils.set_z3_leaf_modules(model, [MoE])  # fetch a whole MoE block at once
         cfg = self.cfg
@@ -165,6 +175,27 @@ class Trainer:
         if hasattr(engine.optimizer, "check_grad_overflow"):
             engine.optimizer.check_grad_overflow = True  # skip non-finite steps in fp32 runs too
         return engine
+
+    def _load_pretrained(self, model: DeepSeekForCausalLM) -> None:
+        """--init-from: the weights (read without unpickling code), this rank's share of the routed experts under
+        expert parallelism. A transformers directory has no MTP block: it keeps its fresh initialisation."""
+        base = self.plan.pretrained
+        state = base.state_dict()
+        for name, module in model.named_modules():
+            if isinstance(module, Experts):
+                for weight in ("gate_up_proj", "down_proj"):
+                    key = f"{name}.{weight}"
+                    if key in state:
+                        state[key] = state[key][module.first_expert:module.first_expert + module.num_local_experts]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        mtp = f"model.layers.{self.plan.model.num_hidden_layers}."
+        if unexpected or any(not key.startswith(mtp) for key in missing):
+            raise CheckpointError(f"{base.source}: weights do not match the model (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+        if missing and self.is_rank0:
+            log.warning("%s has no MTP block: it starts from a fresh initialisation", base.source)
+        if self.is_rank0:
+            log.warning("initialised from %s (%s); optimizer and schedule start fresh", base.source, base.kind)
 
     def _gather_expert_ranges(self) -> list[list[int] | None]:
         """[first, end) of the routed experts each rank holds (the same for every MoE layer)."""
@@ -183,7 +214,8 @@ class Trainer:
     def save(self) -> Path:
         tag = ckpt.tag_for_step(self.step)
         client = {
-            "step": self.step, "tokens_seen": self.tokens_seen, "data": self.loader.state_dict(),
+            "step": self.step, "tokens_seen": self.tokens_seen, "trained_tokens": self.trained_tokens,
+            "data": self.loader.state_dict(),
             "bad_steps_total": self.bad_steps_total, "train_config": asdict(self.cfg),
             "model_config": self.plan.model.to_dict(), "ds_config": self.plan.ds_config,
             "tokenizer": self.shards.manifest.tokenizer.to_dict(), "world_size": self.world,
@@ -223,7 +255,8 @@ class Trainer:
         ckpt.mark_complete(tag_dir, {
             "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
             "ep_size": self.cfg.ep_size, "expert_ranges": self.expert_ranges, "zero_stage": self.plan.zero_stage,
-            "bf16": self.plan.bf16, "val_loss": self.last_val_loss, "model": self.plan.model.name})
+            "bf16": self.plan.bf16, "val_loss": self.last_val_loss, "model": self.plan.model.name,
+            "chat": self.chat, "init_from": str(self.plan.pretrained.source) if self.plan.pretrained else None})
         ckpt.prune(self.plan.checkpoint_dir, self.cfg.keep_last)
 
     def checkpoint_to_resume(self) -> Path | None:
@@ -258,6 +291,7 @@ class Trainer:
     def resume(self, tag_dir: Path) -> None:
         _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
+        self.trained_tokens = client.get("trained_tokens", 0)
         self.bad_steps_total = client.get("bad_steps_total", 0)
         self.loader.load_state_dict(client["data"])
         ckpt.load_rank_state(tag_dir, self.rank)
@@ -266,19 +300,48 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict[str, float]:
-        """Runs grad_accum micro-batches and one optimizer step; returns this rank's mean losses."""
+        """Runs grad_accum micro-batches and one optimizer step; returns this rank's mean losses (for chat data
+        its share of the global per-token means, times the world size: averaged over ranks, they are those)."""
         sums = torch.zeros(len(LOSS_NAMES), device=self.device)  # read once per step (one host sync)
-        for _ in range(self.cfg.grad_accum):
-            inputs, labels = self.loader.next_batch()
-            out = self.engine(inputs.to(self.device), labels=labels.to(self.device))
-            loss = out.loss
+        batches = [self.loader.next_batch() for _ in range(self.cfg.grad_accum)]
+        shares = self._token_shares(batches) if self.chat else [None] * len(batches)
+        for batch, share in zip(batches, shares):
+            out = self.engine(**self._model_inputs(batch))
+            parts = [out.loss, out.lm_loss, out.mtp_loss, out.aux_loss]
+            if share is not None:
+                parts = self._per_token_losses(out, *share)
+            loss = parts[0]
             if self.step + 1 in self.faults.nan_at:
                 loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
-            parts = [loss, out.lm_loss, out.mtp_loss, out.aux_loss]
             sums += torch.stack([p.detach().float() if p is not None else sums.new_zeros(()) for p in parts])
         return dict(zip(LOSS_NAMES, (sums / self.cfg.grad_accum).tolist()))
+
+    def _model_inputs(self, batch) -> dict[str, torch.Tensor]:
+        if self.chat:
+            return batch.to(self.device).model_inputs()
+        inputs, labels = batch
+        return {"input_ids": inputs.to(self.device), "labels": labels.to(self.device)}
+
+    def _token_shares(self, batches: list[PackedBatch]) -> list[tuple[float, float]]:
+        """Per micro-batch, the factor that turns its mean LM / MTP loss into its share of the mean over every
+        trained token of the step (all micro-batches, all ranks), times grad_accum x world (DeepSpeed divides
+        by both). A micro-batch with few trained tokens weighs little; one sync per step."""
+        counts = torch.tensor([b.trained_tokens() for b in batches], dtype=torch.float64)  # [accum, 2]
+        totals = self._all_reduce(counts.sum(0)).cpu()
+        self.trained_tokens += int(totals[0])
+        scale = self.cfg.grad_accum * self.world
+        return [tuple((counts[i] * scale / totals.clamp(min=1)).tolist()) for i in range(len(batches))]
+
+    def _per_token_losses(self, out, lm_share: float, mtp_share: float) -> list[torch.Tensor | None]:
+        """[loss, lm, mtp, aux] with lm and mtp weighted by their shares (a mean over no tokens counts 0)."""
+        def weighted(loss: torch.Tensor | None, share: float) -> torch.Tensor | None:
+            return None if loss is None else (loss * share if share else loss.nan_to_num(0.0) * 0.0)
+
+        lm, mtp = weighted(out.lm_loss, lm_share), weighted(out.mtp_loss, mtp_share)
+        loss = lm + (self.plan.model.mtp_loss_weight * mtp if mtp is not None else 0.0)
+        return [loss + out.aux_loss if out.aux_loss is not None else loss, lm, mtp, out.aux_loss]
 
     def update_balancing(self, applied: bool) -> torch.Tensor | None:
         """Sums every MoE layer's token counts over all ranks and moves the biases once. Returns the
@@ -287,7 +350,7 @@ class Trainer:
             return None
         loads = self._all_reduce(torch.stack([moe.load_since_update for _, moe in self.moe_layers]))
         for (_, moe), load in zip(self.moe_layers, loads):
-            if applied:
+            if applied and not self.cfg.freeze_router:
                 update_bias(moe.gate, load, self.plan.model.bias_update_rate)
             moe.load_since_update.zero_()
         return loads.cpu()
@@ -295,11 +358,14 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Validation LM loss: the mean over batches, or for chat data over trained tokens."""
         self.engine.eval()
-        total = torch.zeros(2)
-        for inputs, labels in self.val_batches:
-            out = self.engine(inputs.to(self.device), labels=labels.to(self.device))
-            total += torch.tensor([out.lm_loss.item(), 1.0])
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in self.val_batches:
+            out = self.engine(**self._model_inputs(batch))
+            weight = batch.trained_tokens()[0] if self.chat else 1
+            if weight:
+                total += torch.tensor([out.lm_loss.item() * weight, weight], dtype=torch.float64)
         self.engine.train()
         total = self._all_reduce(total).cpu()
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
@@ -307,15 +373,20 @@ class Trainer:
     @torch.no_grad()
     def sample_text(self) -> str:
         """Greedy continuation of a fixed prompt (all ranks run it: experts and ZeRO-3 shards are shared)."""
+        from gpt_moe.chat import format_chat
         from gpt_moe.generate import greedy_uncached
 
         tokenizer = self.shards.tokenizer()
-        prompt = tokenizer.encode_ordinary("def ")
+        if self.chat:  # a reply through the chat template
+            prompt = format_chat(tokenizer, [{"role": "user", "content": SAMPLE_QUESTION}])
+        else:
+            prompt = tokenizer.encode_ordinary("def ")
         self.engine.eval()
         ids = greedy_uncached(self.engine.module, torch.tensor([prompt], device=self.device), self.cfg.sample_tokens,
                               vocab_limit=tokenizer.n_vocab)
         self.engine.train()
-        return tokenizer.decode(ids[0].tolist())
+        text = tokenizer.decode(ids[0].tolist())
+        return f"{SAMPLE_QUESTION} -> {text.split('<|assistant|>', 1)[-1]}" if self.chat else text
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
@@ -400,6 +471,8 @@ class Trainer:
                         "perf/tokens_per_sec": perf["tokens_per_sec"], "perf/mfu": perf["mfu"],
                         "perf/step_time": step_time, "perf/memory_gb": _memory_gb(self.device),
                         "train/tokens_seen": self.tokens_seen})
+        if self.chat:
+            scalars["train/trained_tokens"] = self.trained_tokens
         if loads is not None:
             self._log_experts(loads)
         for key, value in scalars.items():

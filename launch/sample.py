@@ -4,8 +4,9 @@
                             [--seed S] [--repetition-penalty R] [--stop STR ...] [--chat [--system TEXT]] [PROMPT]
 
 PROMPT comes from the argument or, when absent, from stdin; only the generated text is printed.
-Plain mode continues the prompt as a document (stops at <|endoftext|>); --chat wraps it as a user
-turn of the chat template and prints the assistant's reply (stops at <|end|>). Without
+Plain mode continues the prompt as a document (stops at <|endoftext|>); chat mode wraps it as a user
+turn of the chat template and prints the assistant's reply (stops at <|end|>). The default follows the
+checkpoint (chat for a model fine-tuned on conversations); --chat / --no-chat choose. Without
 --checkpoint: the newest complete checkpoint under runs/. Errors print one line and exit 2.
 """
 
@@ -15,7 +16,7 @@ import argparse
 import math
 import sys
 
-from gpt_moe.chat import fit_chat, load_chat_model, prompt_budget, reply_stop_ids
+from gpt_moe.chat import fit_chat, is_chat_model, load_chat_model, prompt_budget, reply_stop_ids
 from gpt_moe.cli import run_cli
 from gpt_moe.errors import DataError
 from gpt_moe.generate import SamplingConfig, stream_text
@@ -35,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="makes the output reproducible")
     parser.add_argument("--stop", action="append", default=[], metavar="STR",
                         help="stop before this string (repeatable)")
-    parser.add_argument("--chat", action="store_true", help="apply the chat template; print the reply")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="apply the chat template and print the reply (--no-chat: continue the text); default: "
+                             "chat for a model fine-tuned on conversations, continuation for a base model")
     parser.add_argument("--system", default="", help="system message for --chat")
     return parser.parse_args(argv)
 
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> None:
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                          stop=tuple(args.stop))
-    if args.chat:
+    if args.chat if args.chat is not None else is_chat_model(loaded.info):
         messages = [{"role": "system", "content": args.system}] if args.system else []
         ids = fit_chat(tokenizer, [*messages, {"role": "user", "content": prompt}], budget).ids
         stop_ids = reply_stop_ids(tokenizer)

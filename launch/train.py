@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from gpt_moe.atomic import unwritable_reason
 from gpt_moe.cli import run_cli
 from gpt_moe.errors import ConfigError
-from gpt_moe.run_plan import Hardware, plan_run
+from gpt_moe.run_plan import Hardware, RunPlan, plan_run
 from gpt_moe.train_config import parse_train_args
 
 
@@ -29,6 +30,16 @@ def hardware() -> Hardware:
     supported = accelerator.is_bf16_supported()
     return Hardware(bf16_supported=supported, bf16_native=native_bf16(accelerator.device_name(), supported),
                     device_type=accelerator.device_name())
+
+
+def prepare_default_data(plan: RunPlan, directory: Path) -> None:
+    """The built-in corpus, or for a fine-tuning run the built-in conversations in the base model's tokenizer."""
+    from data_prep import prepare_default, prepare_default_chat
+
+    if plan.pretrained is not None:
+        prepare_default_chat(directory, tokenizer_from=plan.pretrained.source)
+    else:
+        prepare_default(directory)
 
 
 def train(argv: list[str] | None) -> int:
@@ -46,10 +57,9 @@ def train(argv: list[str] | None) -> int:
     if reason:
         raise ConfigError(f"--run-dir {plan.run_dir}: cannot write there ({reason}); choose a writable directory")
 
-    from data_prep import prepare_default
     from gpt_moe.trainer import Trainer
 
-    trainer = Trainer(plan, faults, prepare_data=prepare_default)
+    trainer = Trainer(plan, faults, prepare_data=lambda directory: prepare_default_data(plan, directory))
     trainer.run()
     trainer.close()
     return 0

@@ -48,7 +48,7 @@ def prepared_data(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ an exported checkpoint
-TRAINING_FACTS = {"step": 42, "tokens_seen": 172032, "val_loss": 5.4321}
+TRAINING_FACTS = {"step": 42, "tokens_seen": 172032, "val_loss": 5.4321, "chat": True}
 CORPUS = ("The quick brown fox jumps over the lazy dog. " * 20
           + "def add(a, b):\n    return a + b\n" * 20
           + "Experts route tokens; the router picks two of sixteen. Ünïcödé and emoji 🙂 too. " * 20)

@@ -46,7 +46,7 @@ def test_model_facts(app, training_facts):
     facts = dict(model_facts(app.loaded))
     assert facts["preset"] == "tiny"
     assert "activated per token" in facts["parameters"] and "16 routed (top-2" in facts["experts"]
-    assert training_facts == {"step": 42, "tokens_seen": 172032, "val_loss": 5.4321}
+    assert training_facts == {"step": 42, "tokens_seen": 172032, "val_loss": 5.4321, "chat": True}
     assert facts["training"] == "step 42, 172.03K tokens" and facts["validation loss"].startswith("5.432")
     assert facts["KV cache / token"].startswith(f"{3 * (32 + 8) * 2:,} B")  # 3 layers x (latent + rope key) x bf16
     assert facts["checkpoint"] == str(app.loaded.source)
