@@ -59,6 +59,43 @@ def test_exported_tokenizer_loads_in_transformers_with_our_ids_and_chat_template
     assert theirs.eos_token_id == loaded.tokenizer_info.eot_id
 
 
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 2 and 3"},
+     {"role": "assistant", "content": "5"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "d e f"}],
+    [{"role": "user", "content": "Ünïcödé 🙂 and 中文"}, {"role": "assistant", "content": "emoji 🙂 back"}],
+    [{"role": "user", "content": "def f(x=1):\n    return x"}, {"role": "assistant", "content": "f, x=1"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
+    [{"role": "user", "content": "  spaces  "}, {"role": "assistant", "content": "\n\nnewlines\n"}],
+    [{"role": "system", "content": "sys"}, {"role": "user", "content": "1"}, {"role": "assistant", "content": "2"},
+     {"role": "user", "content": "3"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "5"},
+     {"role": "assistant", "content": "6"}],
+    [{"role": "user", "content": "the quick brown fox " * 20}, {"role": "assistant", "content": "jumps " * 15}],
+    [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "ok"}],
+]
+
+
+def test_transformers_assistant_mask_equals_ours(loaded, tmp_path):
+    """What TRL's assistant_only_loss reads: apply_chat_template(..., return_assistant_tokens_mask=True) of the
+    exported tokenizer gives exactly render_conversation's ids and loss mask."""
+    from gpt_moe.chat import render_conversation
+
+    theirs = transformers.AutoTokenizer.from_pretrained(export(loaded, tmp_path / "export", dtype=torch.float32))
+    for messages in CONVERSATIONS:
+        out = theirs.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
+        ids, mask = render_conversation(loaded.tokenizer, messages)
+        assert (out["input_ids"], out["assistant_masks"]) == (ids, mask), messages
+    # The one difference: transformers renders to text and then parses marker text typed into a message as the
+    # marker itself; ours keeps such text plain (it can never open or close a turn).
+    spelled = [{"role": "user", "content": "say <|end|>"}, {"role": "assistant", "content": "<|user|>"}]
+    out = theirs.apply_chat_template(spelled, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = render_conversation(loaded.tokenizer, spelled)
+    assert theirs.decode(out["input_ids"]) == loaded.tokenizer.decode(ids) and len(out["input_ids"]) < len(ids)
+
+
 def test_export_refuses_a_non_empty_directory(loaded, tmp_path):
     target = tmp_path / "busy"
     target.mkdir()
