@@ -1,4 +1,4 @@
-"""python -m data_prep: turn a text corpus into token shards for training.
+"""python -m data_prep: turn a text corpus, or conversations (--format chat), into token shards for training.
 
 examples:
   python -m data_prep                        # the offline default: builtin corpus, bpe:4096 -> data/builtin
@@ -6,6 +6,9 @@ examples:
   python -m data_prep --source hf:HuggingFaceFW/fineweb-edu:sample-10BT --tokenizer cl100k_base \\
       --max-tokens 2B --out data/fineweb-edu
   python -m data_prep --source 'corpus/*.jsonl' --text-field content --out data/mine
+  python -m data_prep --format chat --source builtin-chat --tokenizer-from data/builtin --out data/chat-builtin
+  python -m data_prep --format chat --source hf:HuggingFaceTB/smoltalk:all --tokenizer-from runs/tiny \\
+      --max-seq-len 1024 --out data/smoltalk
 
 Running the same command again resumes an interrupted run, or verifies a finished one and rebuilds
 only its damaged or missing shards.
@@ -20,7 +23,8 @@ import os
 import sys
 from pathlib import Path
 
-from data_prep.pipeline import DEFAULT_OUT, PrepareConfig, prepare
+from data_prep.pipeline import DEFAULT_CHAT_OUT, DEFAULT_OUT, DEFAULT_TOKENIZER, FORMATS, PrepareConfig, prepare
+from data_prep.sources import CHAT_BUILTIN
 from gpt_moe.cli import EXIT_BAD_INPUT, run_cli
 
 _SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
@@ -59,40 +63,63 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"error: {message}; hint: python -m data_prep --help lists the options\n")
 
 
-def parse_args(argv: list[str] | None = None) -> PrepareConfig:
+def _parser() -> _Parser:
     parser = _Parser(prog="python -m data_prep", description=__doc__.split(":", 1)[1].strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", nargs="+", default=["builtin"], metavar="SOURCE",
-                        help="builtin (default) | hf:NAME[:CONFIG][@SPLIT] | .txt/.jsonl/.json/.parquet files, "
-                             "dirs or globs")
-    parser.add_argument("--tokenizer", default="bpe:4096",
-                        help="bpe:N (train N tokens on the corpus; default bpe:4096) | cl100k_base | o200k_base | gpt2 "
-                             "| PATH.tiktoken")
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", nargs="+", default=None, metavar="SOURCE",
+                        help="builtin (default) | builtin-chat (with --format chat) | hf:NAME[:CONFIG][@SPLIT] | "
+                             ".txt/.jsonl/.json/.parquet files, dirs or globs")
+    parser.add_argument("--format", choices=FORMATS, default="text",
+                        help="text (default): documents; chat: conversations, with a loss mask beside every shard")
+    parser.add_argument("--tokenizer", default=None,
+                        help=f"bpe:N (train N tokens on the corpus; default {DEFAULT_TOKENIZER} for text) | "
+                             "cl100k_base | o200k_base | gpt2 | PATH.tiktoken")
+    parser.add_argument("--tokenizer-from", default=None, metavar="DIR",
+                        help="copy the tokenizer of a prepared data directory, a training run or checkpoint, or an "
+                             "export (what chat data for fine-tuning that model needs)")
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"output directory (default {DEFAULT_OUT} for --source builtin; required otherwise)")
+                        help=f"output directory (default {DEFAULT_OUT} for --source builtin, {DEFAULT_CHAT_OUT} for "
+                             f"--source {CHAT_BUILTIN}; required otherwise)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="tokenizer processes (default: the CPU count)")
     parser.add_argument("--val-fraction", type=float, default=0.01,
                         help="fraction of documents held out for validation (default 0.01)")
     parser.add_argument("--max-tokens", type=count, default=None,
-                        help="stop after exactly this many tokens, e.g. 20M (default: no cap)")
+                        help="stop after exactly this many tokens, e.g. 20M (chat: before the conversation that "
+                             "would pass it; default: no cap)")
     parser.add_argument("--text-field", default="text",
                         help="column holding the text in jsonl/parquet/hf rows (default text)")
+    parser.add_argument("--messages-field", default="messages",
+                        help="chat: column holding the list of {role, content} messages (default messages; rows "
+                             "with prompt and completion instead are read as one user and one assistant turn)")
+    parser.add_argument("--max-seq-len", type=count, default=PrepareConfig.max_seq_len,
+                        help="chat: skip conversations longer than this many tokens, end-of-text included "
+                             "(default 2048)")
+    parser.add_argument("--strict", action="store_true",
+                        help="chat: stop at the first bad row instead of skipping and counting it")
     parser.add_argument("--shard-tokens", type=count, default=PrepareConfig.shard_tokens,
                         help="tokens per part (a train and a val shard), the unit of resuming (default 2^24)")
     parser.add_argument("--bpe-sample-chars", type=count, default=PrepareConfig.bpe_sample_chars,
                         help="bpe:N trains on the first this many characters (default 2^25)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> PrepareConfig:
+    parser = _parser()
     args = parser.parse_args(argv)
+    sources = args.source or ([CHAT_BUILTIN] if args.format == "chat" else ["builtin"])
     out = args.out
     if out is None:
-        if args.source != ["builtin"]:
-            parser.exit(2, "error: --out DIR is required when --source is not builtin\n")
-        out = DEFAULT_OUT
-    return PrepareConfig(sources=tuple(args.source), tokenizer=args.tokenizer, out=out, workers=args.workers,
+        defaults = {("builtin",): DEFAULT_OUT, (CHAT_BUILTIN,): DEFAULT_CHAT_OUT}
+        if tuple(sources) not in defaults:
+            parser.exit(2, f"error: --out DIR is required when --source is not builtin or {CHAT_BUILTIN}\n")
+        out = defaults[tuple(sources)]
+    return PrepareConfig(sources=tuple(sources), tokenizer=args.tokenizer, out=out, workers=args.workers,
                          val_fraction=args.val_fraction, max_tokens=args.max_tokens, text_field=args.text_field,
                          shard_tokens=args.shard_tokens, bpe_sample_chars=args.bpe_sample_chars,
-                         progress_bar=not args.no_progress)
+                         progress_bar=not args.no_progress, format=args.format, tokenizer_from=args.tokenizer_from,
+                         messages_field=args.messages_field, max_seq_len=args.max_seq_len, strict=args.strict)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +136,12 @@ def run(config: PrepareConfig) -> None:
               "the dataset is whole again")
     elif result.already_prepared:
         print(f"{result.out} is already prepared; nothing to do")
+    elif result.manifest.chat is not None:
+        chat = result.manifest.chat
+        train, val, skipped = chat.splits["train"], chat.splits["val"], sum(chat.skipped.values())
+        print(f"prepared {result.out}: {train.conversations:,} train + {val.conversations:,} val conversations "
+              f"({train.tokens:,} + {val.tokens:,} tokens, {train.trained_tokens:,} + {val.trained_tokens:,} "
+              f"trained), {skipped:,} bad rows skipped, tokenizer {result.manifest.tokenizer.name}")
     else:
         print(f"prepared {result.out}: {result.manifest.splits['train'].tokens:,} train + "
               f"{result.manifest.splits['val'].tokens:,} val tokens, tokenizer {result.manifest.tokenizer.name}")

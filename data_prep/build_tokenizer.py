@@ -1,6 +1,9 @@
-"""The tokenizer of a preparation run: a standard encoding, a `.tiktoken` file, or `bpe:N` trained on the corpus.
+"""The tokenizer of a preparation run: a standard encoding, a `.tiktoken` file, `bpe:N` trained on the corpus, or
+the tokenizer of a model (`--tokenizer-from`: copied as is).
 
     enc = build_tokenizer("bpe:4096", corpus, sample_chars=1 << 25)
+    base = tokenizer_from("runs/tiny")      # data dir, run dir, checkpoints/step_N or export; hash checked
+    info = base.copy_to(out)                # the same file, the same sha256
 
 `bpe:N` trains on the first `sample_chars` characters; when they support fewer than N tokens the
 tokenizer is named `bpe:M` after its real size M (with a warning), so that a name never overstates
@@ -13,6 +16,8 @@ the parent, which ends the child at once and raises KeyboardInterrupt. The child
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -21,13 +26,18 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import tiktoken
 
 from data_prep.encode import pieces
 from data_prep.sources import Corpus
-from gpt_moe.errors import GptMoeError
-from gpt_moe.tokenizer import bpe_encoding, load_tokenizer, mergeable_ranks, parse_tokenizer_spec, train_bpe
+from gpt_moe.atomic import write_atomic
+from gpt_moe.data import MANIFEST_FILE, Manifest
+from gpt_moe.errors import DataError, GptMoeError
+from gpt_moe.tokenizer import (CHAT_TOKENS, ENDOFTEXT, TOKENIZER_FILE, TokenizerInfo, bpe_encoding,
+                               load_saved_tokenizer, load_tokenizer, mergeable_ranks, parse_tokenizer_spec, train_bpe)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +60,86 @@ def build_tokenizer(spec: str, corpus: Corpus, sample_chars: int) -> tiktoken.En
                     enc.name)
     log.info("trained %s: %d tokens in %.1fs", enc.name, enc.n_vocab, time.perf_counter() - start)
     return enc
+
+
+# ------------------------------------------------------------------------------------------ --tokenizer-from
+TOKENIZER_FROM_HINT = ("expected a prepared data directory (manifest.json), a training run or checkpoints/step_N "
+                       "(tokenizer_info.json) or an export (gpt_moe.json), each with its tokenizer file")
+
+
+@dataclass(frozen=True)
+class BaseTokenizer:
+    """The tokenizer of a model or dataset: its record, its file's bytes (hash checked) and the Encoding."""
+
+    info: TokenizerInfo
+    data: bytes
+    encoding: tiktoken.Encoding
+    where: str  # "--tokenizer-from PATH" (the directory its record came from, for messages)
+
+    def copy_to(self, out: Path) -> TokenizerInfo:
+        """Write the same file into `out` (atomically); its record, naming the file there."""
+        write_atomic(Path(out) / TOKENIZER_FILE, self.data)
+        return dataclasses.replace(self.info, file=TOKENIZER_FILE)
+
+
+def _record_file(path: Path) -> tuple[Path, str] | None:
+    """(the file holding the tokenizer record, what kind of directory it is) of `path`, or None."""
+    from gpt_moe.checkpoint import TOKENIZER_INFO_FILE, newest_complete  # imports torch: only here
+    from gpt_moe.export import OUR_FILE
+
+    for name, kind in ((MANIFEST_FILE, "data"), (TOKENIZER_INFO_FILE, "checkpoint"), (OUR_FILE, "export")):
+        if (path / name).is_file():
+            return path / name, kind
+    for checkpoints in (path / "checkpoints", path):  # a run directory, or its checkpoints/ directory
+        newest = newest_complete(checkpoints) if checkpoints.is_dir() else None
+        if newest is not None and (newest / TOKENIZER_INFO_FILE).is_file():
+            return newest / TOKENIZER_INFO_FILE, "checkpoint"
+    return None
+
+
+def _read_record(file: Path, kind: str, where: str) -> TokenizerInfo:
+    if kind == "data":
+        return Manifest.load(file.parent).tokenizer
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        return TokenizerInfo.from_dict(data["tokenizer"] if kind == "export" else data, f"{where}: {file}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{where}: {file} is unreadable ({type(e).__name__}: {e}); {TOKENIZER_FROM_HINT}") from None
+
+
+def tokenizer_from(path: str | Path) -> BaseTokenizer:
+    """The tokenizer of a prepared data directory, a training checkpoint (a run directory: its newest complete
+    checkpoint; or a checkpoints/step_N tag) or an export; DataError (one line) when there is none or its file
+    does not match its record."""
+    path, where = Path(path), f"--tokenizer-from {path}"
+    if not path.is_dir():
+        raise DataError(f"{where}: no such directory; {TOKENIZER_FROM_HINT}")
+    found = _record_file(path)
+    if found is None:
+        raise DataError(f"{where}: no tokenizer record here; {TOKENIZER_FROM_HINT} (a transformers directory has "
+                        "none: pass the data directory or checkpoint the model was trained with)")
+    file, kind = found
+    info = _read_record(file, kind, where)
+    try:
+        encoding = load_saved_tokenizer(info, file.parent)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    return BaseTokenizer(info, (file.parent / info.file).read_bytes(), encoding, where)
+
+
+def require_chat_markers(encoding: tiktoken.Encoding, where: str) -> None:
+    """DataError (one line, naming `where`) unless the tokenizer has `<|endoftext|>` and every chat marker."""
+    from gpt_moe.chat import special_id  # imports torch: only for chat data
+
+    for token in (ENDOFTEXT, *CHAT_TOKENS):
+        try:
+            special_id(encoding, token)
+        except DataError as e:
+            raise DataError(f"{where}: {e}; chat data needs {ENDOFTEXT} and the markers {' '.join(CHAT_TOKENS)}") \
+                from None
+
+
+# ------------------------------------------------------------------------------------------ BPE training
 
 
 def _sample(corpus: Corpus, limit_chars: int) -> Iterator[str]:

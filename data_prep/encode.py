@@ -6,6 +6,9 @@ tiktoken pattern used here starts a new pre-token, so a cut does not change the 
 letters); pieces are grouped into batches of about `batch_chars`; N worker processes
 encode the batches. Results come back in submission order and at most 2N + 2 batches
 are in flight, so memory stays bounded and the output does not depend on N.
+
+Chat data (`ParallelEncoder(..., chat=True)`) sends conversations instead of text: each is rendered by
+`gpt_moe.chat.render_conversation` into ids and the loss mask, whole (a conversation is never cut).
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ class Piece:
     doc: int  # index of the document among the non-empty documents of the stream
     text: str
     last: bool
+
+    @property
+    def size(self) -> int:
+        """Characters, for batching."""
+        return len(self.text)
 
 
 def split_text(chunks: Iterable[str], max_chars: int = MAX_PIECE_CHARS) -> Iterator[str]:
@@ -78,13 +86,14 @@ def pieces(documents: Iterable[Iterable[str]], max_chars: int = MAX_PIECE_CHARS)
         doc += 1
 
 
-def batches(stream: Iterable[Piece], batch_chars: int = BATCH_CHARS) -> Iterator[list[Piece]]:
-    """Consecutive pieces grouped into lists of about `batch_chars` characters."""
-    batch: list[Piece] = []
+def batches(stream: Iterable, batch_chars: int = BATCH_CHARS) -> Iterator[list]:
+    """Consecutive pieces (or `ChatPiece`s: anything with a `size` in characters) grouped into lists of about
+    `batch_chars` characters."""
+    batch: list = []
     size = 0
     for piece in stream:
         batch.append(piece)
-        size += len(piece.text)
+        size += piece.size
         if size >= batch_chars:
             yield batch
             batch, size = [], 0
@@ -99,26 +108,47 @@ def encode_texts(enc: tiktoken.Encoding, texts: list[str], dtype: np.dtype) -> t
     return np.fromiter(chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum())), lengths
 
 
+def render_conversations(enc: tiktoken.Encoding, conversations: list, dtype: np.dtype
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ids of the conversations concatenated ([total] of `dtype`), per-conversation counts ([n] int64) and the
+    loss masks concatenated ([total] uint8), by `gpt_moe.chat.render_conversation`; a None (a bad row) gives
+    nothing."""
+    from gpt_moe.chat import render_conversation  # imports torch: only for chat data
+
+    rendered = [render_conversation(enc, messages) if messages is not None else ([], []) for messages in conversations]
+    lengths = np.array([len(ids) for ids, _ in rendered], dtype=np.int64)
+    total = int(lengths.sum())
+    return (np.fromiter(chain.from_iterable(ids for ids, _ in rendered), dtype=dtype, count=total), lengths,
+            np.fromiter(chain.from_iterable(mask for _, mask in rendered), dtype=np.uint8, count=total))
+
+
 @lru_cache(maxsize=2)
 def _cached_encoding(directory: str, info_json: str) -> tiktoken.Encoding:
     """One Encoding per worker process, rebuilt from the saved tokenizer file (hash checked)."""
     return load_saved_tokenizer(TokenizerInfo.from_dict(json.loads(info_json)), Path(directory))
 
 
-def _encode_task(directory: str, info_json: str, dtype: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return encode_texts(_cached_encoding(directory, info_json), texts, np.dtype(dtype))
+def _encode_task(directory: str, info_json: str, dtype: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray, None]:
+    return (*encode_texts(_cached_encoding(directory, info_json), texts, np.dtype(dtype)), None)
+
+
+def _render_task(directory: str, info_json: str, dtype: str, conversations: list) -> tuple[np.ndarray, ...]:
+    return render_conversations(_cached_encoding(directory, info_json), conversations, np.dtype(dtype))
 
 
 class ParallelEncoder:
     """Encodes batches of pieces with `workers` processes (inline when workers == 1), in order.
 
     The tokenizer must already be saved in `directory` (workers load it from there).
-    Use as a context manager; `map()` yields (batch, tokens, lengths) per input batch.
+    Use as a context manager; `map()` yields (batch, tokens, lengths, masks) per input batch: masks is
+    None for text, the concatenated loss masks (uint8, aligned with tokens) for chat data (`chat=True`).
     """
 
-    def __init__(self, workers: int, directory: Path, info: TokenizerInfo, dtype: np.dtype):
+    def __init__(self, workers: int, directory: Path, info: TokenizerInfo, dtype: np.dtype, chat: bool = False):
         self.workers = workers
         self.args = (str(directory), json.dumps(info.to_dict(), sort_keys=True), np.dtype(dtype).str)
+        self.task = _render_task if chat else _encode_task
+        self.payload = (lambda p: p.messages) if chat else (lambda p: p.text)
         self.pool = None
 
     def __enter__(self) -> ParallelEncoder:
@@ -137,15 +167,16 @@ class ParallelEncoder:
             self.pool.join()
             self.pool = None
 
-    def map(self, stream: Iterable[list[Piece]]) -> Iterator[tuple[list[Piece], np.ndarray, np.ndarray]]:
+    def map(self, stream: Iterable[list]) -> Iterator[tuple[list, np.ndarray, np.ndarray, np.ndarray | None]]:
         if self.pool is None:
             for batch in stream:
-                yield (batch, *_encode_task(*self.args, [p.text for p in batch]))
+                yield (batch, *self.task(*self.args, [self.payload(p) for p in batch]))
             return
         pending: deque = deque()
         window = 2 * self.workers + 2
         for batch in stream:
-            pending.append((batch, self.pool.apply_async(_encode_task, (*self.args, [p.text for p in batch]))))
+            payload = [self.payload(p) for p in batch]
+            pending.append((batch, self.pool.apply_async(self.task, (*self.args, payload))))
             if len(pending) >= window:
                 batch, result = pending.popleft()
                 yield (batch, *result.get())

@@ -18,10 +18,12 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_prep.chat_rows import BAD_ROW_KINDS
 from data_prep.lock import LOCK_FILE
 from data_prep.shards import SHARD_FILE
 from gpt_moe.atomic import TEMP_NAME, write_atomic
-from gpt_moe.data import MANIFEST_FILE, PROGRESS_FILE, Manifest, ShardInfo, SplitInfo, sha256_file
+from gpt_moe.data import (MANIFEST_FILE, PROGRESS_FILE, ChatInfo, ChatSplit, Manifest, ShardInfo, SplitInfo,
+                          sha256_file)
 from gpt_moe.data_verify import RECORD_FILE
 from gpt_moe.errors import DataError
 from gpt_moe.tokenizer import TOKENIZER_FILE, TokenizerInfo
@@ -41,11 +43,38 @@ def _is_ours(name: str) -> bool:
 
 @dataclass
 class SplitCount:
-    """Running totals of one split: documents with >= 1 token here, tokens, last document index."""
+    """Running totals of one split: documents with >= 1 token here, tokens, last document index, and (chat
+    data) trained tokens."""
 
     documents: int = 0
     tokens: int = 0
     last_doc: int = -1
+    trained_tokens: int = 0
+
+
+@dataclass
+class SkippedRows:
+    """Chat data: bad rows skipped so far, a count per kind and the first `FIRST` `where: problem` of each."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    first: dict[str, list[str]] = field(default_factory=dict)
+
+    FIRST = 5
+
+    def add(self, kind: str, where: str, problem: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        shown = self.first.setdefault(kind, [])
+        if len(shown) < self.FIRST:
+            shown.append(f"{where}: {problem}")
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(self.counts), "first": {k: list(v) for k, v in self.first.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> SkippedRows:
+        data = data or {}
+        return cls({str(k): int(v) for k, v in data.get("counts", {}).items()},
+                   {str(k): [str(w) for w in v] for k, v in data.get("first", {}).items()})
 
 
 @dataclass(frozen=True)
@@ -56,16 +85,22 @@ class PartRecord:
     tokens: int  # tokens written, all splits
     splits: dict[str, SplitCount]
     shards: tuple[tuple[str, ShardInfo], ...]  # (split, shard)
+    skipped: SkippedRows | None = None  # chat data: bad rows skipped up to here
 
     def position(self) -> dict:
         """Where the stream stands after this part: what resuming (or rebuilding) after it needs."""
-        return {"pieces": self.pieces, "tokens": self.tokens, "splits": {k: asdict(v) for k, v in self.splits.items()}}
+        splits = {k: asdict(v) for k, v in self.splits.items()}
+        if self.skipped is None:  # text data: as before chat data existed
+            splits = {k: {f: n for f, n in v.items() if f != "trained_tokens"} for k, v in splits.items()}
+        position = {"pieces": self.pieces, "tokens": self.tokens, "splits": splits}
+        return position if self.skipped is None else {**position, "skipped": self.skipped.to_dict()}
 
     @classmethod
     def from_position(cls, data: dict, shards: tuple[tuple[str, ShardInfo], ...]) -> PartRecord:
         """Inverse of `position()` with the part's shards; KeyError, TypeError or ValueError when malformed."""
+        skipped = SkippedRows.from_dict(data["skipped"]) if "skipped" in data else None
         return cls(pieces=int(data["pieces"]), tokens=int(data["tokens"]),
-                   splits={k: SplitCount(**v) for k, v in data["splits"].items()}, shards=shards)
+                   splits={k: SplitCount(**v) for k, v in data["splits"].items()}, shards=shards, skipped=skipped)
 
 
 @dataclass(frozen=True)
@@ -78,12 +113,19 @@ class Progress:
     tokenizer: TokenizerInfo
     dtype: str
     parts: tuple[PartRecord, ...] = field(default_factory=tuple)
+    chat_template: str | None = None  # chat data: sha256 of the template it is rendered with
+
+    @property
+    def content(self) -> str:
+        return str(self.args.get("format", "text"))
 
     def to_json(self) -> str:
         data = {"created_at": self.created_at, "source": self.source, "args": self.args,
                 "tokenizer": self.tokenizer.to_dict(), "dtype": self.dtype,
-                "parts": [{**p.position(), "shards": [{"split": split, **asdict(shard)} for split, shard in p.shards]}
+                "parts": [{**p.position(), "shards": [{"split": split, **shard.to_dict()} for split, shard in p.shards]}
                           for p in self.parts]}
+        if self.chat_template is not None:
+            data["chat_template"] = self.chat_template
         return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
 
     @classmethod
@@ -95,7 +137,7 @@ class Progress:
                           for p in data["parts"])
             return cls(created_at=data["created_at"], source=data["source"], args=data["args"],
                        tokenizer=TokenizerInfo.from_dict(data["tokenizer"], str(path)), dtype=data["dtype"],
-                       parts=parts)
+                       parts=parts, chat_template=data.get("chat_template"))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: unreadable progress record ({type(e).__name__}: {e}); "
                             f"hint: delete {path.parent} and prepare again") from None
@@ -112,7 +154,8 @@ class Progress:
         if sum(len(part.shards) for part in parts) != len(shards) or (shards and not parts):
             return None
         return cls(created_at=manifest.created_at, source=manifest.source, args=manifest.args,
-                   tokenizer=manifest.tokenizer, dtype=manifest.dtype, parts=parts)
+                   tokenizer=manifest.tokenizer, dtype=manifest.dtype, parts=parts,
+                   chat_template=manifest.chat.template_sha256 if manifest.chat else None)
 
     def save(self, directory: Path) -> None:
         write_atomic(Path(directory) / PROGRESS_FILE, self.to_json().encode())
@@ -127,7 +170,21 @@ class Progress:
             splits[name] = SplitInfo(documents=count.documents, tokens=count.tokens, shards=shards)
         parts = tuple({**part.position(), "files": [shard.file for _, shard in part.shards]} for part in self.parts)
         return Manifest(created_at=self.created_at, source=self.source, args=self.args, tokenizer=self.tokenizer,
-                        dtype=self.dtype, splits=splits, parts=parts)
+                        dtype=self.dtype, splits=splits, parts=parts, content=self.content, chat=self._chat_info())
+
+    def _chat_info(self) -> ChatInfo | None:
+        """The manifest's chat section (None for text data): totals and skipped rows after the last part."""
+        if self.content != "chat":
+            return None
+        last = self.parts[-1] if self.parts else None
+        counts = last.splits if last else {}
+        skipped = (last.skipped if last else None) or SkippedRows()
+        splits = {name: ChatSplit(count.documents, count.tokens, count.trained_tokens)
+                  for name, count in ((n, counts.get(n, SplitCount())) for n in ("train", "val"))}
+        return ChatInfo(template_sha256=str(self.chat_template), max_seq_len=int(self.args["max_seq_len"]),
+                        splits=splits, skipped={kind: skipped.counts.get(kind, 0) for kind in BAD_ROW_KINDS},
+                        skipped_first={kind: list(skipped.first[kind]) for kind in BAD_ROW_KINDS
+                                       if kind in skipped.first})
 
 
 @dataclass(frozen=True)
@@ -142,11 +199,17 @@ def _normalized(args: dict) -> dict:
     return json.loads(json.dumps(args))
 
 
+NOT_COMPARED = ("tokenizer_from",)
+"""Arguments a rerun may spell differently: --tokenizer-from is compared by the tokenizer's sha256 instead (the
+same tokenizer read from another path makes the same data), see `check_tokenizer`."""
+
+
 def _check_same(out: Path, recorded: dict, requested: dict, what: str) -> None:
     if recorded.get("tokenizer") != requested.get("tokenizer"):
         raise DataError(f"{out} already holds {what} tokenized with {recorded.get('tokenizer')!r}; refusing to mix in "
                         f"--tokenizer {requested.get('tokenizer')!r}; hint: choose another --out or delete {out}")
-    differing = [k for k in sorted(set(recorded) | set(requested)) if recorded.get(k) != requested.get(k)]
+    keys = sorted((set(recorded) | set(requested)) - set(NOT_COMPARED))
+    differing = [k for k in keys if recorded.get(k) != requested.get(k)]
     if differing:
         k = differing[0]
         raise DataError(f"{out} already holds {what} prepared with other arguments ({k}: {recorded.get(k)!r}, "
@@ -154,12 +217,28 @@ def _check_same(out: Path, recorded: dict, requested: dict, what: str) -> None:
                         f"or choose another --out or delete {out}")
 
 
+def check_tokenizer(out: Path, recorded: TokenizerInfo, requested: TokenizerInfo | None, source: str) -> None:
+    """Refuse to mix another tokenizer (`requested`, read from `source`) into a directory holding `recorded`'s."""
+    if requested is not None and requested.sha256 != recorded.sha256:
+        raise DataError(f"{out} already holds data tokenized with {recorded.name} (sha256 {recorded.sha256[:12]}...); "
+                        f"refusing to mix in the tokenizer of {source}, {requested.name} (sha256 "
+                        f"{requested.sha256[:12]}...); hint: choose another --out or delete {out}")
+
+
+def check_template(out: Path, recorded: str | None, requested: str | None) -> None:
+    """Refuse to resume chat data rendered with another chat template (gpt_moe.chat changed since)."""
+    if requested is not None and recorded != requested:
+        raise DataError(f"{out} holds conversations rendered with another chat template (sha256 "
+                        f"{str(recorded)[:12]}..., now {requested[:12]}...); hint: delete {out} and prepare it again")
+
+
 def _part_intact(out: Path, part: PartRecord, itemsize: int) -> bool:
     for _, shard in part.shards:
-        path = out / shard.file
-        if not path.is_file() or path.stat().st_size != shard.tokens * itemsize or sha256_file(path) != shard.sha256:
-            log.warning("%s does not match its record; preparing again from there", path)
-            return False
+        for name, size, sha256 in shard.files(itemsize):
+            path = out / name
+            if not path.is_file() or path.stat().st_size != size or sha256_file(path) != sha256:
+                log.warning("%s does not match its record; preparing again from there", path)
+                return False
     return True
 
 

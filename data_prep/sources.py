@@ -42,6 +42,8 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 _KINDS = {**dict.fromkeys(TEXT_SUFFIXES, "text"), **dict.fromkeys(JSON_SUFFIXES, "json"),
           **dict.fromkeys(PARQUET_SUFFIXES, "parquet")}
 READ_CHUNK_CHARS = 1 << 22
+CHAT_BUILTIN = "builtin-chat"
+"""The built-in offline conversations (`data_prep.builtin_chat`), a source of `--format chat` only."""
 SOURCE_HINT = ("expected 'builtin', 'hf:NAME[:CONFIG][@SPLIT]', or existing .txt/.jsonl/.json/.parquet files, "
                "directories or globs")
 
@@ -211,17 +213,20 @@ class HubDataset:
     def n_documents(self) -> int | None:
         return None
 
-    def documents(self) -> Iterator[Document]:
+    def stream(self):
+        """The dataset as a streamed `datasets.IterableDataset` of row dicts; DataError when unreachable."""
         import datasets
         _check_hub_reachable(self.name)
         try:
-            ds = datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
+            return datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
         except (ConnectionError, OSError) as e:
             raise _no_network_error(self.name, _first_line(e)) from None
         except Exception as e:  # unknown dataset, config or split
             raise DataError(f"source {self.description}: {type(e).__name__}: {_first_line(e)}; "
                             "hint: check the name, config and split on the Hub") from None
-        yield from _texts(ds, self.text_field, self.description)
+
+    def documents(self) -> Iterator[Document]:
+        yield from _texts(self.stream(), self.text_field, self.description)
 
 
 def _no_network_error(name: str, reason: str) -> DataError:
@@ -305,6 +310,8 @@ def open_corpus(specs: Iterable[str], text_field: str = "text") -> Corpus:
     """Resolve `--source` values; DataError naming the first one that matches nothing."""
     parts: list = []
     for spec in specs:
+        if spec == CHAT_BUILTIN:
+            raise DataError(f"--source {CHAT_BUILTIN} holds conversations, not text; hint: add --format chat")
         if spec == "builtin":
             parts.append(BuiltinSource.discover())
         elif spec.startswith("hf:"):

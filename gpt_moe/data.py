@@ -8,6 +8,18 @@ A prepared directory (written by `python -m data_prep`) holds
     train_00000.bin ...  raw little-endian token ids, uint16 when n_vocab <= 65536 else
     val_00000.bin ...    uint32; every document is followed by <|endoftext|>
 
+Chat data (`python -m data_prep --format chat`, manifest `"content": "chat"`) holds conversations as its
+documents, each `gpt_moe.chat.render_conversation(tokenizer, messages)` ids followed by one <|endoftext|>,
+never across two shards, and beside every token shard `X.bin` a loss-mask shard
+
+    train_00000.mask.bin ...  uint8, one byte per token of X.bin: 1 = the model is trained to produce this
+                              token (assistant text and its <|end|>), 0 = not (system and user turns, role
+                              markers, the <|endoftext|> after each conversation)
+
+recorded per shard as `mask_file` and `mask_sha256`, and a manifest `chat` section (`ChatInfo`: the template's
+sha256, --max-seq-len, per split conversations / tokens / trained tokens, bad rows skipped by kind).
+`TokenShards.masks(split)` reads the mask shards aligned one-to-one with `TokenShards.tokens(split)`.
+
 The manifest is written last: a directory without one is incomplete.
 
 Sampling. A split is cut, shard by shard, into windows of seq_len + 1 tokens starting at
@@ -44,6 +56,9 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 PROGRESS_FILE = "progress.json"  # present while data_prep has not finished
 SPLITS = ("train", "val")
+CONTENTS = ("text", "chat")
+MASK_DTYPE = np.dtype("u1")
+"""Loss-mask shards of chat data: one byte per token, 1 = trained."""
 if TYPE_CHECKING:
     import torch
 
@@ -88,18 +103,37 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
 @dataclass(frozen=True)
 class ShardInfo:
     """One shard file: name relative to the dataset directory, token count, sha256 of its bytes, and its
-    largest token id (None in manifests written before it was recorded; -1 for an empty shard)."""
+    largest token id (None in manifests written before it was recorded; -1 for an empty shard). Chat data
+    adds the shard's loss-mask file (`tokens` bytes of uint8) and its sha256; None for text data."""
 
     file: str
     tokens: int
     sha256: str
     max_token_id: int | None = None
+    mask_file: str | None = None
+    mask_sha256: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> ShardInfo:
         """From its JSON form; KeyError, TypeError or ValueError when malformed."""
-        found = data.get("max_token_id")
-        return cls(str(data["file"]), int(data["tokens"]), str(data["sha256"]), None if found is None else int(found))
+        found, mask = data.get("max_token_id"), data.get("mask_file")
+        return cls(str(data["file"]), int(data["tokens"]), str(data["sha256"]), None if found is None else int(found),
+                   None if mask is None else str(mask), None if mask is None else str(data["mask_sha256"]))
+
+    def to_dict(self) -> dict:
+        """The JSON form (text data: without the mask fields, as before chat data existed)."""
+        data = asdict(self)
+        if self.mask_file is None:
+            del data["mask_file"], data["mask_sha256"]
+        return data
+
+    def files(self, itemsize: int) -> list[tuple[str, int, str]]:
+        """(file, expected size in bytes, sha256) of the token shard (`itemsize` bytes per token) and, for chat
+        data, of its mask shard (one byte per token)."""
+        files = [(self.file, self.tokens * itemsize, self.sha256)]
+        if self.mask_file is not None:
+            files.append((self.mask_file, self.tokens * MASK_DTYPE.itemsize, str(self.mask_sha256)))
+        return files
 
 
 @dataclass(frozen=True)
@@ -110,6 +144,43 @@ class SplitInfo:
     tokens: int = 0
     shards: tuple[ShardInfo, ...] = ()
 
+    def to_dict(self) -> dict:
+        return {"documents": self.documents, "tokens": self.tokens, "shards": [s.to_dict() for s in self.shards]}
+
+
+@dataclass(frozen=True)
+class ChatSplit:
+    """A chat split's totals: conversations, tokens (end-of-text tokens included) and trained tokens (mask 1)."""
+
+    conversations: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ChatInfo:
+    """The manifest's `chat` section: the template identity (sha256 of `gpt_moe.chat.JINJA_TEMPLATE`), the
+    --max-seq-len conversations were held to (in tokens, the end-of-text included), per-split totals, and the
+    bad rows skipped: a count per kind (every kind present, 0 when none) and the first few `where: problem`."""
+
+    template_sha256: str
+    max_seq_len: int
+    splits: dict[str, ChatSplit] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_first: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ChatInfo:
+        """From its JSON form; KeyError, TypeError, ValueError or AttributeError when malformed."""
+        return cls(template_sha256=str(data["template_sha256"]), max_seq_len=int(data["max_seq_len"]),
+                   splits={str(k): ChatSplit(**{f: int(v[f]) for f in ("conversations", "tokens", "trained_tokens")})
+                           for k, v in data["splits"].items()},
+                   skipped={str(k): int(v) for k, v in data["skipped"].items()},
+                   skipped_first={str(k): [str(w) for w in v] for k, v in data.get("skipped_first", {}).items()})
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -119,7 +190,8 @@ class Manifest:
     worker count and the output path, so that the bytes do not depend on them). `parts` is
     data_prep's own record of where each part of its output stream ends (readers ignore it;
     data_prep re-encodes a damaged shard from there, see `data_prep.manifest`); manifests
-    written before it have none.
+    written before it have none. `content` is "text" or "chat" (then every shard has a mask file and
+    `chat` is set; see the module docstring).
     """
 
     created_at: str
@@ -129,14 +201,18 @@ class Manifest:
     dtype: str
     splits: dict[str, SplitInfo] = field(default_factory=dict)
     parts: tuple[dict, ...] = ()
+    content: str = "text"
+    chat: ChatInfo | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
         data = {"format": self.format, "format_version": self.format_version, "created_at": self.created_at,
                 "source": self.source, "args": self.args, "tokenizer": self.tokenizer.to_dict(),
-                "dtype": self.dtype, "splits": {name: asdict(split) for name, split in self.splits.items()},
+                "dtype": self.dtype, "splits": {name: split.to_dict() for name, split in self.splits.items()},
                 "parts": list(self.parts)}
+        if self.content != "text":  # text manifests stay as they were before chat data existed
+            data = {**data, "content": self.content, "chat": self.chat.to_dict() if self.chat else None}
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
@@ -156,14 +232,31 @@ class Manifest:
                                       shards=tuple(ShardInfo.from_dict(x) for x in s["shards"]))
                       for name, s in data["splits"].items()}
             parts = data.get("parts")
+            content, chat = data.get("content", "text"), data.get("chat")
             manifest = cls(created_at=str(data["created_at"]), source=str(data["source"]), args=dict(data["args"]),
                            tokenizer=TokenizerInfo.from_dict(data["tokenizer"], where), dtype=str(data["dtype"]),
-                           splits=splits, parts=tuple(parts) if isinstance(parts, list) else ())
+                           splits=splits, parts=tuple(parts) if isinstance(parts, list) else (), content=content,
+                           chat=None if chat is None else ChatInfo.from_dict(chat))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{where}: malformed manifest ({type(e).__name__}: {e}); {PREPARE_HINT}") from None
         if manifest.dtype not in ("uint16", "uint32"):
             raise DataError(f"{where}: dtype {manifest.dtype!r}, expected uint16 or uint32; {PREPARE_HINT}")
+        manifest.check_content(where)
         return manifest
+
+    def check_content(self, where: str) -> None:
+        """DataError unless `content` is known and agrees with the `chat` section and the shards' mask files."""
+        if self.content not in CONTENTS:
+            raise DataError(f"{where}: content {self.content!r}, expected one of {', '.join(CONTENTS)}; "
+                            f"{PREPARE_HINT}")
+        chat = self.content == "chat"
+        for split in self.splits.values():
+            for shard in split.shards:
+                if (shard.mask_file is not None) != chat:
+                    raise DataError(f"{where}: shard {shard.file} {'has no' if chat else 'has a'} mask_file in "
+                                    f"{self.content} data; {PREPARE_HINT}")
+        if chat and self.chat is None:
+            raise DataError(f"{where}: chat data without a chat section; {PREPARE_HINT}")
 
     @classmethod
     def load(cls, directory: Path) -> Manifest:
@@ -188,18 +281,27 @@ class TokenShards:
         self.manifest = Manifest.load(self.directory)
         self.dtype = np.dtype(self.manifest.dtype).newbyteorder("<")
         self._arrays: dict[str, list[np.ndarray]] = {}
+        self._masks: dict[str, list[np.ndarray]] = {}
         for split in self.manifest.splits.values():
             for shard in split.shards:
-                path = self.directory / shard.file
-                expected = shard.tokens * self.dtype.itemsize
-                size = path.stat().st_size if path.is_file() else None
-                if size != expected:
-                    found = "missing" if size is None else f"{size} bytes"
-                    raise DataError(f"{path}: {found}, the manifest says {shard.tokens} tokens = {expected} bytes "
-                                    f"of {self.manifest.dtype} (truncated or replaced shard); "
-                                    f"{repair_hint(self.manifest, self.directory)}")
+                for file, expected, _ in shard.files(self.dtype.itemsize):
+                    self._check_size(self.directory / file, shard.tokens, expected)
         if verify:
             self.verify()
+
+    def _check_size(self, path: Path, tokens: int, expected: int) -> None:
+        """DataError unless `path` holds `expected` bytes (a token shard, or a mask shard of one byte per token)."""
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected:
+            found = "missing" if size is None else f"{size} bytes"
+            what = "uint8 loss mask" if path.name.endswith(".mask.bin") else self.manifest.dtype
+            raise DataError(f"{path}: {found}, the manifest says {tokens} tokens = {expected} bytes "
+                            f"of {what} (truncated or replaced shard); {repair_hint(self.manifest, self.directory)}")
+
+    @property
+    def content(self) -> str:
+        """"text" (documents) or "chat" (conversations, with loss masks: see `masks`)."""
+        return self.manifest.content
 
     @property
     def n_vocab(self) -> int:
@@ -220,15 +322,34 @@ class TokenShards:
 
         verify_data(self, "always")
 
-    def tokens(self, split: str) -> list[np.ndarray]:
-        """The split's shards as read-only memory maps, 1-D [tokens] each, in stream order."""
+    def _shards(self, split: str) -> list[ShardInfo]:
+        """The split's non-empty shards in stream order; DataError for an unknown split."""
         if split not in self.manifest.splits:
             raise DataError(f"{self.directory / MANIFEST_FILE}: no split {split!r}; "
                             f"available: {', '.join(self.manifest.splits)}")
+        return [s for s in self.manifest.splits[split].shards if s.tokens > 0]
+
+    def tokens(self, split: str) -> list[np.ndarray]:
+        """The split's shards as read-only memory maps, 1-D [tokens] each, in stream order."""
         if split not in self._arrays:
             self._arrays[split] = [np.memmap(self.directory / s.file, dtype=self.dtype, mode="r")
-                                   for s in self.manifest.splits[split].shards if s.tokens > 0]
+                                   for s in self._shards(split)]
         return self._arrays[split]
+
+    def masks(self, split: str) -> list[np.ndarray]:
+        """Chat data: the split's loss masks as read-only memory maps, uint8 [tokens] each, aligned one-to-one
+        with `tokens(split)` (1 = the model is trained to produce that token). DataError for text data and for
+        a mask shard whose size differs from its token shard's token count."""
+        if self.content != "chat":
+            raise DataError(f"{self.directory}: text data has no loss masks (content {self.content!r}); hint: "
+                            "prepare conversations with python -m data_prep --format chat")
+        if split not in self._masks:
+            masks = []
+            for shard in self._shards(split):
+                self._check_size(self.directory / str(shard.mask_file), shard.tokens, shard.tokens)
+                masks.append(np.memmap(self.directory / str(shard.mask_file), dtype=MASK_DTYPE, mode="r"))
+            self._masks[split] = masks
+        return self._masks[split]
 
     def check_vocab(self, model_vocab_size: int) -> None:
         """Refuse a model whose embedding cannot hold every token id of this data."""

@@ -1,5 +1,6 @@
 """Data verification on first use: every shard's sha256 checked against the manifest, remembered by size and
-modification time so that later starts hash only what changed, and the largest token id of the data.
+modification time so that later starts hash only what changed, and the largest token id of the data. The
+loss-mask shards of chat data are checked the same way (a mask file counts as a shard here).
 
     check = verify_data(TokenShards("data/builtin"), mode="first")   # DataError naming a damaged shard
     check.max_token_id   # the largest token id in the data: a model needs vocab_size > it
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt_moe.atomic import write_atomic
-from gpt_moe.data import MANIFEST_FILE, Manifest, ShardInfo, TokenShards, repair_hint
+from gpt_moe.data import MANIFEST_FILE, MASK_DTYPE, Manifest, TokenShards, repair_hint
 from gpt_moe.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -130,31 +131,56 @@ def _save_record(path: Path, entries: dict[str, _Entry]) -> str:
     return ""
 
 
-def _check_shard(directory: Path, shard: ShardInfo, dtype: np.dtype, entry: _Entry | None,
+@dataclass(frozen=True)
+class _File:
+    """One file of the data to check: a token shard, or (chat data) a shard's loss mask."""
+
+    name: str
+    tokens: int
+    size: int  # expected bytes
+    sha256: str
+    dtype: np.dtype
+    max_token_id: int | None  # the manifest's, for a token shard; None for a mask
+    is_mask: bool = False
+
+
+def _files(manifest: Manifest, dtype: np.dtype) -> list[_File]:
+    """Every token shard of the manifest, each followed by its mask shard (chat data), in manifest order."""
+    files = []
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            for index, (name, size, sha256) in enumerate(shard.files(dtype.itemsize)):
+                mask = index > 0
+                files.append(_File(name, shard.tokens, size, sha256, MASK_DTYPE if mask else dtype,
+                                   None if mask else shard.max_token_id, mask))
+    return files
+
+
+def _check_shard(directory: Path, shard: _File, entry: _Entry | None,
                  mode: str) -> ShardProblem | tuple[_Entry | None, bool, int]:
-    """A shard's problem, or (its record entry, whether it was hashed now, its largest token id)."""
-    path = directory / shard.file
+    """A shard's problem, or (its record entry, whether it was hashed now, its largest value: token id or mask)."""
+    path = directory / shard.name
     try:
         stat = path.stat()
     except FileNotFoundError:
-        return ShardProblem(shard.file, "missing")
-    expected = shard.tokens * dtype.itemsize
-    if stat.st_size != expected:
-        return ShardProblem(shard.file, f"{stat.st_size} bytes, the manifest says {shard.tokens} tokens = "
-                                        f"{expected} bytes of {dtype.name} (truncated or replaced shard)")
+        return ShardProblem(shard.name, "missing")
+    if stat.st_size != shard.size:
+        what = "uint8 loss mask" if shard.is_mask else shard.dtype.name
+        return ShardProblem(shard.name, f"{stat.st_size} bytes, the manifest says {shard.tokens} tokens = "
+                                        f"{shard.size} bytes of {what} (truncated or replaced shard)")
     known = entry if entry is not None and entry.matches(stat.st_size, stat.st_mtime_ns, shard.sha256) else None
     if mode == "always" or (mode == "first" and not (known and known.settled)):
         hashed_at = time.time_ns()
-        digest, largest = hash_and_max(path, dtype)
+        digest, largest = hash_and_max(path, shard.dtype)
         if digest != shard.sha256:
-            return ShardProblem(shard.file, f"sha256 {digest[:12]}... differs from the manifest's "
+            return ShardProblem(shard.name, f"sha256 {digest[:12]}... differs from the manifest's "
                                             f"{shard.sha256[:12]}... (altered shard)")
         return _Entry(stat.st_size, stat.st_mtime_ns, digest, largest, hashed_at), True, largest
-    if shard.max_token_id is not None:
-        return known, False, shard.max_token_id
+    if shard.max_token_id is not None or shard.is_mask:  # a mask's largest value is not needed
+        return known, False, -1 if shard.max_token_id is None else shard.max_token_id
     if known is not None:
         return known, False, known.max_token_id
-    largest = int(np.memmap(path, dtype=dtype, mode="r").max()) if shard.tokens else -1
+    largest = int(np.memmap(path, dtype=shard.dtype, mode="r").max()) if shard.tokens else -1
     return None, False, largest
 
 
@@ -174,17 +200,18 @@ def check_data(directory: str | Path, manifest: Manifest, mode: str = "first") -
     largest: dict[str, int] = {}
     hashed: list[str] = []
     problems: list[ShardProblem] = []
-    for split in manifest.splits.values():
-        for shard in split.shards:
-            result = _check_shard(directory, shard, dtype, before.get(shard.file), mode)
-            if isinstance(result, ShardProblem):
-                problems.append(result)
-                continue
-            entry, was_hashed, largest[shard.file] = result
-            if entry is not None:
-                entries[shard.file] = entry
-            if was_hashed:
-                hashed.append(shard.file)
+    for shard in _files(manifest, dtype):
+        result = _check_shard(directory, shard, before.get(shard.name), mode)
+        if isinstance(result, ShardProblem):
+            problems.append(result)
+            continue
+        entry, was_hashed, value = result
+        if not shard.is_mask:
+            largest[shard.name] = value
+        if entry is not None:
+            entries[shard.name] = entry
+        if was_hashed:
+            hashed.append(shard.name)
     error = _save_record(record_path, entries) if entries != before else ""
     record = None if error or not record_path.is_file() else record_path
     return DataCheck(directory, mode, max(largest.values(), default=-1), largest, hashed, problems, record, error)
