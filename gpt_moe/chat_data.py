@@ -132,7 +132,7 @@ class PackedRows:
             tokens, mask = self.conversations.pieces(conversation)
             n = len(tokens) - 1
             ids[at:at + n] = tokens[:-1]
-            labels[at:at + n] = np.where(mask[1:] == 1, tokens[1:], IGNORE_INDEX)
+            labels[at:at + n] = np.where(mask[1:] == 1, tokens[1:].astype(np.int64), IGNORE_INDEX)
             positions[at:at + n] = np.arange(n)
             segments[at:at + n] = segment
             at += n

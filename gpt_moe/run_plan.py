@@ -92,8 +92,8 @@ def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardwa
     """The run `cfg` describes on `world_size` ranks of `hardware`; `explicit` names the flags given on the
     command line (a DeepSpeed JSON value that contradicts one of them is an error)."""
     base = pretrained(cfg.init_from) if cfg.init_from else None
-    if base is not None and "--data" not in explicit and cfg.data == DEFAULT_DATA_DIR:
-        cfg = dataclasses.replace(cfg, data=DEFAULT_CHAT_DATA_DIR)  # fine-tuning defaults to the built-in chat set
+    if base is not None:
+        cfg = fine_tuning_defaults(cfg, explicit)
     if base is not None and "--model" in explicit:
         raise ConfigError(f"--model {cfg.model} with --init-from {cfg.init_from}: the model is the one of the weights; "
                           "drop --model")
@@ -116,6 +116,20 @@ def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardwa
                                 lr=shape.lr, weight_decay=shape.weight_decay)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / (model.name + ("-sft" if base else ""))
     return RunPlan(train, model, ds_config, world_size, zero_stage(ds_config), run_dir, prepare_default_data, base)
+
+
+FINE_TUNING_DEFAULTS = {"data": DEFAULT_CHAT_DATA_DIR, "seq_len": 512, "micro_batch": 8, "lr": 1e-3,
+                        "warmup_steps": 20}
+"""What --init-from changes in the defaults: the built-in conversations, rows long enough to hold the longest of
+them (323 tokens), and a gentler learning rate than pretraining's."""
+
+
+def fine_tuning_defaults(cfg: TrainConfig, explicit: frozenset[str]) -> TrainConfig:
+    """`cfg` with FINE_TUNING_DEFAULTS for the options still at their pretraining default and not given as flags."""
+    pretraining = TrainConfig()
+    changes = {key: value for key, value in FINE_TUNING_DEFAULTS.items()
+               if f"--{key.replace('_', '-')}" not in explicit and getattr(cfg, key) == getattr(pretraining, key)}
+    return dataclasses.replace(cfg, **changes)
 
 
 def resolve_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> ModelConfig:

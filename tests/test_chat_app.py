@@ -2,6 +2,7 @@
 
 import gradio as gr
 import pytest
+import torch
 
 from gpt_moe.chat import RoutingRecord
 from gpt_moe.chat_app import ChatApp, Settings, conversation, main, model_facts
@@ -69,3 +70,20 @@ def test_main_prints_one_line_without_a_checkpoint(tmp_path, capsys):
     assert main(["--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no complete checkpoint" in err and "deepspeed launch/train.py" in err
+
+
+def test_a_base_model_continues_the_text_and_says_so(tiny_checkpoint):
+    """A checkpoint not fine-tuned on conversations: no role markers around the message, one line at the top."""
+    from gpt_moe.chat_app import BASE_MODEL_NOTE, build_demo
+
+    loaded = load_for_inference(tiny_checkpoint)
+    loaded.info["chat"] = False
+    base = ChatApp(loaded, max_new_tokens=8)
+    assert dict(model_facts(loaded))["kind"].startswith("base")
+    updates = list(base.respond("The quick brown", [], temperature=0.0, max_new_tokens=8, repetition_penalty=1.0))
+    _, chat, *_ = updates[-1]
+    assert chat[-1]["role"] == "assistant" and chat[-1]["content"]
+    greedy = loaded.model(torch.tensor([loaded.tokenizer.encode_ordinary("The quick brown")])).logits[0, -1]
+    first = loaded.tokenizer.decode([int(greedy[: loaded.tokenizer.n_vocab].argmax())])
+    assert chat[-1]["content"].startswith(first)  # a continuation of the text itself, no chat template
+    assert BASE_MODEL_NOTE in str(build_demo(base).config)

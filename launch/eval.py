@@ -1,0 +1,67 @@
+"""How well a checkpoint chats, on the built-in held-out conversations (whole modules training never shows).
+
+    python launch/eval.py CHECKPOINT [--data data/chat-builtin] [--items 300] [--max-new-tokens 64]
+
+Prints the mean loss over the assistant tokens of the held-out split, the share of greedy replies that end
+with <|end|> within the token limit, and exact-match accuracy on the in-context questions (the user pastes a
+function and asks for its name or its parameters). CHECKPOINT: a run, a checkpoints/step_* directory or an
+export; it must use the data's tokenizer. The logic is in gpt_moe/chat_eval.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+from gpt_moe.cli import run_cli
+from gpt_moe.data import DEFAULT_CHAT_DATA_DIR, TokenShards
+from gpt_moe.errors import DataError
+
+KINDS = ("name", "parameters")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from data_prep.builtin_chat import EVAL_KINDS, IN_CONTEXT_KINDS, KNOWLEDGE_KINDS, heldout_eval_items
+    from gpt_moe.chat_eval import held_out_loss, reply_statistics
+    from gpt_moe.loading import load_for_inference
+
+    loaded = load_for_inference(args.checkpoint)
+    shards = TokenShards(args.data)
+    if shards.manifest.tokenizer.sha256 != loaded.tokenizer_info.sha256:
+        raise DataError(f"{args.data}: tokenized with another tokenizer than {loaded.source}; prepare it with "
+                        f"--tokenizer-from {args.checkpoint}")
+    loss = held_out_loss(loaded.model, shards, seq_len=min(512, loaded.model.config.max_position_embeddings))
+    items = list(itertools.islice(heldout_eval_items(KNOWLEDGE_KINDS + IN_CONTEXT_KINDS), args.items))
+    stats = reply_statistics(loaded.model, loaded.tokenizer, items, args.max_new_tokens)
+    in_context = [k for k in EVAL_KINDS if k in IN_CONTEXT_KINDS]
+    result = {"checkpoint": str(loaded.source), "held_out_assistant_loss": loss,
+              "replies": sum(stats.asked.values()), "ended_with_end": stats.rate(stats.ended),
+              "exact_match_in_context": stats.rate(stats.exact, in_context),
+              "exact_match": {kind: stats.rate(stats.exact, [kind]) for kind in sorted(stats.asked)}}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{loaded.source}: held-out assistant-token loss {loss:.3f}; {result['replies']} greedy replies: "
+          f"{result['ended_with_end']:.1%} end with <|end|> within {args.max_new_tokens} tokens; exact match on "
+          f"in-context questions ({', '.join(in_context)}) {result['exact_match_in_context']:.1%}")
+    for kind, rate in result["exact_match"].items():
+        print(f"  {kind:>12}: {stats.asked[kind]:4d} asked, exact {rate:.1%}")
+    for question, reply, answer in stats.examples:
+        print(f"  Q: {question[-120:]!r}\n     reply {reply!r}, reference {answer!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data", default=DEFAULT_CHAT_DATA_DIR, help="chat data with the held-out split")
+    parser.add_argument("--items", type=int, default=300, help="held-out questions to answer (default 300)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: evaluate(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
