@@ -169,7 +169,7 @@ class HubRows:
 
     @property
     def description(self) -> str:
-        return self.hub.description.rsplit(" field ", 1)[0]
+        return self.hub.spec
 
     @property
     def n_documents(self) -> int | None:
