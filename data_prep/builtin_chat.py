@@ -8,7 +8,7 @@ the standard library's `.py` files (the modules of `--source builtin`; test pack
 - knowledge (kinds "doc", "signature", "module"), about a function, class or method by name: what it does (the
   assistant answers with the first paragraph of its docstring), its signature, which module provides it
   (asked only of names defined once in the library); one to three of these in a conversation, the later ones
-  as follow-ups ("And its signature?");
+  as follow-ups ("And its signature?"); a method without a docstring is asked about only in context;
 - in context (kinds "name", "parameters", "returns", "raises"), about a function or method whose code the user
   pastes (normalised by `ast.unparse`, docstring and decorators left out): its name, its parameters with their
   defaults (exactly the text between the parentheses of its `def` line), the names it returns (`return NAME`)

@@ -169,7 +169,7 @@ class HubRows:
 
     @property
     def description(self) -> str:
-        return self.hub.description.rsplit(" field ", 1)[0]
+        return self.hub.spec
 
     @property
     def n_documents(self) -> int | None:
@@ -264,7 +264,7 @@ def conversation(value: object, field: str, roles: Sequence[str]) -> tuple[tuple
     if not isinstance(messages, list) or not messages:
         found = "empty" if isinstance(messages, list) else _describe(messages)
         return None, "no_messages", (f"field {field!r} is {found}, expected a list of messages (keys: "
-                                     f"{', '.join(map(str, value)) or 'none'}); hint: --messages-field NAME")
+                                     f"{', '.join(map(str, value)) or 'none'})")
     for number, message in enumerate(messages, 1):
         if not isinstance(message, dict):
             return None, "no_messages", f"message {number} is {_describe(message)}, expected an object"

@@ -205,9 +205,14 @@ class HubDataset:
         return cls(name, config or None, split or "train", text_field)
 
     @property
-    def description(self) -> str:
+    def spec(self) -> str:
+        """`hf:NAME[:CONFIG]@SPLIT`: the dataset, config and split."""
         config = f":{self.config}" if self.config else ""
-        return f"hf:{self.name}{config}@{self.split} field {self.text_field!r}"
+        return f"hf:{self.name}{config}@{self.split}"
+
+    @property
+    def description(self) -> str:
+        return f"{self.spec} field {self.text_field!r}"
 
     @property
     def n_documents(self) -> int | None:
@@ -232,7 +237,7 @@ class HubDataset:
 def _no_network_error(name: str, reason: str) -> DataError:
     return DataError(f"source hf:{name}: cannot reach the Hugging Face Hub ({reason}); no network? "
                      "hint: download the data elsewhere and pass local files, e.g. --source data/*.jsonl "
-                     "(or --source builtin)")
+                     "(or the offline --source builtin, or builtin-chat for --format chat)")
 
 
 def _check_hub_reachable(name: str) -> None:
