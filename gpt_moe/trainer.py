@@ -117,8 +117,9 @@ class Trainer:
         if prepare_data is None:
             raise DataError(f"{self.cfg.data}: no prepared data; prepare it with `python -m data_prep`")
         if self.is_rank0:
-            log.warning("%s has no prepared data: preparing the built-in corpus first (python -m data_prep)",
-                        self.cfg.data)
+            what = "conversations" if self.plan.pretrained is not None else "corpus"
+            log.warning("%s has no prepared data: preparing the built-in %s first (python -m data_prep)",
+                        self.cfg.data, what)
             prepare_data(Path(self.cfg.data))
         dist.barrier()
 
