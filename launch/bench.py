@@ -2,6 +2,7 @@
 
     moe   our MoE layer vs a dense SwiGLU of equal activated size vs transformers' DeepseekV3MoE
     data  data_prep tokens/s with 1 and 2 workers vs raw tiktoken, and peak memory
+    sft   packed chat fine-tuning vs pretraining tokens/s at the same row shape, and the padding of the rows
 
 Each NAME is launch/bench_NAME.py with a main(argv) function.
 """

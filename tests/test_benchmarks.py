@@ -25,3 +25,14 @@ def test_benchmark_runs_and_prints_its_ratios(args, expected):
     assert result.returncode == 0, result.stderr[-3000:]
     for text in expected:
         assert text in result.stdout, result.stdout[-2000:]
+
+
+def test_sft_benchmark_runs_and_prints_its_ratio(prepared_data, tmp_path):
+    chat = tmp_path / "chat"
+    subprocess.run([sys.executable, "-m", "data_prep", "--format", "chat", "--source", "builtin-chat",
+                    "--tokenizer-from", str(prepared_data), "--out", str(chat), "--no-progress"], cwd=REPO, check=True,
+                   capture_output=True)
+    result = subprocess.run([sys.executable, "launch/bench.py", "sft", "--data", str(chat), "--micro-batch", "1",
+                             "--steps", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fine-tuning / pretraining:" in result.stdout and "padding of the packed rows" in result.stdout
