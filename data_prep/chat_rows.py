@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
-from data_prep.sources import (_JSON_KINDS, CHAT_BUILTIN, HubDataset, _describe_files, _expand, _first_line)
+from data_prep.sources import (_JSON_KINDS, CHAT_BUILTIN, HubDataset, SourceList, _describe_files, _expand,
+                               _first_line)
 from gpt_moe.errors import DataError
 
 BAD_ROW_KINDS: dict[str, str] = {
@@ -181,19 +182,8 @@ class HubRows:
 
 
 @dataclass(frozen=True)
-class ChatCorpus:
-    """The chat sources of one `--source` list, read one after another."""
-
-    parts: tuple
-
-    @property
-    def description(self) -> str:
-        return "; ".join(part.description for part in self.parts)
-
-    @property
-    def n_documents(self) -> int | None:
-        counts = [part.n_documents for part in self.parts]
-        return None if None in counts else sum(counts)
+class ChatCorpus(SourceList):
+    """Chat sources: their rows, one source after another."""
 
     @property
     def decides_split(self) -> bool:

@@ -293,8 +293,8 @@ def _expand(spec: str) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class Corpus:
-    """The sources of one `--source` list, read one after another."""
+class SourceList:
+    """The sources of one `--source` list, read one after another: their joint description and count."""
 
     parts: tuple
 
@@ -306,6 +306,11 @@ class Corpus:
     def n_documents(self) -> int | None:
         counts = [part.n_documents for part in self.parts]
         return None if None in counts else sum(counts)
+
+
+@dataclass(frozen=True)
+class Corpus(SourceList):
+    """Text sources: their documents, one source after another."""
 
     def documents(self) -> Iterator[Document]:
         return chain.from_iterable(part.documents() for part in self.parts)

@@ -3,6 +3,7 @@ exported checkpoint for the chat, sampler and app tests."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,15 @@ def prepared_data(tmp_path_factory):
                     "--max-tokens", "600000", "--val-fraction", "0.1", "--out", str(out), "--no-progress"],
                    check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def fp32_zero2(tmp_path_factory) -> Path:
+    """The shipped ds_configs/zero2.json with bf16 off: training tests that compare numbers run in fp32 on any CPU."""
+    shipped = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json").read_text())
+    path = tmp_path_factory.mktemp("ds") / "zero2_fp32.json"
+    path.write_text(json.dumps({**shipped, "bf16": {"enabled": False}}))
+    return path
 
 
 # ------------------------------------------------------------------------------ an exported checkpoint

@@ -18,11 +18,6 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
 FINETUNE = ["--seq-len", "256", "--micro-batch", "2", "--grad-accum", "2", "--log-interval", "1", "--lr", "3e-4",
             "--warmup-steps", "2", "--eval-interval", "1000", "--eval-batches", "2", "--sample-tokens", "0"]
-FP32_ZERO2 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": False},
-              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-8,
-                                                        "weight_decay": "auto"}},
-              "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
 
 
 def run(*args: str, ranks: int = 0, check: bool = True) -> subprocess.CompletedProcess:
@@ -46,17 +41,10 @@ def history(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def fp32(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ds") / "zero2_fp32.json"
-    path.write_text(json.dumps(FP32_ZERO2))
-    return path
-
-
-@pytest.fixture(scope="module")
-def base_run(prepared_data, fp32, tmp_path_factory) -> Path:
+def base_run(prepared_data, fp32_zero2, tmp_path_factory) -> Path:
     """A pretrained `tiny` (a few steps on the small built-in corpus): the model to fine-tune."""
     run_dir = tmp_path_factory.mktemp("base") / "run"
-    run("--deepspeed", str(fp32), "--data", str(prepared_data), "--run-dir", str(run_dir), "--max-steps", "4",
+    run("--deepspeed", str(fp32_zero2), "--data", str(prepared_data), "--run-dir", str(run_dir), "--max-steps", "4",
         "--seq-len", "64", "--micro-batch", "4", "--save-interval", "4", "--eval-interval", "1000",
         "--sample-tokens", "0")
     return run_dir
@@ -71,12 +59,12 @@ def chat_data(prepared_data, tmp_path_factory) -> Path:
     return out
 
 
-def test_expert_parallel_fine_tuning_equals_one_copy_of_the_experts(base_run, chat_data, fp32, tmp_path):
+def test_expert_parallel_fine_tuning_equals_one_copy_of_the_experts(base_run, chat_data, fp32_zero2, tmp_path):
     """5 fine-tuning steps on 2 ranks: --ep-size 2 gives the losses and clipped norms of --ep-size 1 (fp32)."""
     runs = {}
     for ep in (1, 2):
         runs[ep] = tmp_path / f"ep{ep}"
-        run("--deepspeed", str(fp32), "--init-from", str(base_run), "--data", str(chat_data), "--run-dir",
+        run("--deepspeed", str(fp32_zero2), "--init-from", str(base_run), "--data", str(chat_data), "--run-dir",
             str(runs[ep]), "--max-steps", "5", "--save-interval", "5", "--ep-size", str(ep), *FINETUNE, ranks=2)
     one, two = history(runs[1]), history(runs[2])
     assert [h["step"] for h in one] == [h["step"] for h in two] == [1, 2, 3, 4, 5]
@@ -87,7 +75,7 @@ def test_expert_parallel_fine_tuning_equals_one_copy_of_the_experts(base_run, ch
 
 
 def test_init_from_a_checkpoint_its_export_and_its_transformers_directory_starts_the_same(
-        base_run, chat_data, fp32, tmp_path):
+        base_run, chat_data, fp32_zero2, tmp_path):
     import transformers
 
     export = tmp_path / "export"
@@ -98,7 +86,7 @@ def test_init_from_a_checkpoint_its_export_and_its_transformers_directory_starts
     first = {}
     for name, source in (("checkpoint", base_run), ("export", export), ("transformers", hf_dir)):
         run_dir = tmp_path / f"from-{name}"
-        run("--deepspeed", str(fp32), "--init-from", str(source), "--data", str(chat_data), "--run-dir",
+        run("--deepspeed", str(fp32_zero2), "--init-from", str(source), "--data", str(chat_data), "--run-dir",
             str(run_dir), "--max-steps", "1", "--save-interval", "100", *FINETUNE)
         first[name] = history(run_dir)[0]
     # the language-model loss is bit-identical; transformers has no MTP block, so there it starts fresh
@@ -107,12 +95,12 @@ def test_init_from_a_checkpoint_its_export_and_its_transformers_directory_starts
     assert first["checkpoint"]["train/mtp_loss"] == first["export"]["train/mtp_loss"]
 
 
-def test_a_frozen_router_stays_bit_identical_while_the_experts_learn(base_run, chat_data, fp32, tmp_path):
+def test_a_frozen_router_stays_bit_identical_while_the_experts_learn(base_run, chat_data, fp32_zero2, tmp_path):
     from gpt_moe.loading import load_for_inference
 
     run_dir = tmp_path / "frozen"
-    run("--deepspeed", str(fp32), "--init-from", str(base_run), "--data", str(chat_data), "--run-dir", str(run_dir),
-        "--max-steps", "10", "--save-interval", "10", "--freeze-router", *FINETUNE)
+    run("--deepspeed", str(fp32_zero2), "--init-from", str(base_run), "--data", str(chat_data), "--run-dir",
+        str(run_dir), "--max-steps", "10", "--save-interval", "10", "--freeze-router", *FINETUNE)
     before, after = (load_for_inference(path).model.state_dict() for path in (base_run, run_dir))
     routers = [key for key in before if ".mlp.gate." in key]
     assert routers and all(torch.equal(before[key], after[key]) for key in routers)

@@ -17,11 +17,6 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 TINY_RUN = ["--seq-len", "32", "--micro-batch", "2", "--log-interval", "1", "--eval-batches", "2",
             "--sample-tokens", "4", "--warmup-steps", "30", "--keep-last", "10"]
-FP32_ZERO2 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": False},
-              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": 1e-8,
-                                                        "weight_decay": "auto"}},
-              "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
 
 
 def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -61,17 +56,10 @@ def tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def fp32_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ds") / "zero2_fp32.json"
-    path.write_text(json.dumps(FP32_ZERO2))
-    return path
-
-
-@pytest.fixture(scope="module")
-def saved_run(prepared_data, fp32_config, tmp_path_factory) -> Path:
+def saved_run(prepared_data, fp32_zero2, tmp_path_factory) -> Path:
     """8 steps of `tiny`, evaluated and saved every 2 steps (tags 2, 4, 6, 8), one rank, fp32."""
     run_dir = tmp_path_factory.mktemp("saved") / "run"
-    result = run("launch/train.py", "--deepspeed", str(fp32_config), "--data", str(prepared_data), "--run-dir",
+    result = run("launch/train.py", "--deepspeed", str(fp32_zero2), "--data", str(prepared_data), "--run-dir",
                  str(run_dir), "--max-steps", "8", "--save-interval", "2", "--eval-interval", "2", *TINY_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
@@ -79,14 +67,14 @@ def saved_run(prepared_data, fp32_config, tmp_path_factory) -> Path:
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("step", [2, 4, 6])
-def test_resume_from_every_saved_step_is_bit_exact(saved_run, prepared_data, fp32_config, tmp_path, step):
+def test_resume_from_every_saved_step_is_bit_exact(saved_run, prepared_data, fp32_zero2, tmp_path, step):
     """Weights, optimizer state and the routing biases (the MTP block's included) after resuming equal the
     uninterrupted run's, bit for bit. From step 6 DeepSpeed's CPU Adam kernel used to drift: it keeps beta^t as
     a running product, which a resumed run starts from pow(beta, t) (see ds_config._resolve_cpu_adam)."""
     tag = f"step_{step:08d}"
     resumed = tmp_path / "resumed"
     shutil.copytree(saved_run / "checkpoints" / tag, resumed / "checkpoints" / tag)
-    result = run("launch/train.py", "--deepspeed", str(fp32_config), "--data", str(prepared_data), "--run-dir",
+    result = run("launch/train.py", "--deepspeed", str(fp32_zero2), "--data", str(prepared_data), "--run-dir",
                  str(resumed), "--max-steps", "8", "--save-interval", "2", "--eval-interval", "2", *TINY_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     ours, theirs = tensors(resumed / "checkpoints" / "step_00000008"), tensors(saved_run / "checkpoints" /
@@ -110,7 +98,7 @@ class Payload:
 
 
 @pytest.mark.multiprocess
-def test_a_checkpoint_carrying_code_is_refused_everywhere_and_never_runs(saved_run, prepared_data, fp32_config,
+def test_a_checkpoint_carrying_code_is_refused_everywhere_and_never_runs(saved_run, prepared_data, fp32_zero2,
                                                                         tmp_path):
     tag = tmp_path / "run" / "checkpoints" / "step_00000004"
     shutil.copytree(saved_run / "checkpoints" / "step_00000004", tag)
@@ -121,7 +109,7 @@ def test_a_checkpoint_carrying_code_is_refused_everywhere_and_never_runs(saved_r
     torch.save(planted, states)
 
     attempts = {
-        "resume": run("launch/train.py", "--deepspeed", str(fp32_config), "--data", str(prepared_data),
+        "resume": run("launch/train.py", "--deepspeed", str(fp32_zero2), "--data", str(prepared_data),
                       "--run-dir", str(tmp_path / "run"), "--resume", str(tag), "--max-steps", "6", *TINY_RUN),
         "sample": run("launch/sample.py", "--checkpoint", str(tag), "--max-new-tokens", "4", "hello"),
         "export": run("launch/export.py", str(tag), str(tmp_path / "exported")),
@@ -136,9 +124,9 @@ def test_a_checkpoint_carrying_code_is_refused_everywhere_and_never_runs(saved_r
 
 
 @pytest.mark.multiprocess
-def test_a_failed_save_removes_its_partial_tag_and_keeps_the_previous(prepared_data, fp32_config, tmp_path):
+def test_a_failed_save_removes_its_partial_tag_and_keeps_the_previous(prepared_data, fp32_zero2, tmp_path):
     run_dir = tmp_path / "run"
-    args = ["launch/train.py", "--deepspeed", str(fp32_config), "--data", str(prepared_data), "--run-dir",
+    args = ["launch/train.py", "--deepspeed", str(fp32_zero2), "--data", str(prepared_data), "--run-dir",
             str(run_dir), "--max-steps", "6", "--save-interval", "2", "--eval-interval", "100", *TINY_RUN]
     assert_one_line_error(run(*args, "--inject-full-disk-at", "4"), "no space left on the device")
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
@@ -186,7 +174,8 @@ def test_bad_training_input_is_one_line(prepared_data, tmp_path, args, message):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     nested_typo = tmp_path / "typo.json"
-    nested_typo.write_text(json.dumps({**FP32_ZERO2, "zero_optimization": {"stage": 2, "overlap_com": True}}))
+    nested_typo.write_text(json.dumps({**json.loads((REPO / "ds_configs" / "zero2.json").read_text()),
+                                       "zero_optimization": {"stage": 2, "overlap_com": True}}))
     args = [a.format(file=a_file, nested_typo=nested_typo) for a in args]
     started = time.perf_counter()
     assert_one_line_error(run("launch/train.py", "--data", str(prepared_data), *args), message)
