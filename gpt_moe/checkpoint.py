@@ -204,6 +204,14 @@ DEEPSPEED_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 _EXPERT_KEY = re.compile(r"^(.*\.experts)\." + re.escape(DEEPSPEED_EXPERT_PREFIX) + r"(\d+)\.(\w+)$")
 
 
+ROUTED_EXPERT_PARAM = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+
+def is_routed_expert_param(name: str) -> bool:
+    """A stacked routed-expert weight of the model (`...mlp.experts.gate_up_proj`): [n_experts, ...]."""
+    return ROUTED_EXPERT_PARAM.search(name) is not None
+
+
 def expert_key(local_key_prefix: str, expert: int, name: str) -> str:
     """Key of one expert's weight in DeepSpeed's per-expert files: `{prefix}deepspeed_moe...{expert}.{name}`."""
     return f"{local_key_prefix}{DEEPSPEED_EXPERT_PREFIX}{expert}.{name}"

@@ -68,7 +68,7 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     ZeRO stage and expert-parallel size, read on CPU without starting DeepSpeed's runtime."""
     info = read_complete_info(tag_dir)
     if info.get("zero_stage", 0) == 3:
-        return zero3_state_dict(tag_dir, info)
+        return zero3_state_dict(tag_dir)
     state = dict(_load(tag_dir / "mp_rank_00_model_states.pt")["module"])
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for file in sorted(tag_dir.iterdir()):
@@ -87,64 +87,19 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_zero_optimizer_file(path: Path) -> dict[str, Any]:
-    return load_data_only(path, mmap=True)["optimizer_state_dict"]
+def zero3_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a ZeRO-3 checkpoint, reassembled from the ranks' partitions
+    (`gpt_moe.zero_files`; routed experts stacked in global order) plus the module's buffers."""
+    from gpt_moe.zero_files import ZeroCheckpoint
 
-
-def zero3_state_dict(tag_dir: Path, info: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Reassembles the fp32 master weights of a ZeRO-3 checkpoint.
-
-    ZeRO-3 splits every parameter into equal, zero-padded slices, one per rank of its partition
-    group, and each rank stores its slices of a sub-group's parameters one after the other
-    (`fp32_flat_groups[sub_group]`, in the order of `param_shapes`). Ordinary parameters are
-    partitioned over all ranks; under expert parallelism the routed experts are partitioned over
-    the ranks that hold the same experts (DeepSpeed records each rank's partition ranks per
-    sub-group; `expert_ranges` in COMPLETE says which experts a rank holds), and their stacks are
-    concatenated in expert order."""
-    world = info["world_size"]
-    models = [_load(tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt") for rank in range(world)]
-    optim_files = [sorted(tag_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")) for rank in range(world)]
-    if not all(len(files) == 1 for files in optim_files):
-        raise CheckpointError(f"{tag_dir}: expected one ZeRO-3 optimizer file per rank for {world} ranks")
-    optimizers = [_load_zero_optimizer_file(files[0]) for files in optim_files]
-    flat = [optimizer["fp32_flat_groups"] for optimizer in optimizers]  # [rank][sub_group] 1-D fp32
-
-    recorded = [optimizer.get("ds_zero_partition_groups") for optimizer in optimizers]
-
-    def holder_sets(sub_group: int) -> list[tuple[int, ...]]:
-        """The groups of ranks that partition this sub-group among themselves (all ranks when unrecorded)."""
-        if not all(recorded):
-            return [tuple(range(world))]
-        return sorted({tuple(groups[sub_group]["partition_ranks"]) for groups in recorded})
-
-    if len({len(holder_sets(g)) for g in range(len(flat[0]))}) > 1 and not info.get("expert_ranges"):
+    zero = ZeroCheckpoint(tag_dir)
+    if any(len(p.holders) > 1 for p in zero.parameters.values()) and not zero.info.get("expert_ranges"):
         raise CheckpointError(f"{tag_dir}: expert partitions but no expert_ranges in {COMPLETE} (saved by an older "
                               "gpt-moe); load it with that version")
-
-    state = {name: value for name, value in models[0]["module"].items() if name in models[0]["buffer_names"]}
-    expert_stacks: dict[str, dict[int, torch.Tensor]] = {}
-    sub_group, used = 0, 0
-    for group_index, shapes in enumerate(models[0]["param_shapes"]):
-        for param_index, (name, shape) in enumerate(shapes.items()):
-            holders = holder_sets(sub_group)
-            numel, part = shape.numel(), -(-shape.numel() // len(holders[0]))
-            for ranks in holders:
-                own_shape = list(models[ranks[0]]["param_shapes"][group_index].values())[param_index]
-                pieces = [flat[rank][sub_group][used: used + part] for rank in ranks]
-                value = torch.cat(pieces)[:numel].view(own_shape).clone()
-                if len(holders) == 1:
-                    state[name] = value
-                else:
-                    first_expert = info["expert_ranges"][ranks[0]][0]
-                    expert_stacks.setdefault(name, {})[first_expert] = value
-            used += part
-            if used == flat[0][sub_group].numel():
-                sub_group, used = sub_group + 1, 0
-    if sub_group != len(flat[0]) or used:
-        raise CheckpointError(f"{tag_dir}: ZeRO-3 partitions do not match the recorded parameter shapes")
-    for name, by_first in expert_stacks.items():
-        state[name] = torch.cat([by_first[first] for first in sorted(by_first)])
-    for alias, source in models[0].get("shared_params", {}).items():  # tied embeddings
+    module = zero.model_states["module"]
+    state = {name: module[name] for name in zero.model_states["buffer_names"] if name in module}
+    state.update({name: zero.read(param, "fp32") for name, param in zero.parameters.items()})
+    for alias, source in zero.model_states.get("shared_params", {}).items():  # tied embeddings
         state[alias] = state[source]
     return state
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_moe import checkpoint as ckpt
+from gpt_moe import reshard
 from gpt_moe.atomic import write_atomic
 from gpt_moe.chat_data import ChatBatches, ChatValBatches, PackedBatch
 from gpt_moe.data import TokenShards, TrainBatches, ValBatches
@@ -74,6 +75,7 @@ class Trainer:
     def __init__(self, plan: RunPlan, faults: FaultInjection = FaultInjection(),
                  prepare_data: Callable[[Path], None] | None = None) -> None:
         self.plan, self.cfg, self.faults = plan, plan.train, faults
+        self.reshard_source: reshard.DeepSpeedSource | reshard.LayoutFreeSource | None = None
         self.resume_from = self.checkpoint_to_resume()  # before anything starts: a refusal costs nothing
         self._start_distributed()
         if plan.prepare_default_data:
@@ -261,8 +263,8 @@ class Trainer:
         ckpt.prune(self.plan.checkpoint_dir, self.cfg.keep_last)
 
     def checkpoint_to_resume(self) -> Path | None:
-        """The complete checkpoint `--resume` points at (None: start fresh), checked against this run's
-        layout and precision before any engine is built."""
+        """The complete checkpoint `--resume` points at (None: start fresh), read before any engine is built:
+        when its layout differs from this run's, the resharding source is opened (and checked) here."""
         cfg = self.cfg
         if cfg.resume == "none":
             return None
@@ -273,29 +275,32 @@ class Trainer:
         if tag_dir is None:
             return None
         info = ckpt.read_complete_info(tag_dir)
-        if info["world_size"] != self.plan.world_size or info["ep_size"] != cfg.ep_size:
-            raise GptMoeError(
-                f"{tag_dir}: saved with {info['world_size']} rank(s) and --ep-size {info['ep_size']}, resuming with "
-                f"{self.plan.world_size} and {cfg.ep_size}: optimizer shards cannot be re-split; resume with the same "
-                "layout or start a new run (--resume none --run-dir ...)")
-        bf16 = self.plan.bf16
-        saved_bf16 = info.get("bf16", bf16)
-        if saved_bf16 != bf16 or info["zero_stage"] != self.plan.zero_stage:
-            raise GptMoeError(
-                f"{tag_dir}: saved with ZeRO stage {info['zero_stage']} and bf16 {saved_bf16}, resuming with stage "
-                f"{self.plan.zero_stage} and bf16 {bf16}: DeepSpeed's optimizer files differ; resume with the same "
-                "DeepSpeed config (bf16 \"auto\" follows the hardware: set it explicitly) or start a new run "
-                "(--resume none)")
-        ckpt.check_data_only(tag_dir)  # before DeepSpeed's loader, which would run pickled code
+        saved = {"world_size": info["world_size"], "ep_size": info["ep_size"], "zero_stage": info["zero_stage"],
+                 "bf16": info.get("bf16", self.plan.bf16)}
+        self.layout = {"world_size": self.plan.world_size, "ep_size": cfg.ep_size, "zero_stage": self.plan.zero_stage,
+                       "bf16": self.plan.bf16}
+        if reshard.is_layout_free(tag_dir) or saved != self.layout:
+            self.reshard_source = reshard.open_source(tag_dir)  # reads records only; refuses inconsistent experts
+        else:
+            ckpt.check_data_only(tag_dir)  # before DeepSpeed's loader, which would run pickled code
         return tag_dir
 
     def resume(self, tag_dir: Path) -> None:
-        _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        """The same layout: DeepSpeed's own loader. Another one (ranks, EP size, ZeRO stage, precision) or a
+        layout-free checkpoint: `gpt_moe.reshard` puts the state into this engine parameter by parameter."""
+        source = self.reshard_source
+        if source is not None:
+            if self.is_rank0:
+                log.warning("%s: converting from %s to %s", tag_dir, reshard.describe_layout(source.info),
+                            reshard.describe_layout(self.layout))
+            client = reshard.load_into_engine(self.engine, source, self.cfg.seed)
+        else:
+            _, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            ckpt.load_rank_state(tag_dir, self.rank)
         self.step, self.tokens_seen = client["step"], client["tokens_seen"]
         self.trained_tokens = client.get("trained_tokens", 0)
         self.bad_steps_total = client.get("bad_steps_total", 0)
         self.loader.load_state_dict(client["data"])
-        ckpt.load_rank_state(tag_dir, self.rank)
         if self.is_rank0:
             log.warning("resumed from %s at step %d (%d tokens seen)", tag_dir, self.step, self.tokens_seen)
 

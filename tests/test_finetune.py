@@ -4,17 +4,15 @@ only, expert parallelism, a frozen router, and the refusals that come before any
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import REPO, train
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
 FINETUNE = ["--seq-len", "256", "--micro-batch", "2", "--grad-accum", "2", "--log-interval", "1", "--lr", "3e-4",
             "--warmup-steps", "2", "--eval-interval", "1000", "--eval-batches", "2", "--sample-tokens", "0"]
@@ -22,18 +20,7 @@ FINETUNE = ["--seq-len", "256", "--micro-batch", "2", "--grad-accum", "2", "--lo
 
 def run(*args: str, ranks: int = 0, check: bool = True) -> subprocess.CompletedProcess:
     """`python launch/train.py ARGS` (ranks=0) or `deepspeed --num_gpus RANKS launch/train.py ARGS`."""
-    env = dict(os.environ, OMP_NUM_THREADS="1" if ranks else "2", TOKENIZERS_PARALLELISM="false")
-    if ranks:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, "launch/train.py", *args]
-    else:
-        cmd = [sys.executable, "launch/train.py", *args]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+    return train(*args, ranks=ranks, check=check)
 
 
 def history(run_dir: Path) -> list[dict]:

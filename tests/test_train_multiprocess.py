@@ -4,7 +4,6 @@ a kill during a checkpoint save, non-finite steps, and bad configurations."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import REPO, train
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
 
 # the tiny preset, short sequences: a launch is dominated by start-up, not by the steps
@@ -22,19 +21,8 @@ COMMON = ["--seq-len", "64", "--micro-batch", "4", "--grad-accum", "2", "--log-i
           "--lr", "3e-3"]
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def launch(*args: str, ranks: int = 2, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", free_port(), "launch/train.py", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
+    return train(*args, ranks=ranks, check=check, timeout=timeout)
 
 
 def variant(tmp_path: Path, shipped: Path, **changes) -> Path:
@@ -164,11 +152,11 @@ def test_zero3_ep2_equals_ep1_and_consolidates_without_deepspeed(prepared_data, 
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from gpt_moe.checkpoint import newest_complete, read_complete_info
+    from gpt_moe.checkpoint import newest_complete
     from gpt_moe.loading import zero3_state_dict
 
     tag = newest_complete(runs[1] / "checkpoints")
-    ours, reference = zero3_state_dict(tag, read_complete_info(tag)), get_fp32_state_dict_from_zero_checkpoint(
+    ours, reference = zero3_state_dict(tag), get_fp32_state_dict_from_zero_checkpoint(
         str(tag.parent), tag=tag.name)
     assert ours.keys() == reference.keys()
     for key, value in reference.items():
