@@ -150,3 +150,20 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     # blocks of any size come from the heap, and the heap is never trimmed back to the kernel
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+
+
+def unlink_cpu_allreduce_buffer(rank: int) -> None:
+    """Removes the name of this rank's shared-memory allreduce workspace of DeepSpeed's CPU accelerator.
+
+    DeepSpeed maps a 69 MB workspace per rank from RAM-backed /dev/shm
+    (`deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}`) and never unlinks it, so every
+    run left its workspaces behind (seen here: 295 of them, 19 GB of RAM, after a day of test runs). Each rank
+    maps every other rank's workspace inside `init_distributed`; after a barrier that follows it, the names can
+    go: the mappings stay valid, and the memory returns when the last process exits, however it exits."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:
+        pass  # not created (another accelerator, no shm op) or already gone
+

@@ -37,7 +37,8 @@ from gpt_moe.chat_data import ChatBatches, ChatValBatches, PackedBatch
 from gpt_moe.data import TokenShards, TrainBatches, ValBatches
 from gpt_moe.data_verify import verify_data
 from gpt_moe.errors import CheckpointError, DataError, GptMoeError
-from gpt_moe.hardware import deepspeed_cuda_arch_list, device_peak_flops, keep_freed_memory
+from gpt_moe.hardware import (deepspeed_cuda_arch_list, device_peak_flops, keep_freed_memory,
+                              unlink_cpu_allreduce_buffer)
 from gpt_moe.metrics import Throughput, expert_load_stats, make_writer
 from gpt_moe.model import DeepSeekForCausalLM
 from gpt_moe.moe import Experts, MoE, update_bias
@@ -109,6 +110,8 @@ class Trainer:
         self.device = torch.device(accelerator.current_device_name())
         if self.device.type == "cpu":
             keep_freed_memory()  # reuse freed activations instead of faulting fresh pages in every step
+            dist.barrier()  # every rank has mapped every rank's allreduce workspace: its name can go
+            unlink_cpu_allreduce_buffer(self.rank)
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
         if self.device.type == "cuda" and deepspeed_cuda_arch_list(arch_list) != arch_list:
             os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_cuda_arch_list(arch_list)  # before FusedAdam is built
