@@ -34,12 +34,13 @@ class Throughput:
     peak is wrong (a measurement taken while something else ran, or a wrong --peak-flops). It is then
     reported as NaN with `wrong_peak` set and one warning, never shown as an efficiency."""
 
-    def __init__(self, flops_per_token: float, peak_flops_total: float, peak_source: str = "") -> None:
+    def __init__(self, flops_per_token: float, peak_flops_total: float, peak_source: str = "",
+                 warn: bool = True) -> None:
         self.flops_per_token = flops_per_token
         self.peak, self.peak_source = peak_flops_total, peak_source
         self.start = time.perf_counter()
         self.tokens = 0
-        self.warned = False
+        self.warned = not warn  # warn=False (ranks other than 0): never
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens

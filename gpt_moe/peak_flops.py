@@ -36,7 +36,7 @@ CACHE_ENV = "GPT_MOE_CACHE_DIR"
 CACHE_FILE = "peak_flops.json"
 NATIVE_SIZE = 1024
 MEASURE_SECONDS = 1.0
-BATCH_SECONDS = 0.05  # one timed batch of matmuls: long enough for the clock, short enough for many batches
+BATCH_SECONDS = 0.01  # a timed batch: short enough to fit between the time slices of other processes
 
 
 def cache_path() -> Path:

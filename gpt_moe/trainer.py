@@ -454,7 +454,8 @@ class Trainer:
         peak, how = self._peak_flops()
         if self.is_rank0:
             log.warning("MFU divides by a peak of %.4g FLOP/s (%s)", peak, how)
-        self.throughput = Throughput(account(self.plan.model, self.cfg.seq_len).flops_per_token, peak, how)
+        self.throughput = Throughput(account(self.plan.model, self.cfg.seq_len).flops_per_token, peak, how,
+                                     warn=self.is_rank0)
 
     def _peak_flops(self) -> tuple[float, str]:
         """(the run's total peak FLOP/s, how rank 0's share was obtained): per GPU the table (or --peak-flops),
@@ -539,7 +540,6 @@ class Trainer:
             self.writer.add_histogram(f"experts/layer{layer}_load", load, self.step)
             warning = self.collapse.update(layer, int(health["dead"]), load.numel(), self.step)
             if warning and self.is_rank0:
-                log.warning("%s", warning)
                 bar.write(f"warning: {warning}")
                 self.writer.add_text("experts/collapse", warning, self.step)
         return scalars

@@ -24,7 +24,12 @@ MEASURE = ("import torch; from gpt_moe.peak_flops import measure_matmul_peak; "
 
 def test_two_fresh_processes_measure_the_same_peak():
     """fp32 is native on every CPU: 1024^3 matmuls, warm-up excluded, the best batch over a second. Two
-    interpreters (cold caches, their own first matmul) agree within 20%."""
+    interpreters (cold caches, their own first matmul) agree within 20%. Other processes that keep every core
+    busy for the whole second take a share no measurement can recover (seen on a shared 2-core machine: 77-128
+    GFLOP/s against 276-288 when quiet), which is why a run reads the figure from the cache: the test needs a
+    machine that is not already fully loaded."""
+    if os.getloadavg()[0] >= (os.cpu_count() or 1):
+        pytest.skip(f"every core is busy (load average {os.getloadavg()[0]:.1f}): no reproducible timing")
     peaks = [float(subprocess.run([sys.executable, "-c", MEASURE], cwd=REPO, capture_output=True, text=True,
                                   check=True, timeout=120).stdout) for _ in range(2)]
     assert min(peaks) > 0
