@@ -66,6 +66,7 @@ class ModelConfig:
     scoring_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2)
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step (V3 paper: gamma)
     seq_aux_loss_coef: float = 0.0  # sequence-wise balance loss weight (V3 paper: alpha, 1e-4)
+    router_z_loss_coef: float = 0.0  # router z-loss weight (ST-MoE: 1e-3); 0 computes nothing
     num_nextn_predict_layers: int = 0  # multi-token prediction depth: 0 or 1
     mtp_loss_weight: float = 0.3
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # free-form notes, never read by the model
@@ -166,7 +167,7 @@ class ModelConfig:
         for key in ("rope_theta", "rms_norm_eps", "initializer_range", "routed_scaling_factor"):
             if not getattr(self, key) > 0 or not math.isfinite(getattr(self, key)):
                 fail(key, "a positive finite number")
-        for key in ("bias_update_rate", "seq_aux_loss_coef", "mtp_loss_weight"):
+        for key in ("bias_update_rate", "seq_aux_loss_coef", "router_z_loss_coef", "mtp_loss_weight"):
             if not getattr(self, key) >= 0:
                 fail(key, "a number >= 0")
         if self.first_k_dense_replace > self.num_hidden_layers:

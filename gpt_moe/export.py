@@ -37,6 +37,18 @@ if TYPE_CHECKING:
 OUR_FILE = "gpt_moe.json"
 MTP_FILE = "mtp.safetensors"
 SHARD_BYTES = 4 * 1024 ** 3
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def export_dtype(name: str, training: dict[str, Any]) -> tuple[torch.dtype, str]:
+    """(dtype of the exported weights, why). name: "bf16", "fp32" (or "bfloat16", "float32"), or "auto": the
+    precision the checkpoint was trained in (its COMPLETE record's "bf16", kept in an export's training facts);
+    fp32 when that is unknown, which loses nothing."""
+    if name != "auto":
+        return DTYPES[name], f"--dtype {name}"
+    if "bf16" not in training:
+        return torch.float32, "auto: training precision unknown, fp32 loses nothing"
+    return (torch.bfloat16, "auto: trained in bf16") if training["bf16"] else (torch.float32, "auto: trained in fp32")
 
 
 def export(loaded: LoadedModel, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -86,7 +98,7 @@ def export(loaded: LoadedModel, out_dir: str | Path, dtype: torch.dtype = torch.
     shutil.copyfile(loaded.source / info.file, tmp / info.file)
     (tmp / "tokenizer.json").write_text(hf_tokenizer_json(loaded.tokenizer))
     (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(JINJA_TEMPLATE), indent=1))
-    (tmp / "README.md").write_text(model_card(config, loaded.info, info))
+    (tmp / "README.md").write_text(model_card(config, loaded.info, info, dtype))
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
     tmp.rename(out_dir)
@@ -125,8 +137,10 @@ def read_exported(directory: Path) -> tuple[ModelConfig, TokenizerInfo, dict[str
     return config, TokenizerInfo.from_dict(ours["tokenizer"]), state, ours.get("training", {})
 
 
-def model_card(config: ModelConfig, training: dict[str, Any], tokenizer: TokenizerInfo) -> str:
+def model_card(config: ModelConfig, training: dict[str, Any], tokenizer: TokenizerInfo,
+               dtype: torch.dtype = torch.bfloat16) -> str:
     a = account(config)
+    trained = {True: "bf16", False: "fp32"}.get(training.get("bf16"), "unknown")
     val = training.get("val_loss")
     lines = [
         f"# {config.name} (gpt-moe)",
@@ -141,6 +155,7 @@ def model_card(config: ModelConfig, training: dict[str, Any], tokenizer: Tokeniz
         f"{config.num_attention_heads} |",
         f"| experts | {config.n_routed_experts} routed (top-{config.num_experts_per_tok}), "
         f"{config.n_shared_experts} shared |",
+        f"| weights | {str(dtype).removeprefix('torch.')} (trained in {trained}; the balancing biases fp32) |",
         f"| tokenizer | {tokenizer.name} ({tokenizer.n_vocab} tokens, tiktoken file `{tokenizer.file}`) |",
         f"| training step / tokens | {training.get('step', '?')} / {training.get('tokens_seen', '?'):,} |"
         if isinstance(training.get("tokens_seen"), int) else "| training | unknown |",

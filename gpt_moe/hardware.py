@@ -9,7 +9,7 @@ an older instruction set (`ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2`:
 AVX512-BF16 CPU emulates bf16 like an AVX2 one), not a timing, so every rank of a run agrees.
 
 The GPU peaks are dense bf16 tensor throughput from the vendors' data sheets (no sparsity); on
-a CPU the peak is measured: repeated square matmuls on this process's threads.
+a CPU the peak is measured once per machine and cached (`gpt_moe.peak_flops`).
 
 On CPU, memory is the other half of speed: glibc hands every freed block above 32 MB back to
 the kernel, so each large activation of each step is a fresh mapping whose pages fault in one
@@ -23,9 +23,10 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import time
 
 import torch
+
+from gpt_moe.peak_flops import cached_cpu_peak
 
 GPU_PEAK_BF16 = {  # table order: specific names before their prefixes
     "H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12,
@@ -90,42 +91,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
-    """(peak FLOP/s of one device, how it was obtained). On CPU, `dtype` is the dtype that is measured."""
+def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                      threads: int | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, how it was obtained). On a GPU: the data-sheet table. On CPU: the matmul
+    peak of `threads` threads (default: this process's) in `dtype`, measured once per machine and cached
+    (`gpt_moe.peak_flops`)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAK_BF16.items():
             if key in name:
                 return peak, f"table: {name}"
         return float("nan"), f"unknown device {name} (MFU not reported)"
-    return measure_matmul_peak(device, dtype), f"measured {dtype} matmul, {torch.get_num_threads()} threads"
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, max_size: int = 1024,
-                        seconds: float = 0.5) -> float:
-    """FLOP/s of repeated square matmuls on this process's threads (best of the runs within `seconds`).
-
-    The size doubles from 128 up to `max_size` while a matmul stays quick, so that a dtype the
-    hardware only emulates (bf16 on an AVX2 CPU: one 1024^3 matmul takes seconds) is measured on
-    smaller matrices instead of stalling the start of a run."""
-    size = 128
-    generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (saved in checkpoints) alone
-    while True:
-        a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-        b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-        start = time.perf_counter()
-        a @ b  # also the warm-up
-        if size >= max_size or (time.perf_counter() - start) * 32 > seconds:
-            break
-        size *= 2
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while best == 0.0 or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - start))
-    return best
+    native = dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_computes_bf16_natively())
+    return cached_cpu_peak(dtype, threads or torch.get_num_threads(), emulated=not native)
 
 
 def deepspeed_cuda_arch_list(value: str) -> str:

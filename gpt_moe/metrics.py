@@ -1,16 +1,21 @@
 """What a practitioner watches: throughput, MFU, expert-load statistics, and the TensorBoard writer.
 
 MFU = achieved model FLOPs / peak FLOPs, with model FLOPs from the activated parameters
-(`gpt_moe.params.account`) and the peak from `gpt_moe.hardware.device_peak_flops`.
+(`gpt_moe.params.account`) and the peak from `gpt_moe.hardware.device_peak_flops` (on CPU measured once
+per machine and cached, `gpt_moe.peak_flops`), summed over the run's devices (GPUs, or CPU hosts).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import time
 from typing import Any
 
 import torch
+
+log = logging.getLogger("gpt_moe.metrics")
 
 
 def expert_load_stats(load: torch.Tensor) -> dict[str, float]:
@@ -23,13 +28,19 @@ def expert_load_stats(load: torch.Tensor) -> dict[str, float]:
 
 
 class Throughput:
-    """Tokens/s and MFU over the last logging window."""
+    """Tokens/s and MFU over the last logging window.
 
-    def __init__(self, flops_per_token: float, peak_flops_total: float) -> None:
+    MFU = tokens/s x model FLOPs per token / the run's total peak FLOP/s. A value above 1 cannot be: the
+    peak is wrong (a measurement taken while something else ran, or a wrong --peak-flops). It is then
+    reported as NaN with `wrong_peak` set and one warning, never shown as an efficiency."""
+
+    def __init__(self, flops_per_token: float, peak_flops_total: float, peak_source: str = "",
+                 warn: bool = True) -> None:
         self.flops_per_token = flops_per_token
-        self.peak = peak_flops_total
+        self.peak, self.peak_source = peak_flops_total, peak_source
         self.start = time.perf_counter()
         self.tokens = 0
+        self.warned = not warn  # warn=False (ranks other than 0): never
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
@@ -38,13 +49,44 @@ class Throughput:
         """Start a new window without reading (e.g. after an evaluation or a checkpoint save)."""
         self.start, self.tokens = time.perf_counter(), 0
 
-    def read_and_reset(self) -> dict[str, float]:
+    def read_and_reset(self) -> dict[str, float | bool]:
+        """{"tokens_per_sec", "mfu" (NaN when the peak is unknown or wrong), "wrong_peak"}."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         tokens_per_sec = self.tokens / elapsed
         known_peak = self.peak and math.isfinite(self.peak)
         mfu = tokens_per_sec * self.flops_per_token / self.peak if known_peak else float("nan")
         self.start, self.tokens = time.perf_counter(), 0
-        return {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
+        wrong_peak = mfu > 1
+        if wrong_peak and not self.warned:
+            log.warning("MFU would be %.0f%%: the peak it divides by (%.4g FLOP/s, %s) is wrong, so MFU is not "
+                        "reported; set the hardware's peak with --peak-flops", 100 * mfu, self.peak,
+                        self.peak_source or "unknown source")
+            self.warned = True
+        return {"tokens_per_sec": tokens_per_sec, "mfu": float("nan") if wrong_peak else mfu,
+                "wrong_peak": wrong_peak}
+
+
+def dashboard_layout(moe_layers: list[int]) -> dict[str, dict[str, list]]:
+    """TensorBoard's custom-scalars layout (`SummaryWriter.add_custom_scalars`): the training scalars grouped
+    as loss / optimisation / throughput / one group per MoE layer, so the dashboard opens organised."""
+    def chart(*tags: str) -> list:
+        return ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]
+
+    layout = {
+        "loss": {"loss": chart("train/loss", "val/loss"),
+                 "parts": chart("train/lm_loss", "train/mtp_loss", "train/aux_loss", "train/z_loss")},
+        "optimisation": {"learning rate": chart("train/lr"), "gradient norm": chart("train/grad_norm"),
+                         "skipped steps": chart("train/skipped_steps")},
+        "throughput": {"tokens/s": chart("perf/tokens_per_sec"), "MFU": chart("perf/mfu"),
+                       "step time": chart("perf/step_time"), "memory GB": chart("perf/memory_gb")},
+    }
+    for layer in moe_layers:
+        tag = f"experts/layer{layer}_"
+        layout[f"experts layer {layer}"] = {
+            "load spread": chart(tag + "max_over_mean", tag + "min_over_mean", tag + "cv"),
+            "dead experts": chart(tag + "dead"), "router entropy / log E": chart(tag + "entropy"),
+            "bias": chart(tag + "bias_range", tag + "bias_drift"), "EP skew": chart(tag + "ep_skew")}
+    return layout
 
 
 class NullWriter:

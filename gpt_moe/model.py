@@ -30,10 +30,11 @@ class ModelOutput:
     Losses are scalars (None when not computed)."""
 
     logits: torch.Tensor | None
-    loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight * mtp_loss + aux_loss
+    loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight * mtp_loss + aux_loss + z_loss
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # sequence-wise balance loss, weighted, summed over MoE layers
+    z_loss: torch.Tensor | None = None  # router z-loss, weighted, summed over MoE layers
 
 
 class DecoderLayer(nn.Module):
@@ -52,8 +53,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, key_mask: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [batch, seq, hidden] -> (same shape, balance loss of this layer or None). attn_mask: see
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x: [batch, seq, hidden] -> (same shape, this layer's router losses: see `MoE`). attn_mask: see
         `MultiHeadLatentAttention.forward`; cache/key_mask: decoding."""
         h = self.input_layernorm(x)
         if cache is None:
@@ -63,10 +64,10 @@ class DecoderLayer(nn.Module):
         x = x + h
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            h, aux = self.mlp(h)
+            h, losses = self.mlp(h)
         else:
-            h, aux = self.mlp(h), None
-        return x + h, aux
+            h, losses = self.mlp(h), {}
+        return x + h, losses
 
 
 class LMHead(nn.Linear):
@@ -104,11 +105,11 @@ class MultiTokenPredictionLayer(DecoderLayer):
         self.shared_head = SharedHead(config)
 
     def predict(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden, next_embeds: [batch, seq, hidden] -> (normalised output [batch, seq, hidden], aux)."""
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """hidden, next_embeds: [batch, seq, hidden] -> (normalised output [batch, seq, hidden], router losses)."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        x, aux = self.forward(x, cos, sin, attn_mask=attn_mask)
-        return self.shared_head.norm(x), aux
+        x, losses = self.forward(x, cos, sin, attn_mask=attn_mask)
+        return self.shared_head.norm(x), losses
 
 
 class DeepSeekModel(nn.Module):
@@ -188,10 +189,10 @@ class DeepSeekForCausalLM(nn.Module):
         if cos.dim() == 3:  # per-row positions: broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         mask = packed_causal_mask(segment_ids) if segment_ids is not None else None
-        aux_losses = []
+        router_losses: list[dict[str, torch.Tensor]] = []
         for layer in self.model.main_layers:
-            x, aux = layer(x, cos, sin, attn_mask=mask)
-            aux_losses.append(aux)
+            x, losses = layer(x, cos, sin, attn_mask=mask)
+            router_losses.append(losses)
         hidden = self.model.norm(x)
         if labels is None:
             return ModelOutput(logits=self.lm_head(hidden))
@@ -204,18 +205,19 @@ class DeepSeekForCausalLM(nn.Module):
             # position t sees h_t and the embedding of token t+1 (input_ids[t+1]) and predicts labels[t+1]
             next_embeds = self.model.embed_tokens(input_ids[:, 1:])
             mtp_mask = mask[..., :-1, :-1] if mask is not None else None
-            mtp_hidden, aux = mtp.predict(x[:, :-1], next_embeds, cos[..., :-1, :], sin[..., :-1, :], mtp_mask)
-            aux_losses.append(aux)
+            mtp_hidden, losses = mtp.predict(x[:, :-1], next_embeds, cos[..., :-1, :], sin[..., :-1, :], mtp_mask)
+            router_losses.append(losses)
             mtp_labels = labels[:, 1:]
             if segment_ids is not None:  # the token after next must belong to the same conversation
                 mtp_labels = mtp_labels.masked_fill(segment_ids[:, 1:] != segment_ids[:, :-1], IGNORE_INDEX)
             mtp_loss = self.lm_head(mtp_hidden, labels=mtp_labels)
             loss = loss + cfg.mtp_loss_weight * mtp_loss
-        aux_terms = [a for a in aux_losses if a is not None]
-        aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
-        if aux_loss is not None:
-            loss = loss + aux_loss
-        return ModelOutput(logits=None, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss)
+        aux_loss, z_loss = (_sum_over_layers(router_losses, name) for name in ("aux", "z"))
+        for extra in (aux_loss, z_loss):
+            if extra is not None:
+                loss = loss + extra
+        return ModelOutput(logits=None, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss,
+                           z_loss=z_loss)
 
     # ------------------------------------------------------------------ incremental decoding
     def new_cache(self, batch: int, capacity: int, kind: str = "latent") -> list[LatentCache | ExpandedCache]:
@@ -249,6 +251,12 @@ class DeepSeekForCausalLM(nn.Module):
         """(layer index, MoE block) of every MoE layer in order; the MTP block's index is num_hidden_layers."""
         layers = self.model.layers if include_mtp else self.model.main_layers
         return [(layer.layer_idx, layer.mlp) for layer in layers if isinstance(layer.mlp, MoE)]
+
+
+def _sum_over_layers(router_losses: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor | None:
+    """The sum of one router loss over the layers that computed it (None when none did)."""
+    terms = [losses[name] for losses in router_losses if name in losses]
+    return torch.stack(terms).sum() if terms else None
 
 
 def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ sorted rows travel to the rank holding their expert and back (`expert_parallel.p
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,9 +54,9 @@ class TopkRouter(nn.Module):
         # fp32 whatever the model dtype: updates of size 1e-3 must not round away in bf16
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [tokens, hidden] -> (expert ids [tokens, k] int64, mixing weights [tokens, k] fp32,
-        scores [tokens, experts] fp32)."""
+        scores [tokens, experts] fp32, logits [tokens, experts] fp32)."""
         cfg = self.config
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
@@ -66,7 +67,7 @@ class TopkRouter(nn.Module):
         weights = scores.gather(1, expert_ids)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return expert_ids, weights * cfg.routed_scaling_factor, scores
+        return expert_ids, weights * cfg.routed_scaling_factor, scores, logits
 
     def _keep_top_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Masks (to -inf) every expert outside the `topk_group` best groups of each token.
@@ -115,7 +116,9 @@ def _has_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 class Experts(nn.Module):
     """The routed experts held by this rank, stacked: gate_up_proj [E_local, 2*I, hidden] (gate rows
-    first), down_proj [E_local, hidden, I] -- the layout of transformers' `DeepseekV3Experts`."""
+    first), down_proj [E_local, hidden, I] -- the layout of transformers' `DeepseekV3Experts`.
+    `rows_since_log` (fp32 scalar) counts the token rows they processed in training forwards, from every
+    rank of the expert-parallel group (the trainer reads and resets it at each log: the EP skew)."""
 
     def __init__(self, config: ModelConfig, num_local_experts: int, first_expert: int = 0) -> None:
         # nn.Module.__init__ rather than super(): the DeepSpeed-visible subclass also inherits
@@ -126,6 +129,7 @@ class Experts(nn.Module):
         inter, hidden = config.moe_intermediate_size, config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_local_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_local_experts, hidden, inter))
+        self.register_buffer("rows_since_log", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         """x: [rows, hidden] sorted by local expert; counts: [E_local] rows per expert;
@@ -133,6 +137,8 @@ class Experts(nn.Module):
 
         The weight scales the activation before the down projection (linear, so the same result),
         which is cheaper than scaling the output when moe_intermediate_size < hidden_size."""
+        if self.training:
+            self.rows_since_log += counts.sum()
         offsets = counts.cumsum(0).to(torch.int32)
         gate_up = grouped_matmul(x, self.gate_up_proj.transpose(1, 2), offsets)
         hidden = WeightedSwiGLU.apply(gate_up, row_weights.to(x.dtype))
@@ -168,12 +174,17 @@ class WeightedSwiGLU(torch.autograd.Function):
 
 
 class MoE(nn.Module):
-    """DeepSeekMoE feed-forward. x: [batch, seq, hidden] -> ([batch, seq, hidden], aux loss or None).
+    """DeepSeekMoE feed-forward. x: [batch, seq, hidden] -> ([batch, seq, hidden], router losses).
+
+    The router losses are a dict, empty unless training with a positive coefficient: "aux" the
+    sequence-wise balance loss, "z" the router z-loss (both already weighted).
 
     After each forward, `tokens_per_expert` ([n_routed_experts] fp32) holds the routed
     assignments of that forward (and `last_expert_ids` [batch, seq, k] when `record_routing`) and
     `load_since_update` their running sum, which the trainer all-reduces and feeds to `update_bias`
-    once per optimizer step.
+    once per optimizer step. Training forwards also add to `routing_since_log` ([2] fp32: the sum
+    over tokens of `router_entropy`, the number of tokens), which the trainer reads and resets at
+    each log (device tensors: no host sync per step).
     """
 
     def __init__(self, config: ModelConfig, expert_parallel: "ExpertParallel | None" = None) -> None:
@@ -192,12 +203,13 @@ class MoE(nn.Module):
         self.last_expert_ids: torch.Tensor | None = None
         self.register_buffer("tokens_per_expert", torch.zeros(n), persistent=False)
         self.register_buffer("load_since_update", torch.zeros(n), persistent=False)
+        self.register_buffer("routing_since_log", torch.zeros(2), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b, s, h = x.shape
         k = self.config.num_experts_per_tok
         flat = x.reshape(b * s, h)
-        expert_ids, weights, scores = self.gate(flat)
+        expert_ids, weights, scores, logits = self.gate(flat)
         if self.record_routing:
             self.last_expert_ids = expert_ids.view(b, s, k).detach()  # [batch, seq, k] global expert ids
 
@@ -220,10 +232,20 @@ class MoE(nn.Module):
             self.tokens_per_expert.copy_(counts)
             if self.training:
                 self.load_since_update += counts
-        aux = None
-        if self.training and self.config.seq_aux_loss_coef > 0:
-            aux = self.sequence_balance_loss(scores.view(b, s, -1), expert_ids.view(b, s * k))
-        return out, aux
+                self.routing_since_log[0] += router_entropy(scores).sum()
+                self.routing_since_log[1] += b * s
+        return out, self.router_losses(scores, expert_ids, logits, b, s)
+
+    def router_losses(self, scores: torch.Tensor, expert_ids: torch.Tensor, logits: torch.Tensor, b: int,
+                      s: int) -> dict[str, torch.Tensor]:
+        """The weighted training losses on the router whose coefficient is positive (none when evaluating).
+        scores, logits: [b*s, experts]; expert_ids: [b*s, k]."""
+        cfg, losses = self.config, {}
+        if self.training and cfg.seq_aux_loss_coef > 0:
+            losses["aux"] = self.sequence_balance_loss(scores.view(b, s, -1), expert_ids.view(b, -1))
+        if self.training and cfg.router_z_loss_coef > 0:
+            losses["z"] = cfg.router_z_loss_coef * router_z_loss(logits)
+        return losses
 
     def sequence_balance_loss(self, scores: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch.
@@ -276,6 +298,19 @@ class CombineRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (order,) = ctx.saved_tensors
         return grad.index_select(0, order // ctx.k), None, None, None
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5; Megatron-Core's `z_loss_func`): the mean over tokens of
+    logsumexp(logits)^2, which keeps router logits small. logits: [tokens, experts] -> scalar."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def router_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """Entropy of each token's normalised scores p = s / sum(s), over log E (1: uniform over the experts,
+    0: all weight on one). scores: [tokens, experts] (>= 0) -> [tokens]."""
+    p = scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+    return -torch.special.xlogy(p, p).sum(dim=-1) / math.log(max(scores.shape[-1], 2))
 
 
 @torch.no_grad()

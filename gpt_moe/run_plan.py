@@ -138,7 +138,8 @@ def resolve_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> M
     model_config = base if base is not None else ModelConfig.load(cfg.model)
     overrides = {key: value for key, value in (("mtp_loss_weight", cfg.mtp_weight),
                                                ("bias_update_rate", cfg.bias_update_rate),
-                                               ("seq_aux_loss_coef", cfg.seq_aux_loss_coef)) if value is not None}
+                                               ("seq_aux_loss_coef", cfg.seq_aux_loss_coef),
+                                               ("router_z_loss_coef", cfg.router_z_loss_coef)) if value is not None}
     return model_config.replace(**overrides) if overrides else model_config
 
 

@@ -58,7 +58,14 @@ class TrainConfig:
                                                   "(default: the model config's)")
     seq_aux_loss_coef: float | None = option(None, "sequence-wise balance loss coefficient (default: the model "
                                                    "config's)")
+    router_z_loss_coef: float | None = option(None, "router z-loss coefficient (ST-MoE; default: the model "
+                                                    "config's, 0 = off)")
     log_interval: int = option(10, "optimizer steps between logged scalars")
+    peak_flops: float = option(0.0, "peak FLOP/s of one GPU, or of one CPU host, in the training dtype, that MFU "
+                                    "divides by (0: the GPU data-sheet table; on CPU measured once per machine "
+                                    "and cached)")
+    collapse_windows: int = option(3, "log windows in a row with more than half of a MoE layer's routed experts "
+                                      "dead (no tokens) before the collapse warning")
     sample_tokens: int = option(48, "tokens generated as a text sample at each evaluation")
     max_bad_steps: int = option(5, "consecutive non-finite steps that stop the run")
     verify_data: str = option("first", "check the shards' sha256 against the manifest: first (hash what is new or "
@@ -73,7 +80,7 @@ class TrainConfig:
             raise ConfigError(f"training config: {key}={getattr(self, key)!r} is invalid; expected {expected}")
 
         for key in ("seq_len", "micro_batch", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                    "save_interval", "keep_last", "ep_size", "log_interval", "max_bad_steps"):
+                    "save_interval", "keep_last", "ep_size", "log_interval", "max_bad_steps", "collapse_windows"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 fail(key, "a positive integer")
         for key in ("warmup_steps", "max_tokens", "sample_tokens"):
@@ -81,6 +88,8 @@ class TrainConfig:
                 fail(key, "an integer >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             fail("lr", "a positive number")
+        if not (self.peak_flops >= 0 and math.isfinite(self.peak_flops)):
+            fail("peak_flops", "a number >= 0 (FLOP/s; 0 = table or measured)")
         if not 0 <= self.min_lr_ratio <= 1:
             fail("min_lr_ratio", "a number in [0, 1]")
         if self.verify_data not in ("first", "always", "never"):

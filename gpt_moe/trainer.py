@@ -39,15 +39,17 @@ from gpt_moe.data_verify import verify_data
 from gpt_moe.errors import CheckpointError, DataError, GptMoeError
 from gpt_moe.hardware import (deepspeed_cuda_arch_list, device_peak_flops, keep_freed_memory,
                               unlink_cpu_allreduce_buffer)
-from gpt_moe.metrics import Throughput, expert_load_stats, make_writer
+from gpt_moe.metrics import Throughput, dashboard_layout, expert_load_stats, make_writer
 from gpt_moe.model import DeepSeekForCausalLM
 from gpt_moe.moe import Experts, MoE, update_bias
+from gpt_moe.moe_health import CollapseWatch, layer_health
 from gpt_moe.params import account
+from gpt_moe.peak_flops import cpu_affinity, usable_cores
 from gpt_moe.run_plan import RunPlan
 from gpt_moe.train_config import FaultInjection, lr_at
 
 log = logging.getLogger("gpt_moe.train")
-LOSS_NAMES = ("loss", "lm_loss", "mtp_loss", "aux_loss")
+LOSS_NAMES = ("loss", "lm_loss", "mtp_loss", "aux_loss", "z_loss")
 SAMPLE_QUESTION = "What does the function len do?"  # asked at each evaluation of a chat fine-tuning run
 
 
@@ -316,7 +318,7 @@ class Trainer:
         shares = self._token_shares(batches) if self.chat else [None] * len(batches)
         for batch, share in zip(batches, shares):
             out = self.engine(**self._model_inputs(batch))
-            parts = [out.loss, out.lm_loss, out.mtp_loss, out.aux_loss]
+            parts = [out.loss, out.lm_loss, out.mtp_loss, out.aux_loss, out.z_loss]
             if share is not None:
                 parts = self._per_token_losses(out, *share)
             loss = parts[0]
@@ -344,13 +346,16 @@ class Trainer:
         return [tuple((counts[i] * scale / totals.clamp(min=1)).tolist()) for i in range(len(batches))]
 
     def _per_token_losses(self, out, lm_share: float, mtp_share: float) -> list[torch.Tensor | None]:
-        """[loss, lm, mtp, aux] with lm and mtp weighted by their shares (a mean over no tokens counts 0)."""
+        """[loss, lm, mtp, aux, z] with lm and mtp weighted by their shares (a mean over no tokens counts 0)."""
         def weighted(loss: torch.Tensor | None, share: float) -> torch.Tensor | None:
             return None if loss is None else (loss * share if share else loss.nan_to_num(0.0) * 0.0)
 
         lm, mtp = weighted(out.lm_loss, lm_share), weighted(out.mtp_loss, mtp_share)
         loss = lm + (self.plan.model.mtp_loss_weight * mtp if mtp is not None else 0.0)
-        return [loss + out.aux_loss if out.aux_loss is not None else loss, lm, mtp, out.aux_loss]
+        for extra in (out.aux_loss, out.z_loss):
+            if extra is not None:
+                loss = loss + extra
+        return [loss, lm, mtp, out.aux_loss, out.z_loss]
 
     def update_balancing(self, applied: bool) -> torch.Tensor | None:
         """Sums every MoE layer's token counts over all ranks and moves the biases once. Returns the
@@ -412,13 +417,15 @@ class Trainer:
         return self._write_summary()
 
     def _loop(self, bar) -> None:
-        window = LossWindow()
+        window, window_loads = LossWindow(), None
         while self.step < self.plan.last_step:
             step_start = time.perf_counter()
             skipped_before = self.engine.skipped_steps
             losses = self.train_step()
             applied = self.engine.skipped_steps == skipped_before
             loads = self.update_balancing(applied)
+            if loads is not None:  # summed over the log window (skipped steps routed tokens too)
+                window_loads = loads if window_loads is None else window_loads + loads
             self.step += 1
             self.tokens_seen += self.plan.tokens_per_step
             self.throughput.add(self.plan.tokens_per_step)
@@ -429,7 +436,8 @@ class Trainer:
                 self._skipped_step(bar)
             step_time = time.perf_counter() - step_start
             if self._due(self.cfg.log_interval):
-                self._log(window, loads, step_time, bar)
+                self._log(window, window_loads, step_time, bar)
+                window_loads = None
             if self._due(self.cfg.eval_interval):
                 self._evaluate_and_sample(bar)
             if self._due(self.cfg.save_interval):
@@ -448,9 +456,38 @@ class Trainer:
             (run_dir / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
             (run_dir / "model_config.json").write_text(json.dumps(self.plan.model.to_dict(), indent=2))
             print(self.plan.banner(), flush=True)
+        self.bias_at_log = [moe.gate.e_score_correction_bias.detach().cpu().clone() for _, moe in self.moe_layers]
+        self.collapse = CollapseWatch(self.cfg.collapse_windows)
+        self.writer.add_custom_scalars(dashboard_layout([layer for layer, _ in self.moe_layers]))
+        peak, how = self._peak_flops()
+        if self.is_rank0:
+            log.warning("MFU divides by a peak of %.4g FLOP/s (%s)", peak, how)
+        self.throughput = Throughput(account(self.plan.model, self.cfg.seq_len).flops_per_token, peak, how,
+                                     warn=self.is_rank0)
+
+    def _peak_flops(self) -> tuple[float, str]:
+        """(the run's total peak FLOP/s, how rank 0's share was obtained): per GPU the table (or --peak-flops),
+        summed over ranks. On CPU the ranks of one host share its cores, so one of them (the first) measures
+        for the host with the threads they use together (at most the cores they may run on) while the others
+        wait; one measurement per host is reproducible and cached (`gpt_moe.peak_flops`), where ranks measuring
+        at the same time would split the cores unevenly. Hosts' peaks are summed."""
         dtype = torch.bfloat16 if self.plan.bf16 else torch.float32
-        peak = self._all_reduce(torch.tensor([device_peak_flops(self.device, dtype)[0]], dtype=torch.float64)).item()
-        self.throughput = Throughput(account(self.plan.model, self.cfg.seq_len).flops_per_token, peak)
+        host, threads, cores = socket.gethostname(), torch.get_num_threads(), usable_cores()
+        ranks: list[tuple[str, int, set[int]]] = [("", 0, set())] * self.world
+        dist.all_gather_object(ranks, (host, threads, cores))
+        mine = [r for r in ranks if r[0] == host]
+        first_of_host = next(i for i, r in enumerate(ranks) if r[0] == host)
+        peak, how = 0.0, "another rank of this host measures for it"
+        if self.device.type != "cpu" or first_of_host == self.rank:
+            if self.cfg.peak_flops:
+                peak, how = self.cfg.peak_flops, "--peak-flops"
+            elif self.device.type != "cpu":
+                peak, how = device_peak_flops(self.device, dtype)
+            else:
+                host_cores = set().union(*(r[2] for r in mine))
+                with cpu_affinity(host_cores):
+                    peak, how = device_peak_flops(self.device, dtype, min(len(host_cores), sum(r[1] for r in mine)))
+        return self._all_reduce(torch.tensor([peak], dtype=torch.float64)).item(), how
 
     def _due(self, interval: int) -> bool:
         return self.step % interval == 0 or self.step == self.plan.last_step
@@ -470,7 +507,8 @@ class Trainer:
                               f"stopped, last good state saved to {path}; lower --lr or check the data")
 
     def _log(self, window: LossWindow, loads: torch.Tensor | None, step_time: float, bar) -> None:
-        """Scalars of the window since the last log (mean over ranks) to TensorBoard, metrics.jsonl, the bar."""
+        """Scalars of the window since the last log (mean over ranks) to TensorBoard, metrics.jsonl, the bar.
+        loads: [layers, experts] tokens per routed expert over the window (all ranks), or None."""
         mean = self._all_reduce(window.mean()).cpu() / self.world
         window.reset()
         perf = self.throughput.read_and_reset()
@@ -483,24 +521,52 @@ class Trainer:
         if self.chat:
             scalars["train/trained_tokens"] = self.trained_tokens
         if loads is not None:
-            self._log_experts(loads)
+            scalars.update(self._expert_scalars(loads, bar))
+        record: dict[str, Any] = {"step": self.step, **scalars}
+        if loads is not None:  # the window's load vectors: metrics.jsonl and summary.json, not TensorBoard
+            record["expert_loads"] = {str(layer): load.tolist() for (layer, _), load in zip(self.moe_layers, loads)}
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, self.step)
-        self.history.append({"step": self.step, **scalars})
+        self.history.append(record)
         bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", tok_s=f"{perf['tokens_per_sec']:.0f}",
-                        mfu=f"{perf['mfu']:.1%}", refresh=False)
+                        mfu="wrong peak" if perf["wrong_peak"] else f"{perf['mfu']:.1%}", refresh=False)
         if self.is_rank0:
             with open(self.plan.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **scalars}) + "\n")
+                f.write(json.dumps(record) + "\n")
 
-    def _log_experts(self, loads: torch.Tensor) -> None:
-        for (layer, moe), load in zip(self.moe_layers, loads):
-            stats = expert_load_stats(load)
-            bias = moe.gate.e_score_correction_bias
-            self.writer.add_scalar(f"experts/layer{layer}_max_over_mean", stats["max_over_mean"], self.step)
-            self.writer.add_scalar(f"experts/layer{layer}_cv", stats["cv"], self.step)
-            self.writer.add_scalar(f"experts/layer{layer}_bias_range", (bias.max() - bias.min()).item(), self.step)
+    def _expert_scalars(self, loads: torch.Tensor, bar) -> dict[str, float]:
+        """Per MoE layer: load spread and health (`gpt_moe.moe_health`) of the window, as scalars; the load
+        histogram to TensorBoard; the collapse warning (bar, log, TensorBoard text) when a layer collapses."""
+        routing, rows = self._read_routing_window()
+        scalars: dict[str, float] = {}
+        for i, ((layer, moe), load) in enumerate(zip(self.moe_layers, loads)):
+            bias = moe.gate.e_score_correction_bias.detach().cpu()
+            health = layer_health(load, routing[i], bias, self.bias_at_log[i], rows[:, i] if rows is not None else None)
+            self.bias_at_log[i] = bias.clone()
+            stats = {**expert_load_stats(load), "bias_range": (bias.max() - bias.min()).item(), **health}
+            scalars.update({f"experts/layer{layer}_{name}": value for name, value in stats.items()})
             self.writer.add_histogram(f"experts/layer{layer}_load", load, self.step)
+            warning = self.collapse.update(layer, int(health["dead"]), load.numel(), self.step)
+            if warning and self.is_rank0:
+                bar.write(f"warning: {warning}")
+                self.writer.add_text("experts/collapse", warning, self.step)
+        return scalars
+
+    def _read_routing_window(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(per MoE layer [layers, 2]: router entropy sum and tokens over the window, summed over ranks;
+        [world, layers] token rows each rank's experts processed, with expert parallelism, else None). Resets
+        the layers' window counters. Two collectives per log, none per step."""
+        local = torch.stack([moe.routing_since_log for _, moe in self.moe_layers])
+        rows = torch.stack([moe.experts.rows_since_log for _, moe in self.moe_layers])
+        for _, moe in self.moe_layers:
+            moe.routing_since_log.zero_()
+            moe.experts.rows_since_log.zero_()
+        routing = self._all_reduce(local.double()).cpu()
+        if self.cfg.ep_size == 1:
+            return routing, None
+        gathered = [torch.zeros_like(rows) for _ in range(self.world)]
+        dist.all_gather(gathered, rows)
+        return routing, torch.stack(gathered).cpu()
 
     def _evaluate_and_sample(self, bar) -> None:
         if self.val_batches is not None:
@@ -537,7 +603,7 @@ class Trainer:
 
 
 class LossWindow:
-    """Sums of the applied steps' losses since the last log ([loss, lm, mtp, aux])."""
+    """Sums of the applied steps' losses since the last log ([loss, lm, mtp, aux, z])."""
 
     def __init__(self) -> None:
         self.sums, self.steps = torch.zeros(len(LOSS_NAMES)), 0

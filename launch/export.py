@@ -1,8 +1,9 @@
 """Export a checkpoint to the Hugging Face deepseek_v3 layout (safetensors + config.json + tokenizer + card).
 
-    python launch/export.py CHECKPOINT OUT_DIR [--dtype bfloat16|float32]
+    python launch/export.py CHECKPOINT OUT_DIR [--dtype auto|bf16|fp32]
 
 CHECKPOINT: a run directory (its newest complete checkpoint) or a checkpoints/step_* directory.
+--dtype auto (the default) writes the weights in the precision the checkpoint was trained in.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from gpt_moe.cli import run_cli
-from gpt_moe.export import export
+from gpt_moe.export import DTYPES, export, export_dtype
 from gpt_moe.loading import load_for_inference
 
 
@@ -21,13 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("out_dir")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="weights' dtype: auto (the training precision, default), bf16 or fp32")
     args = parser.parse_args(argv)
 
     def run() -> None:
         loaded = load_for_inference(args.checkpoint)
-        out = export(loaded, args.out_dir, dtype=getattr(torch, args.dtype))
-        print(f"exported {loaded.source} -> {out}")
+        dtype, why = export_dtype(args.dtype, loaded.info)
+        out = export(loaded, args.out_dir, dtype=dtype)
+        print(f"exported {loaded.source} -> {out} ({str(dtype).removeprefix('torch.')}: {why})")
 
     return run_cli(run)
 

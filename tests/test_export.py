@@ -1,6 +1,7 @@
 """Export to the transformers layout and back: same logits everywhere, no missing or unexpected keys."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from gpt_moe.model import DeepSeekForCausalLM
 from gpt_moe.tokenizer import save_tokenizer, train_bpe
 
 transformers = pytest.importorskip("transformers")
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -115,3 +117,28 @@ def test_missing_checkpoint_message(tmp_path):
     (half / "mp_rank_00_model_states.pt").write_bytes(b"")  # a save that stopped part-way
     with pytest.raises(CheckpointError, match="interrupted while saving"):
         load_for_inference(half)
+
+
+@pytest.mark.parametrize("trained_bf16, flag, expected", [
+    (False, "fp32", "float32"), (False, "auto", "float32"), (True, "auto", "bfloat16"), (False, "bf16", "bfloat16")])
+def test_export_writes_the_training_precision_or_the_asked_one(loaded, tmp_path, trained_bf16, flag, expected):
+    """launch/export.py --dtype: auto follows the checkpoint's training record ("bf16", as in COMPLETE); config.json
+    and the model card say which. An fp32 checkpoint exported in fp32 gives transformers the checkpoint's logits."""
+    import importlib.util
+    import json
+
+    loaded.info["bf16"] = trained_bf16
+    source = export(loaded, tmp_path / "checkpoint", dtype=torch.float32)  # stands for the training checkpoint
+    spec = importlib.util.spec_from_file_location("export_cli", REPO / "launch" / "export.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main([str(source), str(tmp_path / "out"), "--dtype", flag]) == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == expected
+    trained = "bf16" if trained_bf16 else "fp32"
+    assert f"| weights | {expected} (trained in {trained}" in (out / "README.md").read_text()
+    if expected == "float32":
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        tokens = torch.randint(0, 320, (2, 33))
+        with torch.no_grad():
+            assert (theirs(tokens).logits - loaded.model(tokens).logits).abs().max().item() <= 1e-5

@@ -103,9 +103,9 @@ def test_bias_changes_choice_but_not_mixing_weights(small_config):
     x = torch.randn(64, small_config.hidden_size)
     with torch.no_grad():
         moe.gate.e_score_correction_bias.zero_()
-        ids0, weights0, scores0 = moe.gate(x)
+        ids0, weights0, scores0, _ = moe.gate(x)
         moe.gate.e_score_correction_bias.normal_(0, 0.5)
-        ids1, weights1, scores1 = moe.gate(x)
+        ids1, weights1, scores1, _ = moe.gate(x)
     assert not torch.equal(ids0.sort(dim=1).values, ids1.sort(dim=1).values)  # choices moved
     torch.testing.assert_close(scores0, scores1)  # scores do not see the bias
     # for each token, the weights of the chosen set are its unbiased scores, renormalised and scaled
@@ -138,7 +138,8 @@ def test_sequence_balance_loss_closed_form(small_config):
     config = small_config.replace(seq_aux_loss_coef=0.01)
     moe = make_moe(config).train()
     x = torch.randn(2, 9, config.hidden_size)
-    _, aux = moe(x)
+    _, losses = moe(x)
+    aux = losses["aux"]
     n, k = config.n_routed_experts, config.num_experts_per_tok
     total = 0.0
     for seq in x:

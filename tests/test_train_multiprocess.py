@@ -2,6 +2,7 @@
 a kill during a checkpoint save, non-finite steps, and bad configurations."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -283,3 +284,70 @@ def test_dry_run_prints_configs_counts_and_memory(prepared_data):
     assert "world 8 rank(s), expert-parallel size 8 (8 routed experts per rank per layer), ZeRO stage 3" in out
     assert "total    15.71B" in out and "memory per rank (estimate, GiB)" in out
     assert '"train_batch_size": 128' in out  # 16 x 1 x 8 ranks: every "auto" resolved
+
+
+def test_ep2_skew_is_the_share_of_each_ranks_experts_and_a_wrong_peak_is_flagged(prepared_data, tmp_path):
+    """EP=2 on 2 ranks: each rank's experts processed the window's rows of its 8 experts, so the logged skew is
+    max / mean of the two halves of the global load (numpy). --peak-flops 1e3 makes MFU impossible: not reported."""
+    import numpy as np
+
+    run = tmp_path / "skew"
+    result = launch("--deepspeed", "ds_configs/zero2.json", "--data", str(prepared_data), "--run-dir", str(run),
+                    "--max-steps", "3", "--save-interval", "100", "--ep-size", "2", "--peak-flops", "1e3", *COMMON)
+    history = summary(run)["history"]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    for record in history:
+        assert len(record["expert_loads"]) == 4  # 3 MoE layers + the MTP block
+        for layer, load in record["expert_loads"].items():
+            halves = np.array(load).reshape(2, 8).sum(axis=1)
+            assert record[f"experts/layer{layer}_ep_skew"] == pytest.approx(halves.max() / halves.mean(), rel=1e-12)
+        assert math.isnan(record["perf/mfu"])
+    output = result.stdout + result.stderr
+    assert output.count("MFU would be") == 1 and "is wrong" in output and "--peak-flops" in output
+
+
+def collapsed_export(prepared_data: Path, out: Path) -> Path:
+    """The tiny model (fresh weights, the data's tokenizer) with every MoE layer's bias sending all tokens to
+    experts 0 and 1, exported in fp32 (a model to --init-from)."""
+    from gpt_moe.config import ModelConfig
+    from gpt_moe.data import TokenShards
+    from gpt_moe.export import export
+    from gpt_moe.loading import LoadedModel
+    from gpt_moe.model import DeepSeekForCausalLM
+
+    shards = TokenShards(prepared_data)
+    model = DeepSeekForCausalLM(ModelConfig.from_preset("tiny"), seed=0)
+    for _, moe in model.moe_layers():
+        moe.gate.e_score_correction_bias[:2] = 100.0
+    return export(LoadedModel(model, shards.tokenizer(), shards.manifest.tokenizer, prepared_data, {"bf16": False}),
+                  out, dtype=torch.float32)
+
+
+def test_a_forced_collapse_is_counted_and_warned_once_and_mfu_is_at_most_one(prepared_data, fp32_zero2, tmp_path):
+    """Biases that route every token to 2 of 16 experts, kept by --freeze-router: 14 dead experts per layer in
+    every window (as numpy counts them in the logged loads), one collapse warning per layer after
+    --collapse-windows windows, in the output and TensorBoard's text tab. The z-loss is logged; MFU of the short
+    run, against the measured (cached) peak, is a fraction."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    source = collapsed_export(prepared_data, tmp_path / "collapsed")
+    run = tmp_path / "run"
+    result = launch("--deepspeed", str(fp32_zero2), "--init-from", str(source), "--freeze-router", "--data",
+                    str(prepared_data), "--run-dir", str(run), "--max-steps", "4", "--save-interval", "100",
+                    "--collapse-windows", "2", "--router-z-loss-coef", "1e-3", *COMMON, ranks=1)
+    history = summary(run)["history"]
+    for record in history:
+        for layer, load in record["expert_loads"].items():
+            load = np.array(load)
+            assert (load == 0).sum() == record[f"experts/layer{layer}_dead"] == 14
+            assert load[0] == load[1] == load.sum() / 2 > 0
+        assert 0 < record["perf/mfu"] <= 1
+        assert record["train/z_loss"] > 0
+    warnings = [line for line in result.stdout.splitlines() if "has collapsed" in line]
+    assert sorted(line.split("MoE layer ")[1].split()[0] for line in warnings) == ["1", "2", "3", "4"]
+    assert all(line.startswith("warning: step 2:") for line in warnings)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert "experts/collapse/text_summary" in events.Tags()["tensors"]
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
