@@ -87,6 +87,10 @@ class DeepSpeedSource:
         param = self.zero.parameters[name]
         return {key: self.zero.read_expert(param, expert, key) for key in STATE_KEYS}
 
+    def release(self) -> None:
+        """Unmaps what was read so far (call between parameters: memory stays at one parameter's worth)."""
+        self.zero.release()
+
     def run_state(self) -> dict[str, Any]:
         model_states = self.zero.model_states
         module = model_states["module"]
@@ -127,6 +131,9 @@ class LayoutFreeSource:
 
     def run_state(self) -> dict[str, Any]:
         return self._run_state
+
+    def release(self) -> None:
+        """Nothing stays mapped: each parameter's file is read whole and dropped."""
 
 
 def _load_states(path: Path) -> dict[str, torch.Tensor]:
@@ -189,6 +196,7 @@ def convert(tag_dir: str | Path, out: str | Path, progress: bool = True) -> Path
             shapes[name][0] = source.config.n_routed_experts
         else:
             _save(partial / "params" / f"{name}.pt", source.states(name))
+        source.release()
     _save(partial / RUN_STATE_FILE, {**run_state, "parameters": shapes})
     for file in Path(tag_dir).iterdir():  # model config and tokenizer: what inference needs besides weights
         if file.is_file() and file.suffix != ".pt" and file.name != ckpt.COMPLETE:
@@ -228,6 +236,7 @@ def load_into_engine(engine, source: DeepSpeedSource | LayoutFreeSource, seed: i
             param.data.copy_(full["fp32"])
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(param, full[key].to(param.device), key)
+        source.release()
     _set_adam_step(engine.optimizer, run_state["adam_step"])
     _set_schedule(engine, run_state)
     buffers = dict(engine.module.named_buffers())

@@ -77,9 +77,10 @@ class ZeroCheckpoint:
         self.info = read_complete_info(self.tag_dir)
         self.world, self.stage = self.info["world_size"], self.info["zero_stage"]
         self.models = self._model_files()
-        self.optimizers = [self._optimizer_file(rank) for rank in range(self.world)]
+        self._optimizers: dict[int, dict[str, Any]] = {}
         find = self._zero3_parameters if self.stage == 3 else self._zero12_parameters
         self.parameters: dict[str, Parameter] = {p.name: p for p in find()}
+        self.release()
 
     # ---------------------------------------------------------------- files
     def _model_files(self) -> list[dict[str, Any]]:
@@ -96,8 +97,19 @@ class ZeroCheckpoint:
                                   f"(zero_pp_rank_{rank}_mp_rank_00_optim_states.pt), found {len(files)}")
         return load_data_only(files[0], mmap=True)["optimizer_state_dict"]
 
+    def optimizer(self, rank: int) -> dict[str, Any]:
+        """Rank `rank`'s optimizer state, memory-mapped: only the pages read are brought in."""
+        if rank not in self._optimizers:
+            self._optimizers[rank] = self._optimizer_file(rank)
+        return self._optimizers[rank]
+
+    def release(self) -> None:
+        """Drops the mapped optimizer files (reopened on the next read), so that the pages read so far stop
+        counting toward this process's memory; `gpt_moe.reshard` calls it after each parameter."""
+        self._optimizers.clear()
+
     def _flat(self, rank: int, group: int, key: str) -> torch.Tensor:
-        optimizer = self.optimizers[rank]
+        optimizer = self.optimizer(rank)
         if key == "fp32":
             return optimizer["fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"][group]
         base = optimizer["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"]
@@ -110,7 +122,7 @@ class ZeroCheckpoint:
 
     def adam_step(self) -> int:
         """The optimizer's step count (the same in every group; DeepSpeed skips a non-finite step entirely)."""
-        base = self.optimizers[0]["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"]
+        base = self.optimizer(0)["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"]
         steps = {int(state["step"]) for state in base["state"].values() if "step" in state}
         if len(steps) != 1:
             raise CheckpointError(f"{self.tag_dir}: optimizer groups disagree on the step count ({sorted(steps)})")
@@ -130,7 +142,7 @@ class ZeroCheckpoint:
         return ranges[ranks[0]][0] if ranges and ranges[ranks[0]] else 0
 
     def _zero12_parameters(self) -> list[Parameter]:
-        groups = self.optimizers[0]["base_optimizer_state"]["param_groups"]
+        groups = self.optimizer(0)["base_optimizer_state"]["param_groups"]
         found = []
         for index, shapes in enumerate(self.model_states["param_shapes"]):
             moe = bool(groups[index].get("moe"))
@@ -138,7 +150,7 @@ class ZeroCheckpoint:
             for name, shape in shapes.items():
                 holders = {}
                 for ranks in holder_sets:
-                    maps = [self.optimizers[rank]["param_slice_mappings"][index] for rank in ranks]
+                    maps = [self.optimizer(rank)["param_slice_mappings"][index] for rank in ranks]
                     holders[self._first_expert(ranks) if moe else 0] = [
                         Piece(rank, index, mapping[name].start, mapping[name].numel)
                         for rank, mapping in zip(ranks, maps) if name in mapping]
@@ -146,8 +158,8 @@ class ZeroCheckpoint:
         return found
 
     def _zero3_parameters(self) -> list[Parameter]:
-        recorded = [optimizer.get("ds_zero_partition_groups") for optimizer in self.optimizers]
-        sizes = [flat.numel() for flat in self.optimizers[0]["fp32_flat_groups"]]
+        recorded = [self.optimizer(rank).get("ds_zero_partition_groups") for rank in range(self.world)]
+        sizes = [flat.numel() for flat in self.optimizer(0)["fp32_flat_groups"]]
 
         def holder_sets(sub_group: int) -> list[tuple[int, ...]]:
             if not all(recorded):
