@@ -70,14 +70,17 @@ class DeepSpeedSource:
         self.zero = ZeroCheckpoint(tag_dir)
         self.info, self.tag_dir = self.zero.info, Path(tag_dir)
         self.config = ModelConfig.from_json(self.tag_dir / ckpt.MODEL_CONFIG_FILE)
-        check_expert_layout(self.tag_dir, self.info, self.config.n_routed_experts, self._expert_files())
         self.names = list(self.zero.parameters)
+        check_expert_layout(self.tag_dir, self.info, self.config.n_routed_experts, self._expert_files())
 
-    def _expert_files(self) -> list[tuple[int, int]] | None:
-        """(MoE layer, expert) of each per-expert weight file (ZeRO-1/2 with EP > 1 writes them), else None."""
+    def _expert_files(self) -> dict[str, list[int]] | None:
+        """The experts of each MoE layer's per-expert weight files (ZeRO-1/2 with EP > 1 writes them), else None."""
         if self.info["zero_stage"] == 3 or self.info["ep_size"] == 1:
             return None
-        return [(int(m[1]), int(m[2])) for f in self.tag_dir.iterdir() if (m := ckpt.EXPERT_FILE.search(f.name))]
+        files = [(int(m[1]), int(m[2])) for f in self.tag_dir.iterdir() if (m := ckpt.EXPERT_FILE.search(f.name))]
+        layers = sum(name.endswith(".experts.gate_up_proj") for name in self.names)
+        return {f"the files of MoE layer {layer} hold": [e for owner, e in files if owner == layer]
+                for layer in range(layers)}
 
     def states(self, name: str) -> dict[str, torch.Tensor]:
         param = self.zero.parameters[name]
@@ -116,8 +119,8 @@ class LayoutFreeSource:
         self._run_state = ckpt.load_data_only(self.tag_dir / RUN_STATE_FILE)
         self.names = list(self._run_state["parameters"])
         n_experts = self._run_state["n_experts"]
-        present = [(layer, int(f.stem)) for layer, name in enumerate(self._expert_names())
-                   for f in (self.tag_dir / "params" / name).glob("*.pt")]
+        present = {f"params/{name}/ holds": [int(f.stem) for f in (self.tag_dir / "params" / name).glob("*.pt")]
+                   for name in self._expert_names()}
         check_expert_layout(self.tag_dir, self.info, n_experts, present)
 
     def _expert_names(self) -> list[str]:
@@ -147,19 +150,19 @@ def open_source(tag_dir: Path) -> DeepSpeedSource | LayoutFreeSource:
 
 
 def check_expert_layout(tag_dir: Path, info: dict[str, Any], n_experts: int,
-                        present: list[tuple[int, int]] | None) -> None:
+                        present: dict[str, list[int]] | None) -> None:
     """Refuses a checkpoint whose experts disagree with its record: within each expert-parallel group the
-    ranks' `expert_ranges` must cover every expert exactly once, and `present` (MoE layer, expert) files,
-    when the format has them, must be every expert of every layer once."""
+    ranks' `expert_ranges` must cover every expert exactly once, and each list of `present` (the experts
+    of one layer's files, by a description of where they are), when the format has files per expert, must
+    hold every expert once."""
     ranges = [r for r in info.get("expert_ranges") or [] if r]
     ep = info["ep_size"]
     for group in range(len(ranges) // ep if ranges else 0):
         held = [e for first, end in ranges[group * ep:(group + 1) * ep] for e in range(first, end)]
         _refuse_unless_each_once(tag_dir, held, n_experts, f"the ranks of expert-parallel group {group} hold")
     if present is not None:
-        for layer in sorted({layer for layer, _ in present}):
-            _refuse_unless_each_once(tag_dir, [e for l_, e in present if l_ == layer], n_experts,
-                                     f"the files of MoE layer {layer} hold")
+        for where, held in present.items():
+            _refuse_unless_each_once(tag_dir, held, n_experts, where)
 
 
 def _refuse_unless_each_once(tag_dir: Path, held: list[int], n_experts: int, what: str) -> None:
@@ -226,13 +229,17 @@ def load_into_engine(engine, source: DeepSpeedSource | LayoutFreeSource, seed: i
     known = set(source.names)
     for name, param in engine.module.named_parameters():
         if name not in known:
-            raise CheckpointError(f"{source.tag_dir}: has no parameter {name}; it was saved from another model")
+            raise CheckpointError(f"{source.tag_dir}: holds no optimizer state for {name} (saved from another model, "
+                                  "or frozen there: --freeze-router); resume it on the layout it was saved with")
         full = _full_states(engine.module, source, name)
-        if hasattr(param, "ds_id"):  # ZeRO-3: set the master partition, then this rank's module partition from it
-            safe_set_full_fp32_param(param, full["fp32"].to(param.device))
+        expected = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the shape aside
+        if tuple(full["fp32"].shape) != expected:
+            raise CheckpointError(f"{source.tag_dir}: {name} is {tuple(full['fp32'].shape)} there but {expected} in "
+                                  "this model; resume with the model config the checkpoint was trained with")
+        safe_set_full_fp32_param(param, full["fp32"].to(param.device))
+        if hasattr(param, "ds_id"):  # ZeRO-3: this rank's module partition follows from its master partition
             param.ds_tensor.data.copy_(safe_get_local_fp32_param(param).view(-1)[:param.ds_tensor.numel()])
-        else:
-            safe_set_full_fp32_param(param, full["fp32"].to(param.device))
+        else:  # ZeRO-1/2: every rank holds the whole module parameter
             param.data.copy_(full["fp32"])
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(param, full[key].to(param.device), key)
