@@ -371,3 +371,25 @@ def test_checkpointing_under_ep2_zero3_matches_keeping_activations(prepared_data
             for key in ("train/loss", "train/lm_loss", "train/mtp_loss", "train/grad_norm"):
                 assert ours[key] == pytest.approx(theirs[key], rel=0, abs=1e-6), (mode, ours["step"], key)
             assert ours["expert_loads"] == theirs["expert_loads"], (mode, ours["step"])
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_dry_run_memory_estimate_is_within_25_percent_of_the_measured_peak(prepared_data, tmp_path, stage):
+    """tiny on 2 CPU ranks, fp32, with and without full checkpointing: the estimate the dry run prints for the run
+    (RunPlan.memory_layout -> gpt_moe.memory_plan) against the largest rank's peak resident memory (ru_maxrss)."""
+    from gpt_moe.memory_plan import training_memory
+    from gpt_moe.run_plan import Hardware, plan_run
+    from gpt_moe.train_config import parse_train_args
+
+    ds = variant(tmp_path, REPO / "ds_configs" / f"zero{stage}.json", bf16={"enabled": False})
+    for mode in ("none", "full"):
+        run_dir = tmp_path / mode
+        args = ["--data", str(prepared_data), "--run-dir", str(run_dir), "--deepspeed", str(ds), "--seq-len", "256",
+                "--micro-batch", "8", "--activation-checkpointing", mode, "--max-steps", "3", "--log-interval", "1",
+                "--eval-interval", "1000", "--save-interval", "1000", "--sample-tokens", "0"]
+        launch(*args)
+        measured = max(summary(run_dir)["peak_memory_gib"])
+        cfg, explicit, _ = parse_train_args(args)
+        plan = plan_run(cfg, explicit, 2, Hardware(bf16_supported=False, bf16_native=False, device_type="cpu"))
+        estimate = training_memory(plan.model, plan.memory_layout()).total_gib
+        assert abs(estimate - measured) <= 0.25 * measured, (stage, mode, estimate, measured)
