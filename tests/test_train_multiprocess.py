@@ -4,6 +4,7 @@ a kill during a checkpoint save, non-finite steps, and bad configurations."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -277,12 +278,16 @@ def test_single_rank_without_launcher_learns_beyond_unigram(prepared_data, tmp_p
 def test_dry_run_prints_configs_counts_and_memory(prepared_data):
     env = dict(os.environ, WORLD_SIZE="8")
     result = subprocess.run([sys.executable, "launch/train.py", "--dry-run", "--model", "deepseek-v2-lite",
-                             "--ep-size", "8", "--deepspeed", "ds_configs/zero3.json", "--data", str(prepared_data)],
+                             "--ep-size", "8", "--deepspeed", "ds_configs/zero3.json", "--data", str(prepared_data),
+                             "--memory-per-rank", "80GB"],
                             cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "world 8 rank(s), expert-parallel size 8 (8 routed experts per rank per layer), ZeRO stage 3" in out
     assert "total    15.71B" in out and "memory per rank (estimate, GiB)" in out
+    assert "activations by --activation-checkpointing: none" in out and "fits in 74.51 GiB per rank" in out
+    for mode in ("none", "full", "selective"):
+        assert re.search(rf"^  {mode} +micro-batch \d+$", out, re.M), mode
     assert '"train_batch_size": 128' in out  # 16 x 1 x 8 ranks: every "auto" resolved
 
 
