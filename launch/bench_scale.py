@@ -96,21 +96,25 @@ def activation_table(model_name: str = "tiny", seq: int = 256, batch: int = 16, 
 
     import torch
 
+    from gpt_moe.hardware import keep_freed_memory
     from gpt_moe.model import DeepSeekForCausalLM
 
     config = ModelConfig.load(model_name)
     model = DeepSeekForCausalLM(config, seed=0).train()
     ids = torch.randint(0, min(config.vocab_size, 1024), (batch, seq), generator=torch.Generator().manual_seed(0))
-    rows = {}
-    for mode in ("none", "full", "selective"):
+    keep_freed_memory()  # as the trainer does on CPU: no page faults in the timed steps
+    modes = ("none", "full", "selective")
+    sizes, times = {}, {mode: [] for mode in modes}
+    for mode in modes:  # the first pass of each mode is its warm-up
         model.set_activation_checkpointing(mode)
-        size = saved_activation_bytes(model, ids)
-        times = []
-        for _ in range(repeats):
+        sizes[mode] = saved_activation_bytes(model, ids)
+    for _ in range(repeats):  # interleaved rounds: a slowdown of the shared machine hits every mode alike
+        for mode in modes:
+            model.set_activation_checkpointing(mode)
             start = time.perf_counter()
             model(ids, labels=ids).loss.backward()
-            times.append(time.perf_counter() - start)
-        rows[mode] = (size, sorted(times)[repeats // 2])
+            times[mode].append(time.perf_counter() - start)
+    rows = {mode: (sizes[mode], sorted(times[mode])[repeats // 2]) for mode in modes}
     print(f"activations, {model_name}, seq {seq} x micro-batch {batch}, one process, fp32 (median of {repeats}):")
     base_size, base_time = rows["none"]
     for mode, (size, step) in rows.items():
