@@ -112,16 +112,13 @@ class ExpertParallel:
         first = self.rank * local
         if self.zero_stage < 3:
             return DeepSpeedExperts(config, local, first, self.group_name, self.size)
-        experts = Experts(config, local, first)
-        for param in (experts.gate_up_proj, experts.down_proj):
-            # as AutoEP marks its experts: without allreduce/group_name the engine's start-up broadcast
-            # copies rank 0's experts over every other rank's (seen: experts 8-15 started as 0-7)
-            param.allreduce = False
-            param.group_name = self.group_name
-            param.ds_zero_placement_family = "autoep_expert"
-            param.ds_zero_partition_group_name = self.group_name
-            param.ds_zero_partition_process_group = groups._get_expert_data_parallel_group(self.group_name)
-        return experts
+        # as AutoEP marks its experts: without allreduce/group_name the engine's start-up broadcast
+        # copies rank 0's experts over every other rank's (seen: experts 8-15 started as 0-7); set in the
+        # constructor so that `deepspeed.zero.Init` partitions them over the expert-data-parallel group
+        return Experts(config, local, first, param_attributes={
+            "allreduce": False, "group_name": self.group_name, "ds_zero_placement_family": "autoep_expert",
+            "ds_zero_partition_group_name": self.group_name,
+            "ds_zero_partition_process_group": groups._get_expert_data_parallel_group(self.group_name)})
 
     def run_experts(self, experts: Experts, rows: torch.Tensor, counts: torch.Tensor,
                     row_weights: torch.Tensor) -> torch.Tensor:

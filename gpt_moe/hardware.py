@@ -130,6 +130,17 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
+def release_freed_memory() -> bool:
+    """Returns the heap's free pages to the kernel once (glibc's malloc_trim(0)); with `keep_freed_memory` the
+    heap is otherwise never trimmed. Called after the engine is built: building it frees about as much as it
+    keeps (whole parameters replaced by ZeRO partitions, partitions copied into flat buffers), and without
+    this a `small` ZeRO-3 rank held 7.7 GiB where 3.6 GiB were live. Returns False where libc is not glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def unlink_cpu_allreduce_buffer(rank: int) -> None:
     """Removes the name of this rank's shared-memory allreduce workspace of DeepSpeed's CPU accelerator.
 

@@ -10,6 +10,7 @@ model's embedding and output head.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from gpt_moe.attention import ExpandedCache, LatentCache, MultiHeadLatentAttention
+from gpt_moe.checkpointing import MODES, checkpointed
 from gpt_moe.config import ModelConfig
 from gpt_moe.loss import IGNORE_INDEX, linear_cross_entropy
 from gpt_moe.moe import MLP, Experts, MoE, TopkRouter
@@ -50,6 +52,16 @@ class DecoderLayer(nn.Module):
             self.mlp = MoE(config, expert_parallel)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    checkpoint_activations = False  # full checkpointing: keep the input, recompute the layer in backward
+
+    def run(self, fn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """fn(x, cos, sin, attn_mask=attn_mask), where fn is this layer's __call__ or forward; recomputed in
+        the backward pass under full checkpointing (`gpt_moe.checkpointing`)."""
+        if self.checkpoint_activations and self.training:
+            return checkpointed(self, fn, x, cos, sin, None, None, attn_mask)
+        return fn(x, cos, sin, attn_mask=attn_mask)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, key_mask: torch.Tensor | None = None,
@@ -108,7 +120,7 @@ class MultiTokenPredictionLayer(DecoderLayer):
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """hidden, next_embeds: [batch, seq, hidden] -> (normalised output [batch, seq, hidden], router losses)."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        x, losses = self.forward(x, cos, sin, attn_mask=attn_mask)
+        x, losses = self.run(self.forward, x, cos, sin, attn_mask)
         return self.shared_head.norm(x), losses
 
 
@@ -159,19 +171,33 @@ class DeepSeekForCausalLM(nn.Module):
         holds it, and different experts never start identical."""
         std = self.config.initializer_range
         for module_name, module in self.named_modules():
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, Experts):
-                first = module.first_expert
-                for pname, param in module.named_parameters(recurse=False):
-                    for i, block in enumerate(param):
-                        _seeded_normal_(block, std, seed, f"{module_name}.{pname}#{first + i}")
-            elif isinstance(module, (nn.Linear, nn.Embedding, TopkRouter)):
-                _seeded_normal_(module.weight, std, seed, f"{module_name}.weight")
-                if isinstance(module, TopkRouter):
-                    module.e_score_correction_bias.zero_()
+            with _gathered(list(module.parameters(recurse=False))):
+                if isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+                elif isinstance(module, Experts):
+                    first = module.first_expert
+                    for pname, param in module.named_parameters(recurse=False):
+                        for i, block in enumerate(param):
+                            _seeded_normal_(block, std, seed, f"{module_name}.{pname}#{first + i}")
+                elif isinstance(module, (nn.Linear, nn.Embedding, TopkRouter)):
+                    _seeded_normal_(module.weight, std, seed, f"{module_name}.weight")
+                    if isinstance(module, TopkRouter):
+                        module.e_score_correction_bias.zero_()
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """"none", "full" (every decoder layer recomputed, MoE routing replayed) or "selective" (the SwiGLU
+        feed-forwards recomputed); see `gpt_moe.checkpointing`."""
+        if mode not in MODES:
+            raise ValueError(f"activation checkpointing {mode!r}: expected one of {', '.join(MODES)}")
+        for layer in self.model.layers:
+            layer.checkpoint_activations = mode == "full"
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.save_routing = mode == "full"
+        for module in self.modules():
+            if isinstance(module, (MLP, Experts)):
+                module.checkpoint_activations = mode == "selective"
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -191,7 +217,7 @@ class DeepSeekForCausalLM(nn.Module):
         mask = packed_causal_mask(segment_ids) if segment_ids is not None else None
         router_losses: list[dict[str, torch.Tensor]] = []
         for layer in self.model.main_layers:
-            x, losses = layer(x, cos, sin, attn_mask=mask)
+            x, losses = layer.run(layer, x, cos, sin, mask)
             router_losses.append(losses)
         hidden = self.model.norm(x)
         if labels is None:
@@ -264,6 +290,16 @@ def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     seq = segment_ids.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).tril()
     return (causal & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
+
+
+def _gathered(params: list[nn.Parameter]):
+    """A context in which ZeRO-3-partitioned `params` (built under `deepspeed.zero.Init`) are whole and writable;
+    what is written there is kept (every rank writes the same seeded values). A no-op for ordinary parameters."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def _seeded_normal_(tensor: torch.Tensor, std: float, seed: int, key: str) -> None:

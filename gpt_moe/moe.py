@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt_moe.checkpointing import Recomputable, checkpointed
 from gpt_moe.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -40,7 +41,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+    checkpoint_activations = False  # selective checkpointing: recompute the SwiGLU in backward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_activations and self.training:
+            return checkpointed(self, self._swiglu, x)
+        return self._swiglu(x)
+
+    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -54,16 +62,19 @@ class TopkRouter(nn.Module):
         # fp32 whatever the model dtype: updates of size 1e-3 must not round away in bf16
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [tokens, hidden] -> (expert ids [tokens, k] int64, mixing weights [tokens, k] fp32,
-        scores [tokens, experts] fp32, logits [tokens, experts] fp32)."""
+        scores [tokens, experts] fp32, logits [tokens, experts] fp32). Given expert_ids (a recomputation
+        replaying its first pass), the selection is skipped and those experts are used."""
         cfg = self.config
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores.detach() + self.e_score_correction_bias
-        if cfg.n_group > 1:
-            choice = self._keep_top_groups(choice)
-        expert_ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        if expert_ids is None:
+            choice = scores.detach() + self.e_score_correction_bias
+            if cfg.n_group > 1:
+                choice = self._keep_top_groups(choice)
+            expert_ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, expert_ids)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -114,13 +125,16 @@ def _has_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-class Experts(nn.Module):
+class Experts(nn.Module, Recomputable):
     """The routed experts held by this rank, stacked: gate_up_proj [E_local, 2*I, hidden] (gate rows
     first), down_proj [E_local, hidden, I] -- the layout of transformers' `DeepseekV3Experts`.
     `rows_since_log` (fp32 scalar) counts the token rows they processed in training forwards, from every
     rank of the expert-parallel group (the trainer reads and resets it at each log: the EP skew)."""
 
-    def __init__(self, config: ModelConfig, num_local_experts: int, first_expert: int = 0) -> None:
+    def __init__(self, config: ModelConfig, num_local_experts: int, first_expert: int = 0,
+                 param_attributes: dict[str, object] | None = None) -> None:
+        """param_attributes: set on both weights inside the constructor, where `deepspeed.zero.Init` (which
+        partitions a module's parameters as its constructor returns) sees them (see expert_parallel.py)."""
         # nn.Module.__init__ rather than super(): the DeepSpeed-visible subclass also inherits
         # deepspeed.moe.layer.MoE, whose constructor must not run (see expert_parallel.py)
         nn.Module.__init__(self)
@@ -129,6 +143,9 @@ class Experts(nn.Module):
         inter, hidden = config.moe_intermediate_size, config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_local_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_local_experts, hidden, inter))
+        for name, value in (param_attributes or {}).items():
+            for param in (self.gate_up_proj, self.down_proj):
+                setattr(param, name, value)
         self.register_buffer("rows_since_log", torch.zeros(()), persistent=False)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
@@ -137,9 +154,16 @@ class Experts(nn.Module):
 
         The weight scales the activation before the down projection (linear, so the same result),
         which is cheaper than scaling the output when moe_intermediate_size < hidden_size."""
-        if self.training:
+        if self.training and not self.recomputing:
             self.rows_since_log += counts.sum()
         offsets = counts.cumsum(0).to(torch.int32)
+        if self.checkpoint_activations and self.training:
+            return checkpointed(self, self._swiglu, x, offsets, row_weights)
+        return self._swiglu(x, offsets, row_weights)
+
+    checkpoint_activations = False  # selective checkpointing: recompute the grouped SwiGLU in backward
+
+    def _swiglu(self, x: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         gate_up = grouped_matmul(x, self.gate_up_proj.transpose(1, 2), offsets)
         hidden = WeightedSwiGLU.apply(gate_up, row_weights.to(x.dtype))
         return grouped_matmul(hidden, self.down_proj.transpose(1, 2), offsets)
@@ -173,7 +197,7 @@ class WeightedSwiGLU(torch.autograd.Function):
         return grad_gate_up, grad_weight
 
 
-class MoE(nn.Module):
+class MoE(nn.Module, Recomputable):
     """DeepSeekMoE feed-forward. x: [batch, seq, hidden] -> ([batch, seq, hidden], router losses).
 
     The router losses are a dict, empty unless training with a positive coefficient: "aux" the
@@ -200,6 +224,8 @@ class MoE(nn.Module):
             self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
         n = config.n_routed_experts
         self.record_routing = False  # when True, forward keeps `last_expert_ids` (the chat app's routing view)
+        self.save_routing = False  # full checkpointing: keep `saved_expert_ids` [tokens, k] for the recomputation
+        self.saved_expert_ids: torch.Tensor | None = None
         self.last_expert_ids: torch.Tensor | None = None
         self.register_buffer("tokens_per_expert", torch.zeros(n), persistent=False)
         self.register_buffer("load_since_update", torch.zeros(n), persistent=False)
@@ -209,7 +235,10 @@ class MoE(nn.Module):
         b, s, h = x.shape
         k = self.config.num_experts_per_tok
         flat = x.reshape(b * s, h)
-        expert_ids, weights, scores, logits = self.gate(flat)
+        replay = self.saved_expert_ids if self.recomputing else None
+        expert_ids, weights, scores, logits = self.gate(flat, replay)
+        if self.save_routing and self.training and not self.recomputing:
+            self.saved_expert_ids = expert_ids  # full checkpointing: the recomputation replays this routing
         if self.record_routing:
             self.last_expert_ids = expert_ids.view(b, s, k).detach()  # [batch, seq, k] global expert ids
 
@@ -230,7 +259,7 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         with torch.no_grad():
             self.tokens_per_expert.copy_(counts)
-            if self.training:
+            if self.training and not self.recomputing:  # a recomputation counts nothing twice
                 self.load_since_update += counts
                 self.routing_since_log[0] += router_entropy(scores).sum()
                 self.routing_since_log[1] += b * s

@@ -112,26 +112,6 @@ def account(c: ModelConfig, seq_len: int | None = None, cache_dtype_bytes: int =
                         cache_dtype_bytes=cache_dtype_bytes)
 
 
-def training_memory_gib(c: ModelConfig, seq_len: int, micro_batch: int, ep_size: int, zero_stage: int,
-                        world_size: int) -> dict[str, float]:
-    """Per-rank model-state memory (bf16 weights 2 B, fp32 grads 4 B, fp32 master + Adam 12 B per
-    parameter; ZeRO-1 shards the 12, ZeRO-2 also the grads, ZeRO-3 everything over the data-parallel
-    ranks; routed experts first divided by the EP size) and a rough activation figure."""
-    a = account(c, seq_len)
-    expert = routed_expert_params(c)
-    per_rank = a.total_params + a.mtp_params - expert + expert / ep_size
-    weights, grads, optim = 2 * per_rank, 4 * per_rank, 12 * per_rank
-    optim /= world_size if zero_stage >= 1 else 1
-    grads /= world_size if zero_stage >= 2 else 1
-    weights /= world_size if zero_stage >= 3 else 1
-    layers = c.num_hidden_layers + c.num_nextn_predict_layers
-    activations = 34 * seq_len * micro_batch * c.hidden_size * layers  # bf16, no recompute
-    logits = 6 * seq_len * micro_batch * c.vocab_size * (1 + c.num_nextn_predict_layers)
-    gib = 1024 ** 3
-    return {"weights": weights / gib, "grads": grads / gib, "optimizer": optim / gib,
-            "activations": (activations + logits) / gib}
-
-
 def human(n: float) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:

@@ -22,7 +22,9 @@ from gpt_moe.data import DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, Manifest
 from gpt_moe.ds_config import TrainingShape, load_ds_config, resolve_ds_config, validate_with_deepspeed, zero_stage
 from gpt_moe.errors import ConfigError, DataError
 from gpt_moe.loading import Pretrained, pretrained
-from gpt_moe.params import account, describe, training_memory_gib
+from gpt_moe.checkpointing import MODES
+from gpt_moe.memory_plan import GIB, MemoryLayout, largest_micro_batch, training_memory
+from gpt_moe.params import account, describe
 from gpt_moe.train_config import TrainConfig
 
 
@@ -45,6 +47,7 @@ class RunPlan:
     run_dir: Path
     prepare_default_data: bool  # the default data directory is not prepared yet
     pretrained: Pretrained | None = None  # --init-from: the weights to start from
+    device_type: str = "cuda"  # DeepSpeed's accelerator
 
     @property
     def bf16(self) -> bool:
@@ -66,9 +69,29 @@ class RunPlan:
             return min(self.train.max_steps, math.ceil(self.train.max_tokens / self.tokens_per_step))
         return self.train.max_steps
 
-    def memory_gib(self) -> dict[str, float]:
-        t = self.train
-        return training_memory_gib(self.model, t.seq_len, t.micro_batch, t.ep_size, self.zero_stage, self.world_size)
+    def memory_layout(self, **changes: Any) -> MemoryLayout:
+        """The run's layout for `gpt_moe.memory_plan` (fields in `changes` replaced)."""
+        t, zero = self.train, self.ds_config.get("zero_optimization", {})
+        offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+        layout = MemoryLayout(t.seq_len, t.micro_batch, self.world_size, self.zero_stage, t.ep_size, self.bf16,
+                              t.activation_checkpointing, offload, self.device_type,
+                              int(zero.get("sub_group_size", 10 ** 12)))
+        return dataclasses.replace(layout, **changes)
+
+    def memory_lines(self) -> list[str]:
+        """The banner's memory estimate: the run's parts, activations per checkpointing mode, and with
+        --memory-per-rank the largest micro-batch that fits per mode (or what to change)."""
+        estimate = training_memory(self.model, self.memory_layout())
+        by_mode = {mode: training_memory(self.model, self.memory_layout(checkpointing=mode)).parts["activations"]
+                   for mode in MODES}
+        lines = [f"memory per rank (estimate, GiB): total {estimate.total_gib:.3f} = "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in estimate.parts.items())
+                 + "".join(f"; host {k} {v:.3f}" for k, v in estimate.host.items()),
+                 "  activations by --activation-checkpointing: "
+                 + ", ".join(f"{mode} {value:.3f}" for mode, value in by_mode.items())]
+        if self.train.memory_per_rank:
+            lines += fit_lines(self, parse_memory(self.train.memory_per_rank))
+        return lines
 
     def banner(self) -> str:
         """What the run will do, printed at start (and by --dry-run)."""
@@ -80,7 +103,7 @@ class RunPlan:
             f"({model.n_routed_experts // t.ep_size} routed experts per rank per layer), "
             f"ZeRO stage {self.zero_stage}, bf16 {self.ds_config['bf16']['enabled']}",
             describe(account(model, t.seq_len)),
-            "memory per rank (estimate, GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in self.memory_gib().items()),
+            *self.memory_lines(),
             "model config: " + json.dumps({k: v for k, v in model.to_dict().items() if k != "extra"}),
             "training config: " + json.dumps(dataclasses.asdict(t)),
             "DeepSpeed config (resolved): " + json.dumps(self.ds_config),
@@ -115,7 +138,42 @@ def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardwa
     train = dataclasses.replace(cfg, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum, clip=shape.clip,
                                 lr=shape.lr, weight_decay=shape.weight_decay)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / (model.name + ("-sft" if base else ""))
-    return RunPlan(train, model, ds_config, world_size, zero_stage(ds_config), run_dir, prepare_default_data, base)
+    return RunPlan(train, model, ds_config, world_size, zero_stage(ds_config), run_dir, prepare_default_data, base,
+                   hardware.device_type)
+
+
+def parse_memory(text: str) -> float:
+    """"80GB" (10^9 bytes), "24GiB" (2^30), "512MB", "512MiB" -> GiB."""
+    units = {"gib": 1.0, "gb": 1e9 / GIB, "mib": 1 / 1024, "mb": 1e6 / GIB, "tib": 1024.0, "tb": 1e12 / GIB}
+    lowered = text.strip().lower()
+    for unit, factor in sorted(units.items(), key=lambda item: -len(item[0])):
+        number = lowered[: -len(unit)].strip()
+        if lowered.endswith(unit) and number.replace(".", "", 1).isdigit() and float(number) > 0:
+            return float(number) * factor
+    raise ConfigError(f"--memory-per-rank {text!r}: expected a size such as 80GB, 24GiB or 512MiB")
+
+
+def fit_lines(plan: RunPlan, budget_gib: float) -> list[str]:
+    """The largest micro-batch under `budget_gib` per checkpointing mode; when even 1 does not fit, the layouts
+    (ZeRO stage, EP size, optimizer offload) in which micro-batch 1 with full checkpointing would."""
+    lines = [f"fits in {budget_gib:.2f} GiB per rank (largest micro-batch at seq {plan.train.seq_len}):"]
+    for mode in MODES:
+        best = largest_micro_batch(plan.model, plan.memory_layout(checkpointing=mode), budget_gib)
+        lines.append(f"  {mode:9s} " + (f"micro-batch {best}" if best else "none"))
+    if any(largest_micro_batch(plan.model, plan.memory_layout(checkpointing=m), budget_gib) for m in MODES):
+        return lines
+    options = []
+    for stage, ep, offload in ((2, plan.train.ep_size, False), (3, plan.train.ep_size, False),
+                               (3, plan.world_size, False), (3, plan.world_size, True)):
+        if plan.model.n_routed_experts % ep:
+            continue
+        layout = plan.memory_layout(zero_stage=stage, ep_size=ep, offload=offload, checkpointing="full",
+                                    micro_batch=1)
+        if training_memory(plan.model, layout).total_gib <= budget_gib:
+            options.append(f"ZeRO-{stage}, --ep-size {ep}" + (", optimizer offload" if offload else ""))
+    lines.append("  nothing fits; change to: " + ("; ".join(options) if options else
+                                                 f"more ranks (world {plan.world_size} is too small for this model)"))
+    return lines
 
 
 FINE_TUNING_DEFAULTS = {"data": DEFAULT_CHAT_DATA_DIR, "seq_len": 512, "micro_batch": 8, "lr": 1e-3,

@@ -73,6 +73,11 @@ class TrainConfig:
     init_from: str = option("", "fine-tune: start from the weights of a training checkpoint (run or step directory), "
                                 "an export or a transformers DeepseekV3 directory; fresh optimizer and schedule")
     freeze_router: bool = option(False, "fine-tuning: keep every router weight and balancing bias as they are")
+    activation_checkpointing: str = option("none", "none, full (recompute each decoder layer in backward; MoE "
+                                                   "routing replayed) or selective (recompute the SwiGLU "
+                                                   "feed-forwards only); see gpt_moe/checkpointing.py")
+    memory_per_rank: str = option("", "with --dry-run: memory of one rank (e.g. 80GB, 24GiB): print the largest "
+                                      "micro-batch that fits per checkpointing mode, or what to change")
     dry_run: bool = option(False, "resolve and print both configs, parameter counts and a memory estimate, then exit")
 
     def validate(self) -> None:
@@ -94,6 +99,8 @@ class TrainConfig:
             fail("min_lr_ratio", "a number in [0, 1]")
         if self.verify_data not in ("first", "always", "never"):
             fail("verify_data", "'first', 'always' or 'never'")
+        if self.activation_checkpointing not in ("none", "full", "selective"):
+            fail("activation_checkpointing", "'none', 'full' or 'selective'")
         if self.schedule not in ("cosine", "wsd"):
             fail("schedule", "'cosine' or 'wsd'")
         if not 0 < self.decay_fraction <= 1:

@@ -37,7 +37,7 @@ from gpt_moe.chat_data import ChatBatches, ChatValBatches, PackedBatch
 from gpt_moe.data import TokenShards, TrainBatches, ValBatches
 from gpt_moe.data_verify import verify_data
 from gpt_moe.errors import CheckpointError, DataError, GptMoeError
-from gpt_moe.hardware import (deepspeed_cuda_arch_list, device_peak_flops, keep_freed_memory,
+from gpt_moe.hardware import (deepspeed_cuda_arch_list, device_peak_flops, keep_freed_memory, release_freed_memory,
                               unlink_cpu_allreduce_buffer)
 from gpt_moe.metrics import Throughput, dashboard_layout, expert_load_stats, make_writer
 from gpt_moe.model import DeepSeekForCausalLM
@@ -47,6 +47,7 @@ from gpt_moe.params import account
 from gpt_moe.peak_flops import cpu_affinity, usable_cores
 from gpt_moe.run_plan import RunPlan
 from gpt_moe.train_config import FaultInjection, lr_at
+from gpt_moe.zero_memory import share_fp32_master
 
 log = logging.getLogger("gpt_moe.train")
 LOSS_NAMES = ("loss", "lm_loss", "mtp_loss", "aux_loss", "z_loss")
@@ -54,9 +55,13 @@ SAMPLE_QUESTION = "What does the function len do?"  # asked at each evaluation o
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups with the unique names DeepSpeed's MoE splitting needs; no decay on 1-D parameters."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW groups with the unique names DeepSpeed's MoE splitting needs; no decay on 1-D parameters (by their
+    full shape: a parameter partitioned by `deepspeed.zero.Init` holds an empty 1-D tensor)."""
+    def matrix(p: torch.nn.Parameter) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
@@ -92,6 +97,8 @@ class Trainer:
                               self.cfg.seed)
         self.val_batches = self._validation_batches()
         self.engine = self._build_engine()
+        if self.device.type == "cpu":
+            release_freed_memory()  # what building the engine freed (see there)
         self.moe_layers: list[tuple[int, MoE]] = self.engine.module.moe_layers()
         self.expert_ranges = self._gather_expert_ranges()
         self.step = self.tokens_seen = self.trained_tokens = self.bad_steps_total = self.bad_steps_in_a_row = 0
@@ -110,8 +117,11 @@ class Trainer:
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_rank0 = self.rank == 0
         self.device = torch.device(accelerator.current_device_name())
-        if self.device.type == "cpu":
-            keep_freed_memory()  # reuse freed activations instead of faulting fresh pages in every step
+        if self.device.type == "cpu" and self.plan.zero_stage < 3:
+            # reuse freed activations instead of faulting fresh pages in every step; not under ZeRO-3, the stage
+            # for models that barely fit: the heap it keeps grew a `small` EP=2 rank past 10 GiB (killed) where it
+            # peaks at 7.7 GiB with glibc's defaults
+            keep_freed_memory()
             dist.barrier()  # every rank has mapped every rank's allreduce workspace: its name can go
             unlink_cpu_allreduce_buffer(self.rank)
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
@@ -168,7 +178,14 @@ class Trainer:
         if self.cfg.ep_size > 1:
             from gpt_moe.expert_parallel import setup_expert_parallel
             expert_parallel = setup_expert_parallel(self.cfg.ep_size, self.plan.zero_stage)
-        model = DeepSeekForCausalLM(self.plan.model, expert_parallel, seed=self.cfg.seed)
+        # ZeRO-3 builds each module's parameters already partitioned (a rank never holds the whole model);
+        # --init-from loads whole tensors into an ordinary model first
+        partitioned = self.plan.zero_stage == 3 and self.plan.pretrained is None
+        with deepspeed.zero.Init(config_dict_or_path=self.plan.ds_config, enabled=partitioned):
+            model = DeepSeekForCausalLM(self.plan.model, expert_parallel, seed=self.cfg.seed)
+        if partitioned and self.device.type == "cpu":
+            release_freed_memory()  # the whole parameters zero.Init replaced by partitions (small: 3.5 -> 1.9 GiB)
+        model.set_activation_checkpointing(self.cfg.activation_checkpointing)
         if self.plan.pretrained is not None:
             self._load_pretrained(model)
         if self.cfg.freeze_router:
@@ -180,6 +197,8 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay), config=self.plan.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg)))
+        if not self.plan.bf16:
+            share_fp32_master(engine.optimizer)  # ZeRO-3 fp32: the master weights are the parameters
         if hasattr(engine.optimizer, "check_grad_overflow"):
             engine.optimizer.check_grad_overflow = True  # skip non-finite steps in fp32 runs too
         return engine
@@ -583,8 +602,10 @@ class Trainer:
     def _write_summary(self) -> dict[str, Any]:
         """runs/<run>/summary.json: per-logged-step scalars, final validation loss, layout."""
         self.writer.flush()
+        peaks = [0.0] * self.world
+        dist.all_gather_object(peaks, peak_memory_gib(self.device))
         result = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": self.last_val_loss,
-                  "skipped_steps": self.bad_steps_total,
+                  "skipped_steps": self.bad_steps_total, "peak_memory_gib": peaks,
                   "layout": {"world_size": self.world, "ep_size": self.cfg.ep_size,
                              "expert_ranges": self.expert_ranges},
                   "history": self.history}
@@ -626,3 +647,14 @@ def _memory_gb(device: torch.device) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 1024 ** 3
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This rank's peak memory so far: torch.cuda.max_memory_allocated on a GPU; on CPU the peak resident set
+    (getrusage ru_maxrss: every page the process ever had resident, the Python interpreter and libraries
+    included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024 ** 3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux

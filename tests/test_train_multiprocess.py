@@ -4,6 +4,7 @@ a kill during a checkpoint save, non-finite steps, and bad configurations."""
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -277,12 +278,16 @@ def test_single_rank_without_launcher_learns_beyond_unigram(prepared_data, tmp_p
 def test_dry_run_prints_configs_counts_and_memory(prepared_data):
     env = dict(os.environ, WORLD_SIZE="8")
     result = subprocess.run([sys.executable, "launch/train.py", "--dry-run", "--model", "deepseek-v2-lite",
-                             "--ep-size", "8", "--deepspeed", "ds_configs/zero3.json", "--data", str(prepared_data)],
+                             "--ep-size", "8", "--deepspeed", "ds_configs/zero3.json", "--data", str(prepared_data),
+                             "--memory-per-rank", "80GB"],
                             cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "world 8 rank(s), expert-parallel size 8 (8 routed experts per rank per layer), ZeRO stage 3" in out
     assert "total    15.71B" in out and "memory per rank (estimate, GiB)" in out
+    assert "activations by --activation-checkpointing: none" in out and "fits in 74.51 GiB per rank" in out
+    for mode in ("none", "full", "selective"):
+        assert re.search(rf"^  {mode} +micro-batch \d+$", out, re.M), mode
     assert '"train_batch_size": 128' in out  # 16 x 1 x 8 ranks: every "auto" resolved
 
 
@@ -351,3 +356,45 @@ def test_a_forced_collapse_is_counted_and_warned_once_and_mfu_is_at_most_one(pre
     events.Reload()
     assert "experts/collapse/text_summary" in events.Tags()["tensors"]
     assert "custom_scalars__config__" in events.Tags()["tensors"]
+
+
+def test_checkpointing_under_ep2_zero3_matches_keeping_activations(prepared_data, tmp_path):
+    """2 ranks, EP=2, ZeRO-3, fp32, tiny (MoE + MTP): `full` (recomputed layers replay their routing; the
+    all-to-all repeats with the same split sizes) and `selective` (recomputation inside each rank's local expert
+    computation) give the per-step losses, clipped gradient norms and per-expert token counts (the bias update's
+    input) of the run that keeps every activation; the dry-run memory estimate is printed per mode."""
+    ds = variant(tmp_path, ZERO3, bf16={"enabled": False})
+    runs = {mode: tmp_path / mode for mode in ("none", "full", "selective")}
+    for mode, run_dir in runs.items():
+        launch("--data", str(prepared_data), "--run-dir", str(run_dir), "--ep-size", "2", "--deepspeed", str(ds),
+               "--activation-checkpointing", mode, "--max-steps", "3", "--save-interval", "100", *COMMON)
+    reference = summary(runs["none"])["history"]
+    for mode in ("full", "selective"):
+        history = summary(runs[mode])["history"]
+        assert [h["step"] for h in history] == [h["step"] for h in reference] == [1, 2, 3]
+        for ours, theirs in zip(history, reference):
+            for key in ("train/loss", "train/lm_loss", "train/mtp_loss", "train/grad_norm"):
+                assert ours[key] == pytest.approx(theirs[key], rel=0, abs=1e-6), (mode, ours["step"], key)
+            assert ours["expert_loads"] == theirs["expert_loads"], (mode, ours["step"])
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_dry_run_memory_estimate_is_within_25_percent_of_the_measured_peak(prepared_data, tmp_path, stage):
+    """tiny on 2 CPU ranks, fp32, with and without full checkpointing: the estimate the dry run prints for the run
+    (RunPlan.memory_layout -> gpt_moe.memory_plan) against the largest rank's peak resident memory (ru_maxrss)."""
+    from gpt_moe.memory_plan import training_memory
+    from gpt_moe.run_plan import Hardware, plan_run
+    from gpt_moe.train_config import parse_train_args
+
+    ds = variant(tmp_path, REPO / "ds_configs" / f"zero{stage}.json", bf16={"enabled": False})
+    for mode in ("none", "full"):
+        run_dir = tmp_path / mode
+        args = ["--data", str(prepared_data), "--run-dir", str(run_dir), "--deepspeed", str(ds), "--seq-len", "256",
+                "--micro-batch", "8", "--activation-checkpointing", mode, "--max-steps", "3", "--log-interval", "1",
+                "--eval-interval", "1000", "--save-interval", "1000", "--sample-tokens", "0"]
+        launch(*args)
+        measured = max(summary(run_dir)["peak_memory_gib"])
+        cfg, explicit, _ = parse_train_args(args)
+        plan = plan_run(cfg, explicit, 2, Hardware(bf16_supported=False, bf16_native=False, device_type="cpu"))
+        estimate = training_memory(plan.model, plan.memory_layout()).total_gib
+        assert abs(estimate - measured) <= 0.25 * measured, (stage, mode, estimate, measured)
