@@ -122,6 +122,7 @@ class Trainer:
             # for models that barely fit: the heap it keeps grew a `small` EP=2 rank past 10 GiB (killed) where it
             # peaks at 7.7 GiB with glibc's defaults
             keep_freed_memory()
+        if self.device.type == "cpu":
             dist.barrier()  # every rank has mapped every rank's allreduce workspace: its name can go
             unlink_cpu_allreduce_buffer(self.rank)
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
