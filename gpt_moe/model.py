@@ -105,10 +105,12 @@ class MultiTokenPredictionLayer(DecoderLayer):
         self.shared_head = SharedHead(config)
 
     def predict(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """hidden, next_embeds: [batch, seq, hidden] -> (normalised output [batch, seq, hidden], router losses)."""
+                attn_mask: torch.Tensor | None = None, cache: LatentCache | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """hidden, next_embeds: [batch, seq, hidden] -> (normalised output [batch, seq, hidden], router losses).
+        With `cache` (the block's own latent cache, self-speculative decoding) the positions continue it."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        x, losses = self.forward(x, cos, sin, attn_mask=attn_mask)
+        x, losses = self.forward(x, cos, sin, cache=cache, attn_mask=attn_mask)
         return self.shared_head.norm(x), losses
 
 
