@@ -240,12 +240,14 @@ def _speculative_ids(model: DeepSeekForCausalLM, prompts: list[list[int]], cfg: 
     decoder = SelfSpeculativeDecoder(model, cfg, len(prompts[0]) + cfg.max_new_tokens + 1, generator)
     decoder.stats = stats
     tokens, predictors = decoder.prefill(torch.tensor([prompts[0]], device=device)).tolist(), [-1]
+    emitted = 0
     while True:
         for token, predictor in zip(tokens, predictors):
+            emitted += 1
             stats.tokens += 1
             stats.predictor = predictor
             yield torch.tensor([token], device=device)
-            if token in stop_ids or stats.tokens == cfg.max_new_tokens:
+            if token in stop_ids or emitted == cfg.max_new_tokens:
                 return
         tokens = decoder.step()
         predictors = [-2, -1] if len(tokens) == 2 else [-2]
