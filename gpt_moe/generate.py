@@ -274,7 +274,7 @@ class TextStream:
 
 
 def stream_text(model: DeepSeekForCausalLM, tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
-                stop_ids: set[int]) -> Iterator[str]:
+                stop_ids: set[int], stats: DecodeStats | None = None) -> Iterator[str]:
     """Text pieces of one continuation; ends at a stop token, a stop string (not included) or the
     length limit. Text that could be the start of a stop string is held back until it is decided."""
     if cfg.vocab_limit is None:
@@ -282,7 +282,7 @@ def stream_text(model: DeepSeekForCausalLM, tokenizer, prompt_ids: list[int], cf
     stream = TextStream(tokenizer)
     hold = max((len(s) for s in cfg.stop), default=1) - 1
     text, emitted = "", 0
-    for next_ids in generate_ids(model, [prompt_ids], cfg, stop_ids):
+    for next_ids in generate_ids(model, [prompt_ids], cfg, stop_ids, stats):
         token = int(next_ids[0])
         if token in stop_ids:
             break
