@@ -248,6 +248,33 @@ def speed_summary(reply: ReplyStream) -> str:
 # ------------------------------------------------------------------------------------------- page
 
 
+def sampling_controls(app: ChatApp, defaults: Settings) -> list:
+    """The settings' components, in the order of `ChatApp.respond`'s arguments after message and history."""
+    with gr.Row():
+        temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
+                                label="temperature", info="0 = greedy", elem_id="temperature")
+        top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="top-k", info="0 = off",
+                          elem_id="top-k")
+    with gr.Row():
+        top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="top-p", info="1 = off",
+                          elem_id="top-p")
+        max_new = gr.Slider(1, app.max_new_tokens, step=1, label="max new tokens",
+                            value=min(defaults.max_new_tokens, app.max_new_tokens),
+                            elem_id="max-new-tokens")
+    with gr.Row():
+        penalty = gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05,
+                            label="repetition penalty", elem_id="repetition-penalty")
+        seed = gr.Number(value=defaults.seed, precision=0, label="seed", info="-1 = random",
+                         elem_id="seed")
+    system = gr.Textbox(label="system prompt", lines=1, max_length=app.max_message_chars,
+                        placeholder="(optional)", elem_id="system-prompt")
+    speculative = gr.Checkbox(value=app.has_mtp, interactive=app.has_mtp, elem_id="speculative",
+                              label="speculative decoding (the MTP block drafts)",
+                              info="same output distribution, fewer forwards" if app.has_mtp
+                              else "this model has no MTP block")
+    return [temperature, top_k, top_p, max_new, seed, penalty, system, speculative]
+
+
 def build_demo(app: ChatApp) -> gr.Blocks:
     """The page: chat and controls on the left, settings and facts on the right, routing view below."""
     config = app.loaded.model.config
@@ -271,27 +298,7 @@ def build_demo(app: ChatApp) -> gr.Blocks:
                     clear = gr.Button("Clear", scale=1, elem_id="clear", min_width=80)
             with gr.Column(scale=2):
                 with gr.Accordion("Sampling", open=True):
-                    with gr.Row():
-                        temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
-                                                label="temperature", info="0 = greedy", elem_id="temperature")
-                        top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="top-k", info="0 = off",
-                                          elem_id="top-k")
-                    with gr.Row():
-                        top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="top-p", info="1 = off",
-                                          elem_id="top-p")
-                        max_new = gr.Slider(1, app.max_new_tokens, step=1, label="max new tokens",
-                                            value=min(defaults.max_new_tokens, app.max_new_tokens),
-                                            elem_id="max-new-tokens")
-                    with gr.Row():
-                        penalty = gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05,
-                                            label="repetition penalty", elem_id="repetition-penalty")
-                        seed = gr.Number(value=defaults.seed, precision=0, label="seed", info="-1 = random",
-                                         elem_id="seed")
-                    system = gr.Textbox(label="system prompt", lines=1, max_length=app.max_message_chars,
-                                        placeholder="(optional)", elem_id="system-prompt")
-                    speculative = gr.Checkbox(value=app.has_mtp, interactive=app.has_mtp, elem_id="speculative",
-                                              label="speculative decoding (the MTP block drafts)",
-                                              info="same output distribution, fewer forwards" if app.has_mtp else "this model has no MTP block")
+                    settings = sampling_controls(app, defaults)
                 with gr.Accordion("Model", open=True):
                     gr.Markdown(facts_markdown(app.loaded), elem_id="facts")
         gr.Markdown("### Routing and speed of the last reply")
@@ -303,7 +310,7 @@ def build_demo(app: ChatApp) -> gr.Blocks:
             load = gr.Image(label="expert load of the reply", show_label=False, type="pil", format="png",
                             interactive=False, elem_id="routing-load", scale=2, buttons=["download"])
 
-        inputs = [box, chat, temperature, top_k, top_p, max_new, seed, penalty, system, speculative]
+        inputs = [box, chat, *settings]
         outputs = [box, chat, heatmap, load, summary]
         on_send = send.click(app.respond, inputs, outputs, api_name="chat")
         on_enter = box.submit(app.respond, inputs, outputs, api_name=False)

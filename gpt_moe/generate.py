@@ -183,17 +183,24 @@ class SelfSpeculativeDecoder:
         logits, hidden = self.model.decode_step(prompt, self.caches)
         token = sample_next(logits[:, -1], prompt, self.cfg, self.generator)
         self.context = torch.cat((prompt, token[:, None]), dim=1)
-        # the MTP block has yet to read: hidden states at positions 0..len-1 and the tokens after them
-        self.pending_hidden, self.pending_next = hidden, self.context[:, 1:]
+        if prompt.shape[1] > 1:  # the MTP block reads the prompt's positions 0..len-2 now, as part of the prefill
+            self._mtp_read(hidden[:, :-1], prompt[:, 1:])
+        # what the MTP block has yet to read: the last hidden state and the token after it
+        self.pending_hidden, self.pending_next = hidden[:, -1:], token[:, None]
         return token
+
+    def _mtp_read(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """hidden: [1, k, hidden] main hidden states at the MTP cache's next k positions; next_ids: [1, k] the
+        tokens after them -> the MTP block's normalised output [1, k, hidden] (its cache grows by k)."""
+        start = self.mtp_cache.length
+        positions = torch.arange(start, start + next_ids.shape[1], device=next_ids.device)
+        cos, sin = self.model.model.rotary_emb(positions, hidden.dtype)
+        out, _ = self.mtp.predict(hidden, self.model.model.embed_tokens(next_ids), cos, sin, cache=self.mtp_cache)
+        return out
 
     def _draft(self) -> tuple[int, torch.Tensor]:
         """The MTP block reads its pending inputs; returns (draft, its distribution q [vocab])."""
-        start = self.mtp_cache.length
-        positions = torch.arange(start, start + self.pending_next.shape[1], device=self.context.device)
-        cos, sin = self.model.model.rotary_emb(positions, self.pending_hidden.dtype)
-        out, _ = self.mtp.predict(self.pending_hidden, self.model.model.embed_tokens(self.pending_next), cos, sin,
-                                  cache=self.mtp_cache)
+        out = self._mtp_read(self.pending_hidden, self.pending_next)
         logits = sampling_logits(self.model.lm_head(out[:, -1]), self.context, self.cfg)[0]
         if self.greedy:
             return int(logits.argmax()), logits
@@ -224,6 +231,18 @@ class SelfSpeculativeDecoder:
         self._extend(bonus)
         self.pending_hidden, self.pending_next = hidden, self.context[:, -2:]
         return [draft, bonus]
+
+    def snapshot(self) -> tuple:
+        """What `restore` needs to return to this point (cache entries stay; their lengths are recorded)."""
+        return (self.context, self.pending_hidden, self.pending_next, self.mtp_cache.length,
+                [cache.length for cache in self.caches])
+
+    def restore(self, state: tuple) -> None:
+        """Back to an earlier `snapshot` of this decoder (the benchmark decodes the same tokens again)."""
+        self.context, self.pending_hidden, self.pending_next, mtp_length, lengths = state
+        self.mtp_cache.rewind(mtp_length)
+        for cache, length in zip(self.caches, lengths):
+            cache.rewind(length)
 
     def _extend(self, token: int) -> None:
         self.context = torch.cat((self.context, self.context.new_tensor([[token]])), dim=1)

@@ -14,7 +14,7 @@ import torch
 
 from gpt_moe.errors import ConfigError
 from gpt_moe.loss import IGNORE_INDEX
-from gpt_moe.model import DeepSeekForCausalLM, packed_causal_mask
+from gpt_moe.model import DeepSeekForCausalLM
 
 ARGMAX_ROWS = 4096  # positions per output-head chunk: the [positions, vocab] logits are never all in memory
 
@@ -37,13 +37,7 @@ def mtp_agreement(model: DeepSeekForCausalLM, input_ids: torch.Tensor, labels: t
     mtp = model.model.mtp_layer
     if mtp is None:
         raise ConfigError("mtp acceptance: the model has no MTP block (num_nextn_predict_layers 0)")
-    seq = input_ids.shape[1]
-    x = model.model.embed_tokens(input_ids)
-    positions = position_ids if position_ids is not None else torch.arange(seq, device=input_ids.device)
-    cos, sin = model.model.rotary_emb(positions, x.dtype)
-    if cos.dim() == 3:  # per-row positions: broadcast over heads
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    mask = packed_causal_mask(segment_ids) if segment_ids is not None else None
+    x, cos, sin, mask = model.embed(input_ids, position_ids, segment_ids)
     for layer in model.model.main_layers:
         x, _ = layer(x, cos, sin, attn_mask=mask)
     main_top = top_tokens(model, model.model.norm(x[:, 1:]))  # [batch, seq-1]: position t+1's guess at t+2

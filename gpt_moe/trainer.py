@@ -265,7 +265,8 @@ class Trainer:
             "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
             "ep_size": self.cfg.ep_size, "expert_ranges": self.expert_ranges, "zero_stage": self.plan.zero_stage,
             "bf16": self.plan.bf16, "val_loss": self.last_val_loss, "model": self.plan.model.name,
-            "chat": self.chat, "mtp_acceptance": self.last_mtp_acceptance, "init_from": str(self.plan.pretrained.source) if self.plan.pretrained else None})
+            "chat": self.chat, "mtp_acceptance": self.last_mtp_acceptance,
+            "init_from": str(self.plan.pretrained.source) if self.plan.pretrained else None})
         ckpt.prune(self.plan.checkpoint_dir, self.cfg.keep_last)
 
     def checkpoint_to_resume(self) -> Path | None:

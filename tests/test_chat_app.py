@@ -119,3 +119,13 @@ def test_model_facts_show_the_mtp_acceptance(app, tiny_checkpoint):
     loaded = load_for_inference(tiny_checkpoint)
     loaded.info["mtp_acceptance"] = 0.4567
     assert dict(model_facts(loaded))["MTP draft acceptance"].startswith("45.7% on validation data")
+
+
+def test_a_model_without_mtp_block_decodes_plainly_and_says_so(tmp_path):
+    from conftest import make_tiny_export
+
+    loaded = load_for_inference(make_tiny_export(tmp_path / "no_mtp", num_nextn_predict_layers=0))
+    plain = ChatApp(loaded, max_new_tokens=8)
+    assert not plain.has_mtp and dict(model_facts(loaded))["MTP draft acceptance"].startswith("no MTP block")
+    *_, summary = list(plain.respond("Hi", [], temperature=0.0, max_new_tokens=8, speculative=True))[-1]
+    assert "plain decoding" in summary
