@@ -69,7 +69,7 @@ def speculative_decoder(model: DeepSeekForCausalLM, context: torch.Tensor, steps
         while emitted < steps:
             emitted += len(speculative.step())
         drafted, accepted = speculative.stats.drafted - before[0], speculative.stats.accepted - before[1]
-        facts.update(tokens=emitted, forwards=drafted, acceptance=accepted / drafted)
+        facts.update(tokens=emitted, forwards=drafted, accepted=accepted)
     return run, facts
 
 
@@ -83,15 +83,18 @@ def load_model(args: argparse.Namespace, dtype: torch.dtype) -> tuple[DeepSeekFo
     return DeepSeekForCausalLM(ModelConfig.load(args.model), seed=0).to(dtype).eval(), None
 
 
-def contexts(tokenizer, args: argparse.Namespace, vocab: int, batch: int, length: int) -> torch.Tensor:
-    """[batch, length] ids: the start of the text (a row per offset) with a tokenizer, else random ids."""
+def contexts(tokenizer, args: argparse.Namespace, vocab: int, batch: int, length: int,
+             spread: bool = False) -> torch.Tensor:
+    """[batch, length] ids: with a tokenizer, pieces of the text (rows 97 tokens apart, or with `spread` spaced
+    evenly over the whole text: different files, different code), else random ids."""
     if tokenizer is None:
         return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(length + batch))
     files = args.text or sorted((Path(__file__).resolve().parent.parent / "gpt_moe").glob("*.py"))
     ids = tokenizer.encode_ordinary("\n\n".join(Path(f).read_text() for f in files))
-    if len(ids) < length + batch * 97:
-        raise SystemExit(f"--text: {len(ids)} tokens, need {length + batch * 97} for a context of {length}")
-    return torch.tensor([ids[row * 97: row * 97 + length] for row in range(batch)])
+    gap = (len(ids) - length) // batch if spread else 97
+    if gap < 1 or len(ids) < length + (batch - 1) * gap:
+        raise SystemExit(f"--text: {len(ids)} tokens are too few for {batch} contexts of {length}")
+    return torch.tensor([ids[row * gap: row * gap + length] for row in range(batch)])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,6 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 where this CPU/GPU has native bf16 matmuls, else fp32")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
+    parser.add_argument("--samples", type=int, default=8,
+                        help="contexts per length in the speculative table (its acceptance depends on the text)")
     parser.add_argument("--no-cache-max-context", type=int, default=1024,
                         help="skip the (slow) no-cache column above this context")
     return parser.parse_args(argv)
@@ -126,41 +131,54 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batches:
         for context_len in args.contexts:
             context = contexts(tokenizer, args, config.vocab_size, batch, context_len)
-            rates, facts = measure(model, context, args)
+            rates = measure(model, context, args)
             latent, expanded = rates["latent"], rates["expanded"]
             none_text, ratio_text = (f"{rates['none']:15.1f}", f"{latent / rates['none']:15.1f}x") \
                 if "none" in rates else (f"{'-':>15}", f"{'-':>16}")
             print(f"{batch:5d} {context_len:7d} {latent:13.1f} {expanded:15.1f} {none_text} "
                   f"{latent / expanded:15.2f}x {ratio_text}")
-            if facts:
-                speculative_rows.append((context_len, latent, rates["speculative"], facts))
-    print_speculative(speculative_rows, args.steps)
+            if batch == 1 and model.model.mtp_layer is not None:
+                samples = contexts(tokenizer, args, config.vocab_size, args.samples, context_len, spread=True)
+                speculative_rows.append((context_len, *measure_speculative(model, samples, args)))
+    print_speculative(speculative_rows, args.steps, args.samples)
     return 0
 
 
-def measure(model: DeepSeekForCausalLM, context: torch.Tensor, args: argparse.Namespace) -> tuple[dict, dict]:
-    """Tokens/s of every decoder on this context, timed in interleaved rounds; the speculative one at batch 1
-    where the model has an MTP block (then also its facts, else {})."""
+def measure(model: DeepSeekForCausalLM, context: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """Tokens/s of every cache kind on this context [batch, len], timed in interleaved rounds."""
     batch, context_len = context.shape
     steps = {"latent": args.steps, "expanded": args.steps}
     if context_len <= args.no_cache_max_context:
         steps["none"] = max(2, args.steps // 8)  # a full forward per token: slow, fewer tokens
     with torch.no_grad():
-        runs = {kind: decoder(model, context, n, kind) for kind, n in steps.items()}
-        facts = {}
-        if batch == 1 and model.model.mtp_layer is not None:
-            runs["speculative"], facts = speculative_decoder(model, context, args.steps)
+        seconds = interleaved_medians({kind: decoder(model, context, n, kind) for kind, n in steps.items()},
+                                      args.rounds, warmup=1)
+    return {kind: batch * steps[kind] / seconds[kind] for kind in steps}
+
+
+def measure_speculative(model: DeepSeekForCausalLM, samples: torch.Tensor, args: argparse.Namespace,
+                        ) -> tuple[float, float, dict]:
+    """Batch 1, each of the contexts `samples` [n, len] in turn: (latent-cache tokens/s, speculative tokens/s,
+    facts summed over the contexts), the two decoders timed in interleaved rounds."""
+    runs, facts = {}, []
+    with torch.no_grad():
+        for i, row in enumerate(samples):  # per context, the two take turns: a burst of load hits both alike
+            runs[("latent", i)] = decoder(model, row[None], args.steps, "latent")
+            runs[("speculative", i)], row_facts = speculative_decoder(model, row[None], args.steps)
+            facts.append(row_facts)
         seconds = interleaved_medians(runs, args.rounds, warmup=1)
-    if facts:
-        steps["speculative"] = facts["tokens"]
-    return {kind: batch * steps[kind] / seconds[kind] for kind in steps}, facts
+    total = {key: sum(f[key] for f in facts) for key in ("tokens", "forwards", "accepted")}
+    latent = sum(t for (kind, _), t in seconds.items() if kind == "latent")
+    speculative = sum(t for (kind, _), t in seconds.items() if kind == "speculative")
+    return len(samples) * args.steps / latent, total["tokens"] / speculative, total
 
 
-def print_speculative(rows: list, steps: int) -> None:
+def print_speculative(rows: list, steps: int, samples: int) -> None:
     """The batch-1 speculative table; `needed` is the acceptance at which this forward cost would give TARGET."""
     if not rows:
         return
-    print(f"\nself-speculative decoding, batch 1, greedy ({steps}+ new tokens; identical tokens to plain greedy)")
+    print(f"\nself-speculative decoding, batch 1, greedy ({steps}+ new tokens after each of {samples} contexts; "
+          "the tokens of plain greedy)")
     print(f"{'context':>7} {'latent tok/s':>13} {'speculative tok/s':>18} {'speculative/latent':>19} "
           f"{'acceptance':>11} {f'needed for {TARGET}x':>17}")
     for context_len, latent, speculative, facts in rows:
@@ -168,7 +186,8 @@ def print_speculative(rows: list, steps: int) -> None:
         cost = latent / speculative * (facts["tokens"] / facts["forwards"])
         needed = TARGET * cost - 1
         print(f"{context_len:7d} {latent:13.1f} {speculative:18.1f} {speculative / latent:18.2f}x "
-              f"{facts['acceptance']:10.0%} {needed:16.0%}" + (" (over 100%: out of reach)" if needed > 1 else ""))
+              f"{facts['accepted'] / facts['forwards']:10.0%} {needed:16.0%}"
+              + (" (over 100%: out of reach)" if needed > 1 else ""))
 
 
 if __name__ == "__main__":
