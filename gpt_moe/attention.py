@@ -65,6 +65,12 @@ class LatentCache:
         self.length = end
         return self.entries[:, :end]
 
+    def rewind(self, length: int) -> None:
+        """Forgets every position from `length` on (a rejected speculative draft); they are overwritten next."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"latent cache rewind to {length}: expected 0 .. {self.length}")
+        self.length = length
+
 
 @dataclass
 class ExpandedCache:

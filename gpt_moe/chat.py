@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from gpt_moe.errors import CheckpointError, DataError
-from gpt_moe.generate import SamplingConfig, TextStream, generate_ids
+from gpt_moe.generate import DecodeStats, SamplingConfig, TextStream, generate_ids
 from gpt_moe.loading import TRAIN_HINT, LoadedModel, find_newest_checkpoint, load_for_inference
 from gpt_moe.model import DeepSeekForCausalLM
 from gpt_moe.moe import MoE
@@ -212,17 +213,26 @@ class ReplyStream:
                                      config.num_experts_per_tok)
         self.text = ""
         self.finish_reason: str | None = None
+        self.stats = DecodeStats()  # tokens and, with cfg.speculative, MTP drafts proposed and accepted
+        self.seconds = 0.0  # from the start of generation to the newest token (prefill included)
+        self._forward_routing: dict[int, torch.Tensor] = {}  # expert ids of the newest main forward, by layer
 
     @property
     def token_ids(self) -> list[int]:
         return self.routing.token_ids
 
+    @property
+    def tokens_per_second(self) -> float | None:
+        return len(self.routing) / self.seconds if self.seconds > 0 else None
+
     def __iter__(self) -> Iterator[str]:
         text = TextStream(self.tokenizer)
-        tokens = generate_ids(self.model, [self.prompt.ids], self.cfg, self.stop_ids)
+        start = time.perf_counter()
+        tokens = generate_ids(self.model, [self.prompt.ids], self.cfg, self.stop_ids, self.stats)
         try:
             while True:
                 step = self._step(tokens)
+                self.seconds = time.perf_counter() - start
                 if step is None:
                     self.finish_reason = "length"
                     break
@@ -248,8 +258,11 @@ class ReplyStream:
             next_ids = next(tokens, None)
             if next_ids is None:
                 return None
-            # the last forward pass produced this token's logits: its last position is this token's routing
-            return int(next_ids[0]), {i: moe.last_expert_ids[0, -1].tolist() for i, moe in self.moe_layers}
+            if any(moe.last_expert_ids is not None for _, moe in self.moe_layers):  # this step ran the model
+                self._forward_routing = {i: moe.last_expert_ids for i, moe in self.moe_layers}
+        # the position of the newest forward whose logits chose this token (the last one, or with speculative
+        # decoding possibly the one before: see DecodeStats.predictor) holds this token's routing
+        return int(next_ids[0]), {i: ids[0, self.stats.predictor].tolist() for i, ids in self._forward_routing.items()}
 
 
 def generate_reply(model: DeepSeekForCausalLM, tokenizer: Encoding, messages: Sequence[dict[str, str]],

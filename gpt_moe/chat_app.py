@@ -25,6 +25,7 @@ import gradio as gr
 from gpt_moe.chat import ReplyStream, generate_continuation, generate_reply, is_chat_model, load_chat_model
 from gpt_moe.loading import LoadedModel
 from gpt_moe.cli import run_cli
+from gpt_moe.config import ModelConfig
 from gpt_moe.errors import GptMoeError
 from gpt_moe.generate import SamplingConfig
 from gpt_moe.params import account, human
@@ -64,6 +65,7 @@ def model_facts(loaded: LoadedModel) -> list[tuple[str, str]]:
         ("training", f"step {info.get('step', '?')}, "
                      f"{human(tokens) if isinstance(tokens, int) else '?'} tokens"),
         ("validation loss", f"{val:.3f} (perplexity {math.exp(min(val, 50)):.1f})" if has_val else "-"),
+        ("MTP draft acceptance", mtp_fact(config, info.get("mtp_acceptance"))),
         ("KV cache / token", f"{a.kv_cache_bytes_per_token:,} B (MLA latent, bf16); "
                              f"per-head K/V would be {a.mha_kv_cache_bytes_per_token:,} B"),
         ("context", f"{config.max_position_embeddings} tokens"),
@@ -71,6 +73,15 @@ def model_facts(loaded: LoadedModel) -> list[tuple[str, str]]:
         ("kind", "chat (fine-tuned on conversations)" if is_chat_model(info) else "base (continues text)"),
         ("checkpoint", str(loaded.source)),
     ]
+
+
+def mtp_fact(config: ModelConfig, acceptance: Any) -> str:
+    """The facts row of the MTP block: its validation acceptance (teacher-forced) when the checkpoint has one."""
+    if not config.num_nextn_predict_layers:
+        return "no MTP block (plain decoding only)"
+    if isinstance(acceptance, (int, float)) and math.isfinite(acceptance):
+        return f"{acceptance:.1%} on validation data (teacher-forced top-1 agreement)"
+    return "- (not measured for this checkpoint)"
 
 
 def facts_markdown(loaded: LoadedModel) -> str:
@@ -92,6 +103,7 @@ class Settings:
     seed: int = -1  # < 0: a fresh random seed per reply
     repetition_penalty: float = 1.1
     system_prompt: str = ""
+    speculative: bool = True  # the model's MTP block drafts; used only where the model has one
 
     def sampling(self, max_new_tokens_limit: int = MAX_NEW_TOKENS) -> SamplingConfig:
         def clamp(value: Any, low: float, high: float, kind: type, default: float) -> Any:
@@ -110,7 +122,7 @@ class Settings:
                               top_p=clamp(self.top_p, 0.01, 1.0, float, defaults.top_p),
                               repetition_penalty=clamp(self.repetition_penalty, 1.0, 2.0, float,
                                                        defaults.repetition_penalty),
-                              seed=seed if seed >= 0 else None)
+                              seed=seed if seed >= 0 else None, speculative=self.speculative is True)
 
 
 def message_text(content: Any) -> str:
@@ -146,10 +158,11 @@ class ChatApp:
         self.max_message_chars = max_message_chars
         self.lock = threading.Lock()
         self.chat = is_chat_model(loaded.info)  # a base model continues the typed text instead
+        self.has_mtp = loaded.model.model.mtp_layer is not None  # speculative decoding needs the MTP block
 
     def respond(self, message: str, history: list[dict[str, Any]] | None, temperature: float = 0.8,
                 top_k: int = 50, top_p: float = 0.95, max_new_tokens: int = 128, seed: int = -1,
-                repetition_penalty: float = 1.1, system_prompt: str = "") -> Iterator[tuple]:
+                repetition_penalty: float = 1.1, system_prompt: str = "", speculative: bool = True) -> Iterator[tuple]:
         """Yields (textbox value, chat history, routing heatmap, load chart, routing summary) updates:
         first the user's turn with an empty reply, then the reply as it grows, then the routing view.
         Outputs that did not change are `gr.skip()`."""
@@ -161,7 +174,7 @@ class ChatApp:
         if len(message) > self.max_message_chars:
             raise gr.Error(f"The message has {len(message):,} characters; the limit is {self.max_message_chars:,}.")
         settings = Settings(temperature, top_k, top_p, max_new_tokens, seed, repetition_penalty,
-                            system_prompt if isinstance(system_prompt, str) else "")
+                            system_prompt if isinstance(system_prompt, str) else "", speculative and self.has_mtp)
         cfg = settings.sampling(self.max_new_tokens)
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         try:
@@ -217,10 +230,49 @@ def routing_summary(reply: ReplyStream) -> str:
         parts.append(f"{dropped} oldest message{'s' * (dropped != 1)} left out to fit the context")
     if reply.prompt.truncated:
         parts.append("the message was cut to fit the context")
-    return " · ".join(parts)
+    return " · ".join(parts) + "\n\n" + speed_summary(reply)
+
+
+def speed_summary(reply: ReplyStream) -> str:
+    """One markdown line: tokens/s of the reply (prefill included) and, when speculative, the MTP draft acceptance."""
+    rate = reply.tokens_per_second
+    speed = f"**{rate:.1f} tokens/s**" if rate is not None else "**- tokens/s**"
+    acceptance = reply.stats.acceptance
+    if not reply.cfg.speculative:
+        return f"{speed} · plain decoding (one token per forward)"
+    drafts = f"{reply.stats.accepted}/{reply.stats.drafted}"
+    share = f"{acceptance:.0%}" if acceptance is not None else "-"
+    return f"{speed} · speculative decoding: MTP draft acceptance **{share}** ({drafts} drafts)"
 
 
 # ------------------------------------------------------------------------------------------- page
+
+
+def sampling_controls(app: ChatApp, defaults: Settings) -> list:
+    """The settings' components, in the order of `ChatApp.respond`'s arguments after message and history."""
+    with gr.Row():
+        temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
+                                label="temperature", info="0 = greedy", elem_id="temperature")
+        top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="top-k", info="0 = off",
+                          elem_id="top-k")
+    with gr.Row():
+        top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="top-p", info="1 = off",
+                          elem_id="top-p")
+        max_new = gr.Slider(1, app.max_new_tokens, step=1, label="max new tokens",
+                            value=min(defaults.max_new_tokens, app.max_new_tokens),
+                            elem_id="max-new-tokens")
+    with gr.Row():
+        penalty = gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05,
+                            label="repetition penalty", elem_id="repetition-penalty")
+        seed = gr.Number(value=defaults.seed, precision=0, label="seed", info="-1 = random",
+                         elem_id="seed")
+    system = gr.Textbox(label="system prompt", lines=1, max_length=app.max_message_chars,
+                        placeholder="(optional)", elem_id="system-prompt")
+    speculative = gr.Checkbox(value=app.has_mtp, interactive=app.has_mtp, elem_id="speculative",
+                              label="speculative decoding (the MTP block drafts)",
+                              info="same output distribution, fewer forwards" if app.has_mtp
+                              else "this model has no MTP block")
+    return [temperature, top_k, top_p, max_new, seed, penalty, system, speculative]
 
 
 def build_demo(app: ChatApp) -> gr.Blocks:
@@ -246,27 +298,10 @@ def build_demo(app: ChatApp) -> gr.Blocks:
                     clear = gr.Button("Clear", scale=1, elem_id="clear", min_width=80)
             with gr.Column(scale=2):
                 with gr.Accordion("Sampling", open=True):
-                    with gr.Row():
-                        temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
-                                                label="temperature", info="0 = greedy", elem_id="temperature")
-                        top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="top-k", info="0 = off",
-                                          elem_id="top-k")
-                    with gr.Row():
-                        top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="top-p", info="1 = off",
-                                          elem_id="top-p")
-                        max_new = gr.Slider(1, app.max_new_tokens, step=1, label="max new tokens",
-                                            value=min(defaults.max_new_tokens, app.max_new_tokens),
-                                            elem_id="max-new-tokens")
-                    with gr.Row():
-                        penalty = gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05,
-                                            label="repetition penalty", elem_id="repetition-penalty")
-                        seed = gr.Number(value=defaults.seed, precision=0, label="seed", info="-1 = random",
-                                         elem_id="seed")
-                    system = gr.Textbox(label="system prompt", lines=1, max_length=app.max_message_chars,
-                                        placeholder="(optional)", elem_id="system-prompt")
+                    settings = sampling_controls(app, defaults)
                 with gr.Accordion("Model", open=True):
                     gr.Markdown(facts_markdown(app.loaded), elem_id="facts")
-        gr.Markdown("### Routing of the last reply")
+        gr.Markdown("### Routing and speed of the last reply")
         summary = gr.Markdown("Send a message to see which experts its reply used.", elem_id="routing-summary")
         with gr.Row():
             heatmap = gr.Image(label="experts per token and layer", show_label=False, type="pil", format="png",
@@ -275,7 +310,7 @@ def build_demo(app: ChatApp) -> gr.Blocks:
             load = gr.Image(label="expert load of the reply", show_label=False, type="pil", format="png",
                             interactive=False, elem_id="routing-load", scale=2, buttons=["download"])
 
-        inputs = [box, chat, temperature, top_k, top_p, max_new, seed, penalty, system]
+        inputs = [box, chat, *settings]
         outputs = [box, chat, heatmap, load, summary]
         on_send = send.click(app.respond, inputs, outputs, api_name="chat")
         on_enter = box.submit(app.respond, inputs, outputs, api_name=False)

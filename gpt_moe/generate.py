@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt_moe.attention import LatentCache
+from gpt_moe.errors import ConfigError
 from gpt_moe.model import DeepSeekForCausalLM
 
 
@@ -32,18 +34,37 @@ class SamplingConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     vocab_limit: int | None = None  # sample only ids below this (the tokenizer's n_vocab; the model may have more rows)
+    speculative: bool = False  # draft with the model's MTP block, verify with the main model (batch 1)
 
 
-def sample_next(logits: torch.Tensor, context: torch.Tensor, cfg: SamplingConfig,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits: [batch, vocab] fp32; context: [batch, len] ids seen so far -> next ids [batch]."""
+@dataclass
+class DecodeStats:
+    """What one generation did; `generate_ids` fills it in when given one.
+
+    `predictor` is, for the token just yielded, the index among the last main forward's positions of the
+    position whose logits chose it (-1 in plain decoding; -2 for a verified draft, whose step also fed the
+    draft itself), so a caller can read that position's routing."""
+
+    tokens: int = 0
+    drafted: int = 0  # speculative: drafts proposed by the MTP block
+    accepted: int = 0  # speculative: drafts the main model accepted
+    predictor: int = -1
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+
+def sampling_logits(logits: torch.Tensor, context: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits: [batch, vocab] -> [batch, vocab_limit] fp32 logits the sampler draws from: repetition penalty,
+    then (unless greedy) temperature, top-k and top-p, with the cut-off tokens at -inf."""
     logits = logits[:, : cfg.vocab_limit].float().clone()
     if cfg.repetition_penalty != 1.0 and context.numel():
         seen = logits.gather(1, context)
         logits.scatter_(1, context, torch.where(seen > 0, seen / cfg.repetition_penalty,
                                                 seen * cfg.repetition_penalty))
     if cfg.temperature <= 0:
-        return logits.argmax(dim=-1)
+        return logits
     logits = logits / cfg.temperature
     if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
         kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
@@ -54,19 +75,37 @@ def sample_next(logits: torch.Tensor, context: torch.Tensor, cfg: SamplingConfig
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = probs.cumsum(dim=-1) - probs > cfg.top_p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, context: torch.Tensor, cfg: SamplingConfig,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits: [batch, vocab] fp32; context: [batch, len] ids seen so far -> next ids [batch]."""
+    logits = sampling_logits(logits, context, cfg)
+    if cfg.temperature <= 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def generate_ids(model: DeepSeekForCausalLM, prompts: list[list[int]], cfg: SamplingConfig,
+                 stop_ids: set[int] = frozenset(), stats: DecodeStats | None = None) -> Iterator[torch.Tensor]:
+    """Yields the next token of every prompt, [batch], once per step, until all rows stopped
+    (a row stops at a token in stop_ids; later yields repeat that token) or max_new_tokens.
+    With cfg.speculative: self-speculative decoding (`SelfSpeculativeDecoder`), one prompt only."""
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("every prompt needs at least one token")
+    stats = stats if stats is not None else DecodeStats()
+    if cfg.speculative:
+        return _speculative_ids(model, prompts, cfg, stop_ids, stats)
+    return _plain_ids(model, prompts, cfg, stop_ids, stats)
 
 
 @torch.no_grad()
-def generate_ids(model: DeepSeekForCausalLM, prompts: list[list[int]], cfg: SamplingConfig,
-                 stop_ids: set[int] = frozenset()) -> Iterator[torch.Tensor]:
-    """Yields the next token of every prompt, [batch], once per step, until all rows stopped
-    (a row stops at a token in stop_ids; later yields repeat that token) or max_new_tokens."""
+def _plain_ids(model: DeepSeekForCausalLM, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: set[int],
+               stats: DecodeStats) -> Iterator[torch.Tensor]:
+    """One token per step from the latent cache; rows left-padded to a common length."""
     device = model.lm_head.weight.device
     batch, longest = len(prompts), max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("every prompt needs at least one token")
     ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
     key_mask = torch.zeros(batch, longest + cfg.max_new_tokens, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):  # left padding: every row's last prompt token is aligned
@@ -84,6 +123,7 @@ def generate_ids(model: DeepSeekForCausalLM, prompts: list[list[int]], cfg: Samp
     for step in range(cfg.max_new_tokens):
         next_ids = sample_next(logits[:, -1], context, cfg, generator)
         next_ids = torch.where(finished, context[:, -1], next_ids)
+        stats.tokens += 1
         yield next_ids
         finished |= torch.isin(next_ids, stop)
         if finished.all() or step == cfg.max_new_tokens - 1:
@@ -92,6 +132,144 @@ def generate_ids(model: DeepSeekForCausalLM, prompts: list[list[int]], cfg: Samp
         positions = positions[:, -1:] + 1
         logits, _ = model.decode_step(next_ids[:, None], caches, positions=positions,
                                       key_mask=key_mask[:, :longest + step + 1])
+
+
+# ------------------------------------------------------------------ self-speculative decoding
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int,
+                       generator: torch.Generator | None) -> tuple[bool, int]:
+    """The speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023). p, q: [vocab] the target's and
+    the draft's sampling distributions; draft ~ q. Accepts the draft with probability min(1, p/q) at it, else
+    draws from the normalised residual max(0, p - q): the token that comes out is distributed as p.
+    Returns (accepted, token)."""
+    ratio = float(p[draft] / q[draft])
+    if ratio >= 1.0 or (ratio > 0.0 and float(torch.rand((), generator=generator)) < ratio):
+        return True, draft
+    residual = (p - q).clamp(min=0)
+    if float(residual.sum()) <= 0.0:  # p == q up to rounding: any draw from p is right
+        residual = p
+    return False, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+
+
+class SelfSpeculativeDecoder:
+    """Batch-1 decoding with the model's own MTP block as the draft model (DeepSeek-V3 sec. 5.4.3).
+
+    Each `step` the MTP block reads the main model's last hidden state and the newest token and proposes the
+    token after it; one main forward over [newest, draft] (two positions, latent cache) verifies the draft
+    and already gives the logits of the token after the draft. An accepted draft yields two tokens for one
+    main forward; a rejected one yields the main model's own choice and the cache is rolled back by one
+    position. Greedy: accepted iff the draft is the main model's argmax, so the tokens are those of plain
+    greedy decoding. Sampling: `accept` (default `speculative_accept`), so the distribution is unchanged.
+
+    The MTP block keeps its own latent cache: at position t it attends over its inputs at positions <= t,
+    eh_proj([enorm(embed(token t+1)); hnorm(h_t)]), as in training.
+    """
+
+    def __init__(self, model: DeepSeekForCausalLM, cfg: SamplingConfig, capacity: int,
+                 generator: torch.Generator | None = None, accept=speculative_accept) -> None:
+        """capacity: prompt + new tokens + 1 (the draft's slot)."""
+        self.mtp = model.model.mtp_layer
+        if self.mtp is None:
+            raise ConfigError("speculative decoding needs the model's MTP block, and this model has none "
+                              "(num_nextn_predict_layers 0)")
+        self.model, self.cfg, self.generator, self.accept = model, cfg, generator, accept
+        self.greedy = cfg.temperature <= 0
+        self.caches = model.new_cache(1, capacity)
+        weight = model.lm_head.weight
+        self.mtp_cache = LatentCache.empty(model.config, 1, capacity, weight.device, weight.dtype)
+        self.stats = DecodeStats()
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """prompt: [1, len] -> the first new token [1] (the main model's choice)."""
+        logits, hidden = self.model.decode_step(prompt, self.caches)
+        token = sample_next(logits[:, -1], prompt, self.cfg, self.generator)
+        self.context = torch.cat((prompt, token[:, None]), dim=1)
+        if prompt.shape[1] > 1:  # the MTP block reads the prompt's positions 0..len-2 now, as part of the prefill
+            self._mtp_read(hidden[:, :-1], prompt[:, 1:])
+        # what the MTP block has yet to read: the last hidden state and the token after it
+        self.pending_hidden, self.pending_next = hidden[:, -1:], token[:, None]
+        return token
+
+    def _mtp_read(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """hidden: [1, k, hidden] main hidden states at the MTP cache's next k positions; next_ids: [1, k] the
+        tokens after them -> the MTP block's normalised output [1, k, hidden] (its cache grows by k)."""
+        start = self.mtp_cache.length
+        positions = torch.arange(start, start + next_ids.shape[1], device=next_ids.device)
+        cos, sin = self.model.model.rotary_emb(positions, hidden.dtype)
+        out, _ = self.mtp.predict(hidden, self.model.model.embed_tokens(next_ids), cos, sin, cache=self.mtp_cache)
+        return out
+
+    def _draft(self) -> tuple[int, torch.Tensor]:
+        """The MTP block reads its pending inputs; returns (draft, its distribution q [vocab])."""
+        out = self._mtp_read(self.pending_hidden, self.pending_next)
+        logits = sampling_logits(self.model.lm_head(out[:, -1]), self.context, self.cfg)[0]
+        if self.greedy:
+            return int(logits.argmax()), logits
+        q = logits.softmax(dim=-1)
+        return int(torch.multinomial(q, 1, generator=self.generator)), q
+
+    def step(self) -> list[int]:
+        """Drafts, verifies, and returns the 1 or 2 new tokens (the newest token is already in `context`)."""
+        draft, q = self._draft()
+        newest = self.context[:, -1:]
+        pair = torch.cat((newest, torch.tensor([[draft]], device=newest.device)), dim=1)
+        logits, hidden = self.model.decode_step(pair, self.caches)
+        if self.greedy:
+            first = int(sample_next(logits[:, 0], self.context, self.cfg, None))
+            accepted = first == draft
+        else:
+            p = sampling_logits(logits[:, 0], self.context, self.cfg)[0].softmax(dim=-1)
+            accepted, first = self.accept(p, q, draft, self.generator)
+        self.stats.drafted += 1
+        self.stats.accepted += accepted
+        self._extend(first)
+        if not accepted:
+            for cache in self.caches:
+                cache.rewind(cache.length - 1)  # the rejected draft's position
+            self.pending_hidden, self.pending_next = hidden[:, :1], self.context[:, -1:]
+            return [first]
+        bonus = int(sample_next(logits[:, 1], self.context, self.cfg, self.generator))
+        self._extend(bonus)
+        self.pending_hidden, self.pending_next = hidden, self.context[:, -2:]
+        return [draft, bonus]
+
+    def snapshot(self) -> tuple:
+        """What `restore` needs to return to this point (cache entries stay; their lengths are recorded)."""
+        return (self.context, self.pending_hidden, self.pending_next, self.mtp_cache.length,
+                [cache.length for cache in self.caches])
+
+    def restore(self, state: tuple) -> None:
+        """Back to an earlier `snapshot` of this decoder (the benchmark decodes the same tokens again)."""
+        self.context, self.pending_hidden, self.pending_next, mtp_length, lengths = state
+        self.mtp_cache.rewind(mtp_length)
+        for cache, length in zip(self.caches, lengths):
+            cache.rewind(length)
+
+    def _extend(self, token: int) -> None:
+        self.context = torch.cat((self.context, self.context.new_tensor([[token]])), dim=1)
+
+
+@torch.no_grad()
+def _speculative_ids(model: DeepSeekForCausalLM, prompts: list[list[int]], cfg: SamplingConfig,
+                     stop_ids: set[int], stats: DecodeStats) -> Iterator[torch.Tensor]:
+    """`generate_ids` through a `SelfSpeculativeDecoder`: yields [1] per token."""
+    if len(prompts) != 1:
+        raise ConfigError(f"speculative decoding takes one prompt at a time, got a batch of {len(prompts)}")
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    decoder = SelfSpeculativeDecoder(model, cfg, len(prompts[0]) + cfg.max_new_tokens + 1, generator)
+    decoder.stats = stats
+    tokens, predictors = decoder.prefill(torch.tensor([prompts[0]], device=device)).tolist(), [-1]
+    emitted = 0
+    while True:
+        for token, predictor in zip(tokens, predictors):
+            emitted += 1
+            stats.tokens += 1
+            stats.predictor = predictor
+            yield torch.tensor([token], device=device)
+            if token in stop_ids or emitted == cfg.max_new_tokens:
+                return
+        tokens = decoder.step()
+        predictors = [-2, -1] if len(tokens) == 2 else [-2]
 
 
 class TextStream:
@@ -115,7 +293,7 @@ class TextStream:
 
 
 def stream_text(model: DeepSeekForCausalLM, tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
-                stop_ids: set[int]) -> Iterator[str]:
+                stop_ids: set[int], stats: DecodeStats | None = None) -> Iterator[str]:
     """Text pieces of one continuation; ends at a stop token, a stop string (not included) or the
     length limit. Text that could be the start of a stop string is held back until it is decided."""
     if cfg.vocab_limit is None:
@@ -123,7 +301,7 @@ def stream_text(model: DeepSeekForCausalLM, tokenizer, prompt_ids: list[int], cf
     stream = TextStream(tokenizer)
     hold = max((len(s) for s in cfg.stop), default=1) - 1
     text, emitted = "", 0
-    for next_ids in generate_ids(model, [prompt_ids], cfg, stop_ids):
+    for next_ids in generate_ids(model, [prompt_ids], cfg, stop_ids, stats):
         token = int(next_ids[0])
         if token in stop_ids:
             break

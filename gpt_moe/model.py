@@ -117,10 +117,15 @@ class MultiTokenPredictionLayer(DecoderLayer):
         self.shared_head = SharedHead(config)
 
     def predict(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """hidden, next_embeds: [batch, seq, hidden] -> (normalised output [batch, seq, hidden], router losses)."""
+                attn_mask: torch.Tensor | None = None, cache: LatentCache | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """hidden, next_embeds: [batch, seq, hidden] -> (normalised output [batch, seq, hidden], router losses).
+        With `cache` (the block's own latent cache, self-speculative decoding) the positions continue it."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        x, losses = self.run(self.forward, x, cos, sin, attn_mask)
+        if cache is not None:  # decoding: no gradients, nothing to recompute
+            x, losses = self.forward(x, cos, sin, cache=cache, attn_mask=attn_mask)
+        else:
+            x, losses = self.run(self.forward, x, cos, sin, attn_mask)
         return self.shared_head.norm(x), losses
 
 
@@ -200,6 +205,18 @@ class DeepSeekForCausalLM(nn.Module):
                 module.checkpoint_activations = mode == "selective"
 
     # ------------------------------------------------------------------ forward
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+              segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """What the decoder layers read (arguments as `forward`): (embeddings [batch, seq, hidden], RoPE cos and
+        sin ([seq, rope/2], or [batch, 1, seq, rope/2] for per-row positions), attention mask or None (causal))."""
+        x = self.model.embed_tokens(input_ids)
+        positions = position_ids if position_ids is not None else torch.arange(input_ids.shape[1],
+                                                                                device=input_ids.device)
+        cos, sin = self.model.rotary_emb(positions, x.dtype)
+        if cos.dim() == 3:  # per-row positions: broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return x, cos, sin, packed_causal_mask(segment_ids) if segment_ids is not None else None
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> ModelOutput:
         """input_ids, labels: [batch, seq] (labels[t] is the token after input_ids[t]; -100 ignored).
@@ -209,12 +226,7 @@ class DeepSeekForCausalLM(nn.Module):
         segment into another (a block-diagonal causal mask)."""
         cfg = self.config
         seq = input_ids.shape[1]
-        x = self.model.embed_tokens(input_ids)
-        positions = position_ids if position_ids is not None else torch.arange(seq, device=input_ids.device)
-        cos, sin = self.model.rotary_emb(positions, x.dtype)
-        if cos.dim() == 3:  # per-row positions: broadcast over heads
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        mask = packed_causal_mask(segment_ids) if segment_ids is not None else None
+        x, cos, sin, mask = self.embed(input_ids, position_ids, segment_ids)
         router_losses: list[dict[str, torch.Tensor]] = []
         for layer in self.model.main_layers:
             x, losses = layer.run(layer, x, cos, sin, mask)

@@ -103,6 +103,7 @@ class Trainer:
         self.expert_ranges = self._gather_expert_ranges()
         self.step = self.tokens_seen = self.trained_tokens = self.bad_steps_total = self.bad_steps_in_a_row = 0
         self.last_val_loss = float("nan")
+        self.last_mtp_acceptance: float | None = None
         self.history: list[dict[str, float]] = []
         self.writer = make_writer(str(plan.run_dir / "tensorboard"), self.is_rank0)
 
@@ -284,7 +285,8 @@ class Trainer:
             "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
             "ep_size": self.cfg.ep_size, "expert_ranges": self.expert_ranges, "zero_stage": self.plan.zero_stage,
             "bf16": self.plan.bf16, "val_loss": self.last_val_loss, "model": self.plan.model.name,
-            "chat": self.chat, "init_from": str(self.plan.pretrained.source) if self.plan.pretrained else None})
+            "chat": self.chat, "mtp_acceptance": self.last_mtp_acceptance,
+            "init_from": str(self.plan.pretrained.source) if self.plan.pretrained else None})
         ckpt.prune(self.plan.checkpoint_dir, self.cfg.keep_last)
 
     def checkpoint_to_resume(self) -> Path | None:
@@ -403,6 +405,22 @@ class Trainer:
         self.engine.train()
         total = self._all_reduce(total).cpu()
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+    @torch.no_grad()
+    def mtp_acceptance(self) -> float | None:
+        """Teacher-forced share of validation positions where the MTP block's top token for the token after next
+        is the main model's (`gpt_moe.mtp_acceptance`); None without an MTP block or counted positions."""
+        from gpt_moe.mtp_acceptance import mtp_agreement
+
+        if not self.plan.model.num_nextn_predict_layers:
+            return None
+        self.engine.eval()
+        counts = torch.zeros(2, dtype=torch.float64)
+        for batch in self.val_batches:  # every rank calls the model together (experts and ZeRO-3 shards are shared)
+            counts += mtp_agreement(self.engine.module, **self._model_inputs(batch)).cpu().double()
+        self.engine.train()
+        counts = self._all_reduce(counts).cpu()
+        return (counts[0] / counts[1]).item() if counts[1] > 0 else None
 
     @torch.no_grad()
     def sample_text(self) -> str:
@@ -596,6 +614,11 @@ class Trainer:
             self.writer.add_scalar("val/ppl", ppl, self.step)
             if self.is_rank0:
                 bar.write(f"step {self.step}: val loss {self.last_val_loss:.4f} (ppl {ppl:.1f})")
+            self.last_mtp_acceptance = self.mtp_acceptance()
+            if self.last_mtp_acceptance is not None:
+                self.writer.add_scalar("eval/mtp_acceptance", self.last_mtp_acceptance, self.step)
+                if self.is_rank0:
+                    bar.write(f"step {self.step}: MTP draft acceptance {self.last_mtp_acceptance:.1%}")
         if self.cfg.sample_tokens:
             self.writer.add_text("sample", self.sample_text(), self.step)
         self.throughput.restart()  # keep evaluation out of the throughput window

@@ -1,12 +1,15 @@
 """Generate text from a checkpoint in the terminal, streamed to stdout.
 
     python launch/sample.py --checkpoint PATH --max-new-tokens N [--temperature T] [--top-k K] [--top-p P]
-                            [--seed S] [--repetition-penalty R] [--stop STR ...] [--chat [--system TEXT]] [PROMPT]
+                            [--seed S] [--repetition-penalty R] [--stop STR ...] [--chat [--system TEXT]]
+                            [--speculative] [PROMPT]
 
 PROMPT comes from the argument or, when absent, from stdin; only the generated text is printed.
 Plain mode continues the prompt as a document (stops at <|endoftext|>); chat mode wraps it as a user
 turn of the chat template and prints the assistant's reply (stops at <|end|>). The default follows the
-checkpoint (chat for a model fine-tuned on conversations); --chat / --no-chat choose. Without
+checkpoint (chat for a model fine-tuned on conversations); --chat / --no-chat choose. --speculative drafts
+with the model's MTP block and verifies with the main model (same tokens greedily, same distribution when
+sampling) and prints the draft acceptance on stderr. Without
 --checkpoint: the newest complete checkpoint under runs/. Errors print one line and exit 2.
 """
 
@@ -18,8 +21,8 @@ import sys
 
 from gpt_moe.chat import fit_chat, is_chat_model, load_chat_model, prompt_budget, reply_stop_ids
 from gpt_moe.cli import run_cli
-from gpt_moe.errors import DataError
-from gpt_moe.generate import SamplingConfig, stream_text
+from gpt_moe.errors import ConfigError, DataError
+from gpt_moe.generate import DecodeStats, SamplingConfig, stream_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="apply the chat template and print the reply (--no-chat: continue the text); default: "
                              "chat for a model fine-tuned on conversations, continuation for a base model")
     parser.add_argument("--system", default="", help="system message for --chat")
+    parser.add_argument("--speculative", action="store_true",
+                        help="self-speculative decoding: the checkpoint's MTP block drafts the token after next")
     return parser.parse_args(argv)
 
 
@@ -67,7 +72,10 @@ def run(args: argparse.Namespace) -> None:
     budget = prompt_budget(model, args.max_new_tokens)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                         stop=tuple(args.stop))
+                         stop=tuple(args.stop), speculative=args.speculative)
+    if args.speculative and model.model.mtp_layer is None:
+        raise ConfigError(f"--speculative: {args.checkpoint or 'the checkpoint'} has no MTP block "
+                          "(num_nextn_predict_layers 0) to draft with; drop --speculative")
     if args.chat if args.chat is not None else is_chat_model(loaded.info):
         messages = [{"role": "system", "content": args.system}] if args.system else []
         ids = fit_chat(tokenizer, [*messages, {"role": "user", "content": prompt}], budget).ids
@@ -75,11 +83,15 @@ def run(args: argparse.Namespace) -> None:
     else:
         ids = tokenizer.encode_ordinary(prompt)[-budget:]  # the end of an overlong prompt
         stop_ids = {loaded.tokenizer_info.eot_id}
-    for piece in stream_text(model, tokenizer, ids, cfg, stop_ids):
+    stats = DecodeStats()
+    for piece in stream_text(model, tokenizer, ids, cfg, stop_ids, stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if args.speculative:
+        print(f"speculative: {stats.tokens} tokens, MTP draft acceptance {stats.accepted}/{stats.drafted}"
+              f" ({stats.acceptance or 0:.0%})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

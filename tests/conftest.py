@@ -64,15 +64,15 @@ CORPUS = ("The quick brown fox jumps over the lazy dog. " * 20
           + "Experts route tokens; the router picks two of sixteen. Ünïcödé and emoji 🙂 too. " * 20)
 
 
-def make_tiny_export(out_dir: Path, seed: int = 3) -> Path:
+def make_tiny_export(out_dir: Path, seed: int = 3, **changes) -> Path:
     """An exported-format checkpoint in `out_dir` (absent or empty): untrained micro weights, a 300-token BPE
-    trained on CORPUS, made-up training facts. Built without DeepSpeed in about a second; its replies are
-    gibberish, so the tests check structure, not content."""
+    trained on CORPUS, made-up training facts; `changes` to the model config. Built without DeepSpeed in about a
+    second; its replies are gibberish, so the tests check structure, not content."""
     source = out_dir.parent / f".{out_dir.name}.source"
     source.mkdir(parents=True, exist_ok=True)
     tokenizer = train_bpe([CORPUS], vocab_size=300)
     info = save_tokenizer(tokenizer, source)
-    config = shrunk_tiny(vocab_size=tokenizer.n_vocab, max_position_embeddings=512)
+    config = shrunk_tiny(vocab_size=tokenizer.n_vocab, max_position_embeddings=512, **changes)
     model = DeepSeekForCausalLM(config, seed=seed).eval()
     return export(LoadedModel(model, tokenizer, info, source, dict(TRAINING_FACTS)), out_dir, dtype=torch.float32)
 

@@ -158,8 +158,12 @@ def test_page_streams_a_reply_and_shows_its_routing(page, long_message, tmp_path
     final = len(bot_text(page))
     growing = sorted({n for n in lengths if 0 < n < final})
     assert final > 0 and len(growing) >= 3, f"the reply did not stream: lengths seen {lengths[:50]}"
-    assert f"{SHOWN_TOKENS} tokens (stopped at the token limit)" in page.locator("#routing-summary").inner_text()
-    assert "step 42" in page.locator("#facts").inner_text()
+    summary = page.locator("#routing-summary").inner_text()
+    assert f"{SHOWN_TOKENS} tokens (stopped at the token limit)" in summary
+    assert "tokens/s" in summary and "MTP draft acceptance" in summary  # speculative by default: it has an MTP block
+    assert page.locator("#speculative input").is_checked()
+    facts = page.locator("#facts").inner_text()
+    assert "step 42" in facts and "MTP draft acceptance" in facts
     heatmap = page.locator("#routing-heatmap img").bounding_box()
     assert heatmap["width"] > 200 and heatmap["height"] > 100
     page.wait_for_timeout(300)  # let the images finish painting

@@ -13,8 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("args, expected", [
     pytest.param(["moe", "--tokens", "128", "--hidden", "64", "--expert-size", "32", "--repeats", "1"],
                  ["ours/dense", "64/6/2", "16/2/1"], id="moe"),
-    pytest.param(["decode", "--contexts", "32", "--batches", "1", "2", "--steps", "2", "--rounds", "1"],
-                 ["latent/expanded", "cache per token: MLA latent 640 B"], id="decode"),
+    pytest.param(["decode", "--contexts", "32", "--batches", "1", "2", "--steps", "2", "--rounds", "1",
+                  "--samples", "2"],
+                 ["latent/expanded", "cache per token: MLA latent 640 B", "speculative/latent", "needed for 1.4x"],
+                 id="decode"),
     pytest.param(["train", "--seq-len", "32", "--micro-batch", "2", "--steps", "1"],
                  ["gpt-moe / transformers:", "MFU"], id="train"),
     pytest.param(["data", "--rounds", "1", "--workers", "1"], ["data_prep --workers 1", "peak memory"], id="data"),

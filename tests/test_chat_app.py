@@ -87,3 +87,45 @@ def test_a_base_model_continues_the_text_and_says_so(tiny_checkpoint):
     first = loaded.tokenizer.decode([int(greedy[: loaded.tokenizer.n_vocab].argmax())])
     assert chat[-1]["content"].startswith(first)  # a continuation of the text itself, no chat template
     assert BASE_MODEL_NOTE in str(build_demo(base).config)
+
+
+def test_speculative_replies_are_plain_replies_with_the_same_routing_and_show_speed_and_acceptance(app):
+    """Greedy: the speculative reply (the default where the model has an MTP block) has the plain reply's tokens
+    and, token by token, the plain reply's routing; the summary shows tokens/s and the MTP draft acceptance."""
+    replies = {}
+    for speculative in (True, False):
+        updates = list(app.respond("Hello", [], temperature=0.0, max_new_tokens=24, repetition_penalty=1.0,
+                                   speculative=speculative))
+        replies[speculative] = updates[-1]
+    assert replies[True][1] == replies[False][1]
+    assert "tokens/s" in replies[True][4] and "MTP draft acceptance" in replies[True][4]
+    assert "plain decoding" in replies[False][4]
+    from gpt_moe.chat import generate_reply
+    from gpt_moe.generate import SamplingConfig
+
+    streams = {}
+    for speculative in (True, False):
+        cfg = SamplingConfig(max_new_tokens=24, temperature=0.0, speculative=speculative)
+        streams[speculative] = generate_reply(app.loaded.model, app.loaded.tokenizer, [{"role": "user",
+                                                                                        "content": "Hi"}], cfg)
+        list(streams[speculative])
+    assert streams[True].token_ids == streams[False].token_ids
+    assert streams[True].routing.experts == streams[False].routing.experts
+    assert streams[True].stats.drafted > 0 and streams[False].stats.drafted == 0
+
+
+def test_model_facts_show_the_mtp_acceptance(app, tiny_checkpoint):
+    assert dict(model_facts(app.loaded))["MTP draft acceptance"].startswith("- (not measured")
+    loaded = load_for_inference(tiny_checkpoint)
+    loaded.info["mtp_acceptance"] = 0.4567
+    assert dict(model_facts(loaded))["MTP draft acceptance"].startswith("45.7% on validation data")
+
+
+def test_a_model_without_mtp_block_decodes_plainly_and_says_so(tmp_path):
+    from conftest import make_tiny_export
+
+    loaded = load_for_inference(make_tiny_export(tmp_path / "no_mtp", num_nextn_predict_layers=0))
+    plain = ChatApp(loaded, max_new_tokens=8)
+    assert not plain.has_mtp and dict(model_facts(loaded))["MTP draft acceptance"].startswith("no MTP block")
+    *_, summary = list(plain.respond("Hi", [], temperature=0.0, max_new_tokens=8, speculative=True))[-1]
+    assert "plain decoding" in summary

@@ -105,3 +105,27 @@ def test_chat_data_needs_init_from_and_the_base_models_tokenizer(base_run, chat_
     (other / "manifest.json").write_text(json.dumps(manifest))
     result = run("--init-from", str(base_run), "--data", str(other), "--run-dir", str(tmp_path / "y"), check=False)
     assert result.returncode == 2 and "prepare the data with --tokenizer-from" in result.stderr
+
+
+def mtp_acceptance_events(run_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [e.value for e in events.Scalars("eval/mtp_acceptance")]
+
+
+def test_mtp_acceptance_is_evaluated_and_recorded_in_pretraining_and_fine_tuning(base_run, prepared_data, chat_data,
+                                                                                fp32_zero2, tmp_path):
+    """eval/mtp_acceptance reaches TensorBoard and the checkpoint's COMPLETE record, for both kinds of run."""
+    pre, sft = tmp_path / "pre", tmp_path / "sft"
+    run("--deepspeed", str(fp32_zero2), "--data", str(prepared_data), "--run-dir", str(pre), "--max-steps", "2",
+        "--seq-len", "64", "--micro-batch", "4", "--save-interval", "2", "--eval-interval", "2", "--eval-batches", "2",
+        "--sample-tokens", "0")
+    run("--deepspeed", str(fp32_zero2), "--init-from", str(base_run), "--data", str(chat_data), "--run-dir", str(sft),
+        "--max-steps", "2", "--save-interval", "2", *FINETUNE, "--eval-interval", "2")
+    for run_dir in (pre, sft):
+        record = json.loads((run_dir / "checkpoints" / "step_00000002" / "COMPLETE").read_text())
+        logged = mtp_acceptance_events(run_dir)
+        assert len(logged) == 1 and 0.0 <= record["mtp_acceptance"] <= 1.0, run_dir
+        assert logged[0] == pytest.approx(record["mtp_acceptance"]), run_dir

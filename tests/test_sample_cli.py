@@ -57,3 +57,22 @@ def test_errors_are_one_line(sample_main, tiny_checkpoint, tmp_path, monkeypatch
     assert sample_main(args) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+
+
+def test_speculative_greedy_prints_the_plain_text_and_the_acceptance(tiny_checkpoint):
+    """The exported checkpoint carries its MTP block in mtp.safetensors; greedy text is the same either way."""
+    options = ["--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "24", "--temperature", "0", "def add("]
+    speculative = start("--speculative", *options)
+    plain_text = finish(start(*options))
+    assert finish(speculative) == plain_text
+    assert "MTP draft acceptance" in speculative.stderr.read()
+
+
+def test_speculative_without_an_mtp_block_is_one_line(sample_main, tmp_path, monkeypatch, capsys):
+    from conftest import make_tiny_export
+
+    no_mtp = make_tiny_export(tmp_path / "no_mtp", num_nextn_predict_layers=0)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert sample_main(["--checkpoint", str(no_mtp), "--speculative", "hello"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "--speculative" in err and "no MTP block" in err, err
