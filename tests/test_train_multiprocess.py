@@ -196,9 +196,6 @@ def test_kill_during_save_resumes_from_previous_complete(prepared_data, tmp_path
     checkpoints = run / "checkpoints"
     assert (checkpoints / "step_00000003" / "COMPLETE").is_file()
     assert (checkpoints / "step_00000006").is_dir() and not (checkpoints / "step_00000006" / "COMPLETE").exists()
-    other_stage = launch(*args, "--max-steps", "9", "--deepspeed", "ds_configs/zero3.json", check=False)
-    assert other_stage.returncode != 0
-    assert "step_00000003: saved with ZeRO stage 2 and bf16" in other_stage.stderr  # refused before loading
     launch(*args, "--max-steps", "9")
     history = summary(run)["history"]
     assert history[0]["step"] == 4  # resumed after step 3, not from the half-written step 6
