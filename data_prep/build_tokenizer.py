@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import logging
 import multiprocessing
 import os
@@ -34,10 +33,13 @@ import tiktoken
 from data_prep.encode import pieces
 from data_prep.sources import Corpus
 from gpt_moe.atomic import write_atomic
-from gpt_moe.data import MANIFEST_FILE, Manifest
-from gpt_moe.errors import DataError, GptMoeError
-from gpt_moe.tokenizer import (CHAT_TOKENS, ENDOFTEXT, TOKENIZER_FILE, TokenizerInfo, bpe_encoding,
-                               load_saved_tokenizer, load_tokenizer, mergeable_ranks, parse_tokenizer_spec, train_bpe)
+from gpt_moe.checkpoint.model_dir import locate, read_tokenizer_record
+from gpt_moe.data.chat_template import special_id
+from gpt_moe.data.manifest import MANIFEST_FILE, Manifest
+from gpt_moe.data.tokenizer import (CHAT_TOKENS, ENDOFTEXT, TOKENIZER_FILE, TokenizerInfo, bpe_encoding,
+                                    load_saved_tokenizer, load_tokenizer, mergeable_ranks, parse_tokenizer_spec,
+                                    train_bpe)
+from gpt_moe.errors import CheckpointError, DataError, GptMoeError
 
 log = logging.getLogger(__name__)
 
@@ -82,29 +84,22 @@ class BaseTokenizer:
         return dataclasses.replace(self.info, file=TOKENIZER_FILE)
 
 
-def _record_file(path: Path) -> tuple[Path, str] | None:
-    """(the file holding the tokenizer record, what kind of directory it is) of `path`, or None."""
-    from gpt_moe.checkpoint import TOKENIZER_INFO_FILE, newest_complete  # imports torch: only here
-    from gpt_moe.export import OUR_FILE
-
-    for name, kind in ((MANIFEST_FILE, "data"), (TOKENIZER_INFO_FILE, "checkpoint"), (OUR_FILE, "export")):
-        if (path / name).is_file():
-            return path / name, kind
-    for checkpoints in (path / "checkpoints", path):  # a run directory, or its checkpoints/ directory
-        newest = newest_complete(checkpoints) if checkpoints.is_dir() else None
-        if newest is not None and (newest / TOKENIZER_INFO_FILE).is_file():
-            return newest / TOKENIZER_INFO_FILE, "checkpoint"
-    return None
-
-
-def _read_record(file: Path, kind: str, where: str) -> TokenizerInfo:
-    if kind == "data":
-        return Manifest.load(file.parent).tokenizer
+def _tokenizer_record(path: Path, where: str) -> tuple[TokenizerInfo, Path]:
+    """(the tokenizer record, the directory holding its file) of a data directory or of a model
+    (`gpt_moe.checkpoint.model_dir.locate`: a run, a checkpoint tag or an export)."""
+    if (path / MANIFEST_FILE).is_file():
+        return Manifest.load(path).tokenizer, path
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        return TokenizerInfo.from_dict(data["tokenizer"] if kind == "export" else data, f"{where}: {file}")
+        directory, kind = locate(path)
+        record = read_tokenizer_record(directory, kind)
+    except CheckpointError:
+        record = None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{where}: {file} is unreadable ({type(e).__name__}: {e}); {TOKENIZER_FROM_HINT}") from None
+        raise DataError(f"{where}: {path} is unreadable ({type(e).__name__}: {e}); {TOKENIZER_FROM_HINT}") from None
+    if record is None:
+        raise DataError(f"{where}: no tokenizer record here; {TOKENIZER_FROM_HINT} (a transformers directory has "
+                        "none: pass the data directory or checkpoint the model was trained with)")
+    return record, directory
 
 
 def tokenizer_from(path: str | Path) -> BaseTokenizer:
@@ -114,23 +109,16 @@ def tokenizer_from(path: str | Path) -> BaseTokenizer:
     path, where = Path(path), f"--tokenizer-from {path}"
     if not path.is_dir():
         raise DataError(f"{where}: no such directory; {TOKENIZER_FROM_HINT}")
-    found = _record_file(path)
-    if found is None:
-        raise DataError(f"{where}: no tokenizer record here; {TOKENIZER_FROM_HINT} (a transformers directory has "
-                        "none: pass the data directory or checkpoint the model was trained with)")
-    file, kind = found
-    info = _read_record(file, kind, where)
+    info, directory = _tokenizer_record(path, where)
     try:
-        encoding = load_saved_tokenizer(info, file.parent)
+        encoding = load_saved_tokenizer(info, directory)
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
-    return BaseTokenizer(info, (file.parent / info.file).read_bytes(), encoding, where)
+    return BaseTokenizer(info, (directory / info.file).read_bytes(), encoding, where)
 
 
 def require_chat_markers(encoding: tiktoken.Encoding, where: str) -> None:
     """DataError (one line, naming `where`) unless the tokenizer has `<|endoftext|>` and every chat marker."""
-    from gpt_moe.chat import special_id  # imports torch: only for chat data
-
     for token in (ENDOFTEXT, *CHAT_TOKENS):
         try:
             special_id(encoding, token)

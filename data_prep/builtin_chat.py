@@ -42,8 +42,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from data_prep.chat_rows import Row
-from data_prep.sources import CHAT_BUILTIN, BuiltinSource
+from data_prep.sources import CHAT_BUILTIN, BuiltinSource, Row
 
 KNOWLEDGE_KINDS = ("doc", "signature", "module")
 IN_CONTEXT_KINDS = ("name", "parameters", "returns", "raises")
@@ -326,7 +325,8 @@ def heldout_eval_items(kinds: Iterable[str] = EVAL_KINDS, limit: int | None = No
 
     `messages` is the conversation before that turn (system prompt, the pasted code, earlier questions with their
     reference answers), ending with the user's question: render it with
-    `gpt_moe.chat.format_chat(tokenizer, messages)` (which appends `<|assistant|>`) and generate until `<|end|>`.
+    `gpt_moe.data.chat_template.format_chat(tokenizer, messages)` (which appends `<|assistant|>`) and generate until
+    `<|end|>`.
     `answer` is the reference reply: the reply is correct when its text, stripped of surrounding whitespace,
     equals `answer` exactly (a "name" answer is the bare name, e.g. `parse_args`; a "parameters" answer is the
     text between the parentheses of the pasted `def` line, e.g. `self, args=None, namespace=None`).

@@ -17,15 +17,17 @@ all but "too_long", which the pipeline finds once the conversation is rendered i
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
-from data_prep.sources import (_JSON_KINDS, CHAT_BUILTIN, HubDataset, SourceList, _describe_files, _expand,
-                               _first_line)
-from gpt_moe.errors import DataError
+from data_prep.builtin_chat import BuiltinChatSource
+from data_prep.sources import _JSON_KINDS, CHAT_BUILTIN, HubDataset, Row, SourceList, _describe_files, _expand
+from gpt_moe.data.chat_template import JINJA_TEMPLATE, ROLE_MARKERS
+from gpt_moe.errors import DataError, first_line
 
 BAD_ROW_KINDS: dict[str, str] = {
     "not_json": "not JSON", "no_messages": "no messages", "unknown_role": "unknown role",
@@ -40,16 +42,6 @@ class NotJson:
     """A line that did not parse: what was wrong with it."""
 
     detail: str
-
-
-@dataclass(frozen=True)
-class Row:
-    """One row of a chat source: where it is (for reports), its parsed value (or `NotJson`) and, when the source
-    decides the split of its conversations, that split."""
-
-    where: str
-    value: object
-    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +117,7 @@ def _json_array(path: Path) -> Iterator[Row]:
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: a JSON array that does not parse ({type(e).__name__}: {_first_line(e)}); "
+        raise DataError(f"{path}: a JSON array that does not parse ({type(e).__name__}: {first_line(e, 200)}); "
                         "hint: fix the file, or write one conversation per line (JSON lines)") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON array of rows or JSON lines")
@@ -158,7 +150,7 @@ class ParquetRows:
                         yield Row(f"{path} row {index}", value)
                         index += 1
             except (OSError, ValueError) as e:  # pyarrow's errors derive from these
-                raise DataError(f"{path}: cannot read as parquet ({type(e).__name__}: {_first_line(e)}); "
+                raise DataError(f"{path}: cannot read as parquet ({type(e).__name__}: {first_line(e, 200)}); "
                                 "hint: check that the file is valid parquet") from None
 
 
@@ -199,7 +191,6 @@ def open_chat_corpus(specs: Iterable[str]) -> ChatCorpus:
     parts: list = []
     for spec in specs:
         if spec == CHAT_BUILTIN:
-            from data_prep.builtin_chat import BuiltinChatSource
             parts.append(BuiltinChatSource.discover())
         elif spec == "builtin":
             raise DataError(f"--source builtin is the text corpus; hint: for chat data use --source {CHAT_BUILTIN}")
@@ -272,8 +263,6 @@ def conversation(value: object, field: str, roles: Sequence[str]) -> tuple[tuple
 
 def chat_pieces(rows: Iterable[Row], field: str = "messages") -> Iterator[ChatPiece]:
     """Every row as a `ChatPiece`, numbered in stream order."""
-    from gpt_moe.chat import ROLE_MARKERS  # the template's roles (gpt_moe.chat imports torch: not at the top)
-
     roles = tuple(ROLE_MARKERS)
     for doc, row in enumerate(rows):
         messages, problem, detail = conversation(row.value, field, roles)
@@ -301,8 +290,4 @@ def skipped_report(counts: dict[str, int], first: dict[str, list[str]], shown: i
 
 def template_sha256() -> str:
     """The identity of the chat template the conversations are rendered with: sha256 of its Jinja form."""
-    import hashlib
-
-    from gpt_moe.chat import JINJA_TEMPLATE  # imports torch: only for chat data
-
     return hashlib.sha256(JINJA_TEMPLATE.encode()).hexdigest()

@@ -8,7 +8,8 @@ encode the batches. Results come back in submission order and at most 2N + 2 bat
 are in flight, so memory stays bounded and the output does not depend on N.
 
 Chat data (`ParallelEncoder(..., chat=True)`) sends conversations instead of text: each is rendered by
-`gpt_moe.chat.render_conversation` into ids and the loss mask, whole (a conversation is never cut).
+`gpt_moe.data.chat_template.render_conversation` into ids and the loss mask, whole (a conversation is never
+cut).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from gpt_moe.tokenizer import TokenizerInfo, load_saved_tokenizer
+from gpt_moe.data.chat_template import render_conversation
+from gpt_moe.data.tokenizer import TokenizerInfo, load_saved_tokenizer
 
 MAX_PIECE_CHARS = 1 << 20
 BATCH_CHARS = 1 << 19
@@ -111,9 +113,9 @@ def encode_texts(enc: tiktoken.Encoding, texts: list[str], dtype: np.dtype) -> t
 def render_conversations(enc: tiktoken.Encoding, conversations: list, dtype: np.dtype
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ids of the conversations concatenated ([total] of `dtype`), per-conversation counts ([n] int64) and the
-    loss masks concatenated ([total] uint8), by `gpt_moe.chat.render_conversation`; a None (a bad row) gives
+    loss masks concatenated ([total] uint8), by `gpt_moe.data.chat_template.render_conversation`; a None (a bad row)
+    gives
     nothing."""
-    from gpt_moe.chat import render_conversation  # imports torch: only for chat data
 
     rendered = [render_conversation(enc, messages) if messages is not None else ([], []) for messages in conversations]
     lengths = np.array([len(ids) for ids, _ in rendered], dtype=np.int64)

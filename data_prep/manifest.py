@@ -22,11 +22,11 @@ from data_prep.chat_rows import BAD_ROW_KINDS
 from data_prep.lock import LOCK_FILE
 from data_prep.shards import SHARD_FILE
 from gpt_moe.atomic import TEMP_NAME, write_atomic
-from gpt_moe.data import (MANIFEST_FILE, PROGRESS_FILE, ChatInfo, ChatSplit, Manifest, ShardInfo, SplitInfo,
-                          sha256_file)
-from gpt_moe.data_verify import RECORD_FILE
+from gpt_moe.data.manifest import (MANIFEST_FILE, PROGRESS_FILE, SPLITS, ChatInfo, ChatSplit, Manifest, ShardInfo,
+                                   SplitInfo, sha256_file)
+from gpt_moe.data.tokenizer import TOKENIZER_FILE, TokenizerInfo
+from gpt_moe.data.verify import RECORD_FILE
 from gpt_moe.errors import DataError
-from gpt_moe.tokenizer import TOKENIZER_FILE, TokenizerInfo
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Progress:
         """The manifest of the finished run (with each part's position, for rebuilding a damaged shard)."""
         counts = self.parts[-1].splits if self.parts else {}
         splits = {}
-        for name in ("train", "val"):
+        for name in SPLITS:
             count = counts.get(name, SplitCount())
             shards = tuple(shard for part in self.parts for split, shard in part.shards if split == name)
             splits[name] = SplitInfo(documents=count.documents, tokens=count.tokens, shards=shards)
@@ -180,7 +180,7 @@ class Progress:
         counts = last.splits if last else {}
         skipped = (last.skipped if last else None) or SkippedRows()
         splits = {name: ChatSplit(count.documents, count.tokens, count.trained_tokens)
-                  for name, count in ((n, counts.get(n, SplitCount())) for n in ("train", "val"))}
+                  for name, count in ((n, counts.get(n, SplitCount())) for n in SPLITS)}
         return ChatInfo(template_sha256=str(self.chat_template), max_seq_len=int(self.args["max_seq_len"]),
                         splits=splits, skipped={kind: skipped.counts.get(kind, 0) for kind in BAD_ROW_KINDS},
                         skipped_first={kind: list(skipped.first[kind]) for kind in BAD_ROW_KINDS
@@ -226,7 +226,7 @@ def check_tokenizer(out: Path, recorded: TokenizerInfo, requested: TokenizerInfo
 
 
 def check_template(out: Path, recorded: str | None, requested: str | None) -> None:
-    """Refuse to resume chat data rendered with another chat template (gpt_moe.chat changed since)."""
+    """Refuse to resume chat data rendered with another chat template (gpt_moe.data.chat_template changed since)."""
     if requested is not None and recorded != requested:
         raise DataError(f"{out} holds conversations rendered with another chat template (sha256 "
                         f"{str(recorded)[:12]}..., now {requested[:12]}...); hint: delete {out} and prepare it again")

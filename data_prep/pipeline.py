@@ -31,17 +31,17 @@ from data_prep.build_tokenizer import BaseTokenizer, build_tokenizer, require_ch
 from data_prep.chat_rows import (ChatCorpus, ChatPiece, bad_row_error, chat_pieces, open_chat_corpus, skipped_report,
                                  template_sha256)
 from data_prep.encode import ParallelEncoder, Piece, batches, pieces
+from data_prep.lock import OutputLock
 from data_prep.manifest import (OutputState, PartRecord, Progress, SkippedRows, SplitCount, check_ownership,
                                 check_template, check_tokenizer, inspect_output, remove_stale_files)
-from data_prep.lock import OutputLock
 from data_prep.shards import SHARD_NAME, ShardWriter, is_val, mask_name, part_number
 from data_prep.sources import Corpus, open_corpus
 from gpt_moe.atomic import fsync_dir, write_atomic
-from gpt_moe.data import (DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, MANIFEST_FILE, PROGRESS_FILE, Manifest, ShardInfo,
-                          dtype_for_vocab, sha256_file)
-from gpt_moe.data_verify import check_data
+from gpt_moe.data.manifest import (DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, MANIFEST_FILE, PROGRESS_FILE, SPLITS,
+                                   Manifest, ShardInfo, dtype_for_vocab, sha256_file)
+from gpt_moe.data.tokenizer import load_saved_tokenizer, parse_tokenizer_spec, save_tokenizer, tokenizer_info
+from gpt_moe.data.verify import check_data
 from gpt_moe.errors import DataError
-from gpt_moe.tokenizer import load_saved_tokenizer, parse_tokenizer_spec, save_tokenizer, tokenizer_info
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class _PartWriter:
         if self.rebuild is not None:
             for writer in self.writers.values():
                 self.rebuild.check(writer)
-        shards = tuple((split, self.writers[split].close()) for split in ("train", "val") if split in self.writers)
+        shards = tuple((split, self.writers[split].close()) for split in SPLITS if split in self.writers)
         self.writers = {}
         fsync_dir(self.out)
         record = PartRecord(pieces=self.pieces, tokens=self.total, splits=copy.deepcopy(self.counts), shards=shards,

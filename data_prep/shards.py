@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt_moe.atomic import AtomicFile
-from gpt_moe.data import MASK_DTYPE, ShardInfo
+from gpt_moe.data.manifest import MASK_DTYPE, ShardInfo
 from gpt_moe.errors import DataError
 
 SHARD_NAME = "{split}_{part:05d}.bin"

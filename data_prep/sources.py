@@ -28,9 +28,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlparse
 
-from gpt_moe.errors import DataError
+from gpt_moe.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def _unreadable(path: Path, builder: str, error: Exception) -> DataError:
     if path.suffix.lower() == ".jsonl" and (found := _bad_json_line(path)):
         lineno, problem = found
         return DataError(f"{path}:{lineno}: {problem}; hint: fix or remove line {lineno}")
-    return DataError(f"{path}: cannot read as {builder} ({type(error).__name__}: {_first_line(error)}); "
+    return DataError(f"{path}: cannot read as {builder} ({type(error).__name__}: {first_line(error, 200)}); "
                      f"hint: check that the file is valid {builder}")
 
 
@@ -225,9 +226,9 @@ class HubDataset:
         try:
             return datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
         except (ConnectionError, OSError) as e:
-            raise _no_network_error(self.name, _first_line(e)) from None
+            raise _no_network_error(self.name, first_line(e, 200)) from None
         except Exception as e:  # unknown dataset, config or split
-            raise DataError(f"source {self.description}: {type(e).__name__}: {_first_line(e)}; "
+            raise DataError(f"source {self.description}: {type(e).__name__}: {first_line(e, 200)}; "
                             "hint: check the name, config and split on the Hub") from None
 
     def documents(self) -> Iterator[Document]:
@@ -271,10 +272,6 @@ def _texts(ds, field: str, where: str) -> Iterator[Document]:
         yield (text,)
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:200]
-
-
 def _describe_files(kind: str, paths: tuple[Path, ...]) -> str:
     shown = ", ".join(p.as_posix() for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
     return f"{kind}: {len(paths)} file{'s' if len(paths) != 1 else ''} ({shown})"
@@ -290,6 +287,28 @@ def _expand(spec: str) -> list[Path]:
         return sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES),
                       key=lambda p: p.as_posix())
     return [path] if path.is_file() else []
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a chat source (`--format chat`, `data_prep.chat_rows`): where it is (for reports), its parsed
+    value (or `chat_rows.NotJson`) and, when the source decides the split of its conversations, that split."""
+
+    where: str
+    value: object
+    split: str | None = None
+
+
+class RowSource(Protocol):
+    """A source of chat rows: what every chat source offers the pipeline (`BuiltinChatSource`, `JsonRows`, ...)."""
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def n_documents(self) -> int | None: ...
+
+    def rows(self) -> Iterator[Row]: ...
 
 
 @dataclass(frozen=True)

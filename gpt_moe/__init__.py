@@ -5,3 +5,7 @@ imported only where they are used.
 """
 
 __version__ = "0.1.0"
+
+from gpt_moe import moved
+
+moved.install()  # the import paths of 0.1 (gpt_moe.chat, gpt_moe.loading, ...) for one more release

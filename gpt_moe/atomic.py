@@ -8,12 +8,17 @@ fails removes its temporary file and leaves the destination as it was.
     write_atomic(path, b"...")                       # bytes or text
     with AtomicFile(path) as f: torch.save(obj, f)   # anything that writes to a binary file
     shard = AtomicFile(path); shard.write(...); shard.commit()   # streamed, committed (or aborted) later
+
+A directory (an export, a layout-free checkpoint) is built under `partial_dir(out)` and published whole by
+`publish_dir`: every file in it is fsync'ed, then it is renamed to `out`. A reader sees no `out` or all of it;
+an interrupted build leaves only the partial directory, which the next build replaces.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import BinaryIO
 
@@ -92,3 +97,30 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Replace `path` with `data` (text is written as UTF-8) atomically and durably."""
     with AtomicFile(path) as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where a directory published as `out` is built: `OUT.partial` beside it, emptied of an earlier interrupted
+    build and made anew."""
+    partial = Path(out).with_name(Path(out).name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def publish_dir(partial: Path, out: str | Path) -> Path:
+    """Makes the finished directory `partial` appear as `out` (which must not exist, or be an empty directory):
+    every file in it flushed to disk, the rename made durable."""
+    out = Path(out)
+    for path in sorted(partial.rglob("*"), key=lambda p: -len(p.parts)):  # files first, then their directories
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            fsync_dir(path)
+    fsync_dir(partial)
+    if out.is_dir():
+        out.rmdir()  # empty: a non-empty one is refused before anything is built
+    os.replace(partial, out)
+    fsync_dir(out.parent)
+    return out

@@ -21,3 +21,9 @@ class DataError(GptMoeError, ValueError):
 
 class CheckpointError(GptMoeError, ValueError):
     """A checkpoint is missing, incomplete or does not match the model."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut to `limit` characters:
+    what a one-line error quotes of a library's failure."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]

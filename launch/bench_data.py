@@ -27,7 +27,7 @@ from pathlib import Path
 
 from data_prep.encode import pieces
 from data_prep.sources import open_corpus
-from gpt_moe.tokenizer import load_bpe_file, load_standard, parse_tokenizer_spec, save_tokenizer, train_bpe
+from gpt_moe.data.tokenizer import load_bpe_file, load_standard, parse_tokenizer_spec, save_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,32 @@ def run_prep(config: dict) -> dict:
     return {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss": peak}
 
 
+def report(args: argparse.Namespace, n_chars: int, n_tokens: int, raw_best: float, prep_best: dict[int, float],
+           peaks: dict[int, int], quarter_workers: int, quarter: dict, load_before: float) -> None:
+    """The table: tokens/s of raw tiktoken and of data_prep per worker count, their ratios and peak memory."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"data_prep throughput: builtin corpus, {n_chars / 1e6:.1f}M characters -> {n_tokens / 1e6:.2f}M tokens "
+          f"(+1 end-of-text per document), tokenizer {args.tokenizer}, {cores} CPU cores, best of {args.rounds} rounds")
+    print()
+    print(f"{'':34}{'tokens/s':>10}{'x raw':>8}{'target':>10}{'peak RSS (tree)':>18}")
+    print(f"{'raw encode_ordinary_batch, 1 thread':34}{raw_best / 1e6:>9.2f}M{1:>7.2f}x{'':>10}{'-':>18}")
+    for workers in args.workers:
+        ratio = prep_best[workers] / raw_best
+        target = SPEED_TARGET * workers
+        mark = "ok" if ratio >= target else "MISSED"
+        print(f"{f'data_prep --workers {workers}':34}{prep_best[workers] / 1e6:>9.2f}M{ratio:>7.2f}x"
+              f"{f'>={target:.1f}x {mark}':>10}{peaks[workers] / 1e6:>15.0f} MB")
+    print(f"{f'data_prep --workers {quarter_workers}, 1/4 of corpus':34}{'':>10}{'':>8}{'':>10}"
+          f"{quarter['peak_rss'] / 1e6:>15.0f} MB")
+    peak = max(peaks.values())
+    print()
+    print(f"1-minute load average before the run: {load_before:.2f} on {cores} cores"
+          + (" (other processes were competing for the CPU: rerun on an idle machine)" if load_before > 0.5 else ""))
+    print(f"peak memory {peak / 1e9:.2f} GB (target < {PEAK_TARGET_BYTES / 1e9:.1f} GB): "
+          f"{'ok' if peak < PEAK_TARGET_BYTES else 'MISSED'}; quarter corpus {quarter['peak_rss'] / 1e6:.0f} MB "
+          f"vs full {peaks[quarter_workers] / 1e6:.0f} MB")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python launch/bench.py data", description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", default="bpe:4096", help="bpe:N | cl100k_base | o200k_base | gpt2")
@@ -116,27 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         quarter_workers = max(args.workers)
         quarter = run_prep(config(quarter_workers, "quarter", max_tokens=n_tokens // 4))
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"data_prep throughput: builtin corpus, {n_chars / 1e6:.1f}M characters -> {n_tokens / 1e6:.2f}M tokens "
-          f"(+1 end-of-text per document), tokenizer {args.tokenizer}, {cores} CPU cores, best of {args.rounds} rounds")
-    print()
-    print(f"{'':34}{'tokens/s':>10}{'x raw':>8}{'target':>10}{'peak RSS (tree)':>18}")
-    print(f"{'raw encode_ordinary_batch, 1 thread':34}{raw_best / 1e6:>9.2f}M{1:>7.2f}x{'':>10}{'-':>18}")
-    for workers in args.workers:
-        ratio = prep_best[workers] / raw_best
-        target = SPEED_TARGET * workers
-        mark = "ok" if ratio >= target else "MISSED"
-        print(f"{f'data_prep --workers {workers}':34}{prep_best[workers] / 1e6:>9.2f}M{ratio:>7.2f}x"
-              f"{f'>={target:.1f}x {mark}':>10}{peaks[workers] / 1e6:>15.0f} MB")
-    print(f"{f'data_prep --workers {quarter_workers}, 1/4 of corpus':34}{'':>10}{'':>8}{'':>10}"
-          f"{quarter['peak_rss'] / 1e6:>15.0f} MB")
-    peak = max(peaks.values())
-    print()
-    print(f"1-minute load average before the run: {load_before:.2f} on {cores} cores"
-          + (" (other processes were competing for the CPU: rerun on an idle machine)" if load_before > 0.5 else ""))
-    print(f"peak memory {peak / 1e9:.2f} GB (target < {PEAK_TARGET_BYTES / 1e9:.1f} GB): "
-          f"{'ok' if peak < PEAK_TARGET_BYTES else 'MISSED'}; quarter corpus {quarter['peak_rss'] / 1e6:.0f} MB "
-          f"vs full {peaks[quarter_workers] / 1e6:.0f} MB")
+    report(args, n_chars, n_tokens, raw_best, prep_best, peaks, quarter_workers, quarter, load_before)
     return 0
 
 

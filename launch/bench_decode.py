@@ -5,7 +5,7 @@ drafts, the main model verifies two positions per forward), side by side in one 
     python launch/bench.py decode [--model tiny | --checkpoint PATH] [--contexts 256 1024 4096] [--batches 1 8]
                                   [--steps 32] [--rounds 5] [--text FILE ...]
 
-With --checkpoint the contexts are real text (by default this repository's gpt_moe/*.py sources, which the
+With --checkpoint the contexts are real text (by default this repository's gpt_moe/**/*.py sources, which the
 built-in corpus does not contain) and the speculative table gives the measured acceptance of the MTP drafts;
 with --model the weights are random (acceptance ~0: the speculative figures then show its overhead only).
 """
@@ -16,13 +16,13 @@ import argparse
 from pathlib import Path
 
 import torch
-
-from gpt_moe.config import ModelConfig
-from gpt_moe.generate import SamplingConfig, SelfSpeculativeDecoder
-from gpt_moe.hardware import resolve_dtype
-from gpt_moe.model import DeepSeekForCausalLM
-from gpt_moe.params import account
 from timing import interleaved_medians
+
+from gpt_moe.model.config import ModelConfig
+from gpt_moe.model.model import DeepSeekForCausalLM
+from gpt_moe.model.params import account
+from gpt_moe.serve.generate import SamplingConfig, SelfSpeculativeDecoder
+from gpt_moe.train.hardware import resolve_dtype
 
 TARGET = 1.4  # speculative / plain latent-cache tokens/s at batch 1 (issue 14)
 
@@ -56,8 +56,8 @@ def speculative_decoder(model: DeepSeekForCausalLM, context: torch.Tensor, steps
     """(run, facts): `run` greedily decodes at least `steps` tokens after `context` [1, len] with a
     `SelfSpeculativeDecoder`, prefilled once and restored to the context before every call; facts: tokens
     emitted per run, main forwards per run and the drafts' acceptance (greedy: the same every run)."""
-    cfg = SamplingConfig(max_new_tokens=steps, temperature=0.0, top_k=0, top_p=1.0)
-    speculative = SelfSpeculativeDecoder(model, cfg, context.shape[1] + steps + 2)
+    sampling = SamplingConfig(max_new_tokens=steps, temperature=0.0, top_k=0, top_p=1.0)
+    speculative = SelfSpeculativeDecoder(model, sampling, context.shape[1] + steps + 2)
     speculative.prefill(context)
     start = speculative.snapshot()
     facts = {}
@@ -76,7 +76,7 @@ def speculative_decoder(model: DeepSeekForCausalLM, context: torch.Tensor, steps
 def load_model(args: argparse.Namespace, dtype: torch.dtype) -> tuple[DeepSeekForCausalLM, object]:
     """(model, tokenizer or None): the checkpoint's trained weights, or random ones of --model."""
     if args.checkpoint:
-        from gpt_moe.loading import load_for_inference
+        from gpt_moe.checkpoint.loading import load_for_inference
 
         loaded = load_for_inference(args.checkpoint)
         return loaded.model.to(dtype).eval(), loaded.tokenizer
@@ -89,7 +89,7 @@ def contexts(tokenizer, args: argparse.Namespace, vocab: int, batch: int, length
     evenly over the whole text: different files, different code), else random ids."""
     if tokenizer is None:
         return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(length + batch))
-    files = args.text or sorted((Path(__file__).resolve().parent.parent / "gpt_moe").glob("*.py"))
+    files = args.text or sorted((Path(__file__).resolve().parent.parent / "gpt_moe").rglob("*.py"))
     ids = tokenizer.encode_ordinary("\n\n".join(Path(f).read_text() for f in files))
     gap = (len(ids) - length) // batch if spread else 97
     if gap < 1 or len(ids) < length + (batch - 1) * gap:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-
-from gpt_moe.config import ModelConfig, to_hf_config
-from gpt_moe.hardware import keep_freed_memory, resolve_dtype
-from gpt_moe.moe import MLP, MoE
 from timing import interleaved_medians
+
+from gpt_moe.model.config import ModelConfig, to_hf_config
+from gpt_moe.model.moe import MLP, MoE
+from gpt_moe.train.hardware import keep_freed_memory, resolve_dtype
 
 SHAPES = [  # (routed experts, top-k, shared experts, groups, groups kept)
     (64, 6, 2, 1, 1),

@@ -18,12 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+from launching import REPO, train
 
-from gpt_moe.config import ModelConfig  # noqa: E402
-from gpt_moe.memory_plan import MemoryLayout, training_memory  # noqa: E402
+from gpt_moe.checkpoint.records import Layout
+from gpt_moe.model.config import ModelConfig
+from gpt_moe.model.recompute import MODES
+from gpt_moe.train.memory_plan import MemoryLayout, training_memory
 
 SHAPES = {"tiny": (256, 8), "small": (32, 1)}  # (seq_len, micro_batch) per model
 STAGES = {"ZeRO-1": ("zero1.json", 1, False), "ZeRO-2": ("zero2.json", 2, False), "ZeRO-3": ("zero3.json", 3, False),
@@ -47,8 +47,6 @@ def fp32_config(name: str, directory: Path) -> Path:
 
 def run_row(model: str, stage: str, ep: int, mode: str, data: Path, work: Path, steps: int) -> dict:
     """One training run; returns its summary (peak memory per rank, history)."""
-    from launching import train
-
     seq, batch = SHAPES[model]
     run_dir = work / f"{model}-{stage.replace(' ', '_')}-ep{ep}-{mode}"
     train("--model", model, "--deepspeed", str(fp32_config(STAGES[stage][0], work)), "--data", str(data),
@@ -65,7 +63,7 @@ def estimate(model: str, stage: str, ep: int, mode: str) -> float:
     seq, batch = SHAPES[model]
     _, zero, offload = STAGES[stage]
     sub_group = 20_000_000 if zero == 3 else 10 ** 12  # ds_configs/zero3.json
-    layout = MemoryLayout(seq, batch, 2, zero, ep, False, mode, offload, "cpu", sub_group)
+    layout = MemoryLayout(Layout(2, ep, zero, False), seq, batch, mode, offload, "cpu", sub_group)
     return training_memory(ModelConfig.load(model), layout).total_gib
 
 
@@ -96,14 +94,14 @@ def activation_table(model_name: str = "tiny", seq: int = 256, batch: int = 16, 
 
     import torch
 
-    from gpt_moe.hardware import keep_freed_memory
-    from gpt_moe.model import DeepSeekForCausalLM
+    from gpt_moe.model.model import DeepSeekForCausalLM
+    from gpt_moe.train.hardware import keep_freed_memory
 
     config = ModelConfig.load(model_name)
     model = DeepSeekForCausalLM(config, seed=0).train()
     ids = torch.randint(0, min(config.vocab_size, 1024), (batch, seq), generator=torch.Generator().manual_seed(0))
     keep_freed_memory()  # as the trainer does on CPU: no page faults in the timed steps
-    modes = ("none", "full", "selective")
+    modes = MODES
     sizes, times = {}, {mode: [] for mode in modes}
     for mode in modes:  # the first pass of each mode is its warm-up
         model.set_activation_checkpointing(mode)

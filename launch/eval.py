@@ -5,7 +5,7 @@
 Prints the mean loss over the assistant tokens of the held-out split, the share of greedy replies that end
 with <|end|> within the token limit, and exact-match accuracy on the in-context questions (the user pastes a
 function and asks for its name or its parameters). CHECKPOINT: a run, a checkpoints/step_* directory or an
-export; it must use the data's tokenizer. The logic is in gpt_moe/chat_eval.py.
+export; it must use the data's tokenizer. The logic is in gpt_moe/serve/chat_eval.py.
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ import json
 import sys
 
 from gpt_moe.cli import run_cli
-from gpt_moe.data import DEFAULT_CHAT_DATA_DIR, TokenShards
+from gpt_moe.data.manifest import DEFAULT_CHAT_DATA_DIR
+from gpt_moe.data.shards import TokenShards
 from gpt_moe.errors import DataError
-
-KINDS = ("name", "parameters")
 
 
 def evaluate(args: argparse.Namespace) -> None:
     from data_prep.builtin_chat import EVAL_KINDS, IN_CONTEXT_KINDS, KNOWLEDGE_KINDS, heldout_eval_items
-    from gpt_moe.chat_eval import held_out_loss, reply_statistics
-    from gpt_moe.loading import load_for_inference
+    from gpt_moe.checkpoint.loading import load_for_inference
+    from gpt_moe.serve.chat_eval import held_out_loss, reply_statistics
 
     loaded = load_for_inference(args.checkpoint)
     shards = TokenShards(args.data)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpt_moe.checkpoint.export import DTYPES, export, export_dtype
+from gpt_moe.checkpoint.loading import load_for_inference
 from gpt_moe.cli import run_cli
-from gpt_moe.export import DTYPES, export, export_dtype
-from gpt_moe.loading import load_for_inference
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         loaded = load_for_inference(args.checkpoint)
-        dtype, why = export_dtype(args.dtype, loaded.info)
+        dtype, why = export_dtype(args.dtype, loaded.training)
         out = export(loaded, args.out_dir, dtype=dtype)
         print(f"exported {loaded.source} -> {out} ({str(dtype).removeprefix('torch.')}: {why})")
 

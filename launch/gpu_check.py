@@ -4,7 +4,7 @@
 
 Stages, in order (each prints its timings; a summary ends the run; exit status 1 if any stage failed):
 
-  env         torch / CUDA / GPUs / DeepSpeed versions and the MFU peak of `gpt_moe.hardware`
+  env         torch / CUDA / GPUs / DeepSpeed versions and the MFU peak of `gpt_moe.train.hardware`
   data        the built-in corpus prepared with data_prep's Python API (bpe:1024, ~2M tokens) into a temp dir
   kernel      `tiny` forward + backward in bf16: every expert matmul took `torch._grouped_mm`, none the loop
   train       `python launch/train.py` (one rank, ds_configs/zero2.json, bf16 by "auto"): loss falls, bf16 used,
@@ -230,7 +230,7 @@ def _end_group(proc: subprocess.Popen) -> None:
 
 # ---------------------------------------------------------------------- stages
 def check_env(device) -> tuple[str, dict, float]:
-    from gpt_moe.hardware import device_peak_flops
+    from gpt_moe.train.hardware import device_peak_flops
 
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
             "cpus": os.cpu_count()}
@@ -307,9 +307,9 @@ def check_data(work: Path, sizes: Sizes) -> tuple[str, dict, Path]:
 
 def check_kernel(device, dtype, sizes: Sizes) -> tuple[str, dict, None]:
     """One forward + backward of `tiny`, counting which path every grouped expert matmul took."""
-    import gpt_moe.moe as moe
-    from gpt_moe.config import ModelConfig
-    from gpt_moe.model import DeepSeekForCausalLM
+    import gpt_moe.model.moe as moe
+    from gpt_moe.model.config import ModelConfig
+    from gpt_moe.model.model import DeepSeekForCausalLM
 
     config = ModelConfig.from_preset("tiny")
     model = DeepSeekForCausalLM(config, seed=0).to(device=device, dtype=dtype)
@@ -447,7 +447,7 @@ def check_decode(train: dict | None, sizes: Sizes, device) -> tuple[str, dict, N
     bf16: both paths round differently, so neither equals the other to fp32 precision. Each is compared with
     the fp32 forward instead: the cached path's mean error must stay within 2x the uncached forward's own bf16
     error + 0.01 (0.01 ~ bf16's spacing at logit 2-4, 2^-6 = 0.016): a bug makes it orders of magnitude larger."""
-    from gpt_moe.loading import load_for_inference
+    from gpt_moe.checkpoint.loading import load_for_inference
 
     if train is None:
         raise StageSkipped("needs the train stage's checkpoint")
@@ -502,7 +502,7 @@ def _bf16_errors(model, tokens, full32, prefill: int) -> dict:
 
 def _greedy_speed(model, prompt: list[int], new_tokens: int, device) -> dict:
     """Greedy generation through `generate_ids` (prefill + latent-cache steps), batch 1, after a short warm-up."""
-    from gpt_moe.generate import SamplingConfig, generate_ids
+    from gpt_moe.serve.generate import SamplingConfig, generate_ids
 
     def generate(n: int) -> list[int]:
         out = [int(t[0]) for t in generate_ids(model, [prompt], SamplingConfig(max_new_tokens=n, temperature=0))]
@@ -528,10 +528,10 @@ def _sync(device) -> None:
 
 def check_throughput(sizes: Sizes, device, dtype, peak: float, budget_s: float) -> tuple[str, dict, None]:
     """Forward + backward (no optimizer) of a GPU-sized preset on random ids: tokens/s and MFU =
-    tokens/s x training FLOPs per token (gpt_moe.params) / the device's peak. The batch is the first of
+    tokens/s x training FLOPs per token (gpt_moe.model.params) / the device's peak. The batch is the first of
     `throughput_batches` that fits; timing stops early at `budget_s`."""
-    from gpt_moe.config import ModelConfig
-    from gpt_moe.params import account
+    from gpt_moe.model.config import ModelConfig
+    from gpt_moe.model.params import account
 
     config = ModelConfig.from_preset(sizes.throughput_model)
     model = _random_model(config, device, dtype)
@@ -567,7 +567,7 @@ def check_throughput(sizes: Sizes, device, dtype, peak: float, budget_s: float) 
 def _random_model(config, device, dtype):
     """The model built on the device with N(0, initializer_range) weights (the trainer's seeded init draws every
     expert on the CPU, which takes seconds at this size) and unit norm weights."""
-    from gpt_moe.model import DeepSeekForCausalLM
+    from gpt_moe.model.model import DeepSeekForCausalLM
 
     with torch.device(device):
         model = DeepSeekForCausalLM(config, seed=None)
@@ -655,8 +655,8 @@ def _ep_run(ep: int, ds_config: Path | str, data: Path, run_dir: Path, sizes: Si
 
 def _merged_logits_diff(run_one: Path, run_two: Path, data: Path, sizes: Sizes, device) -> dict:
     """Both runs' final checkpoints (experts merged by global id) in fp32: |logits difference| on validation text."""
-    from gpt_moe.loading import load_for_inference
-    from gpt_moe.data import TokenShards, ValBatches
+    from gpt_moe.checkpoint.loading import load_for_inference
+    from gpt_moe.data.shards import TokenShards, ValBatches
 
     torch.backends.cuda.matmul.allow_tf32 = False
     inputs, _ = next(iter(ValBatches(TokenShards(data), sizes.ep_seq, 8, 1)))

@@ -14,10 +14,10 @@ import resource
 import sys
 import time
 
-from gpt_moe.checkpoint import read_complete_info
+from gpt_moe.checkpoint.model_dir import locate
+from gpt_moe.checkpoint.records import LAYOUT_FREE, read_record
+from gpt_moe.checkpoint.reshard import convert
 from gpt_moe.cli import run_cli
-from gpt_moe.loading import resolve_checkpoint
-from gpt_moe.reshard import LAYOUT_FREE, convert, describe_layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         start = time.perf_counter()
-        source = resolve_checkpoint(args.checkpoint)
+        source, _ = locate(args.checkpoint)
         out = convert(source, args.out, progress=not args.no_progress)
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"converted {source} ({describe_layout(read_complete_info(out))}) -> {out} ({LAYOUT_FREE}) in "
+        print(f"converted {source} ({read_record(out).layout.describe()}) -> {out} ({LAYOUT_FREE}) in "
               f"{time.perf_counter() - start:.1f}s, peak memory {peak_mib:.0f} MiB; resume it with --resume {out}")
 
     return run_cli(run)

@@ -9,8 +9,9 @@ Plain mode continues the prompt as a document (stops at <|endoftext|>); chat mod
 turn of the chat template and prints the assistant's reply (stops at <|end|>). The default follows the
 checkpoint (chat for a model fine-tuned on conversations); --chat / --no-chat choose. --speculative drafts
 with the model's MTP block and verifies with the main model (same tokens greedily, same distribution when
-sampling) and prints the draft acceptance on stderr. Without
---checkpoint: the newest complete checkpoint under runs/. Errors print one line and exit 2.
+sampling) and prints the draft acceptance on stderr. Without --checkpoint: the newest complete checkpoint under
+runs/. Errors print one line and exit 2. Replies come from the functions the app uses
+(`gpt_moe.serve.chat.generate_reply` / `generate_continuation`), with `SamplingConfig`'s defaults.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import argparse
 import math
 import sys
 
-from gpt_moe.chat import fit_chat, is_chat_model, load_chat_model, prompt_budget, reply_stop_ids
 from gpt_moe.cli import run_cli
 from gpt_moe.errors import ConfigError, DataError
-from gpt_moe.generate import DecodeStats, SamplingConfig, stream_text
+from gpt_moe.serve.chat import generate_continuation, generate_reply, load_chat_model
+from gpt_moe.serve.generate import SamplingConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
     parser.add_argument("--checkpoint", help="run, checkpoints/step_* or exported directory "
                                              "(default: the newest complete checkpoint under runs/)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = off")
@@ -69,27 +70,24 @@ def run(args: argparse.Namespace) -> None:
         raise DataError("empty prompt: pass PROMPT or pipe text on stdin")
     loaded = load_chat_model(args.checkpoint)
     model, tokenizer = loaded.model, loaded.tokenizer
-    budget = prompt_budget(model, args.max_new_tokens)
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                          stop=tuple(args.stop), speculative=args.speculative)
     if args.speculative and model.model.mtp_layer is None:
         raise ConfigError(f"--speculative: {args.checkpoint or 'the checkpoint'} has no MTP block "
                           "(num_nextn_predict_layers 0) to draft with; drop --speculative")
-    if args.chat if args.chat is not None else is_chat_model(loaded.info):
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        ids = fit_chat(tokenizer, [*messages, {"role": "user", "content": prompt}], budget).ids
-        stop_ids = reply_stop_ids(tokenizer)
+    if args.chat if args.chat is not None else loaded.training.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        reply = generate_reply(model, tokenizer, [*system, {"role": "user", "content": prompt}], sampling)
     else:
-        ids = tokenizer.encode_ordinary(prompt)[-budget:]  # the end of an overlong prompt
-        stop_ids = {loaded.tokenizer_info.eot_id}
-    stats = DecodeStats()
-    for piece in stream_text(model, tokenizer, ids, cfg, stop_ids, stats):
+        reply = generate_continuation(model, tokenizer, prompt, sampling)
+    for piece in reply:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.speculative:
+        stats = reply.stats
         print(f"speculative: {stats.tokens} tokens, MTP draft acceptance {stats.accepted}/{stats.drafted}"
               f" ({stats.acceptance or 0:.0%})", file=sys.stderr)
 

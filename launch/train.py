@@ -3,7 +3,7 @@
     deepspeed launch/train.py --deepspeed ds_configs/zero2.json [options]      # any number of ranks / nodes
     python launch/train.py [options]                                            # one rank, no launcher
 
-Run with --help for the options. The logic lives in gpt_moe/ (run_plan.py, trainer.py).
+Run with --help for the options. The logic lives in gpt_moe/train/ (plan.py, trainer.py).
 """
 
 from __future__ import annotations
@@ -16,28 +16,17 @@ from pathlib import Path
 from gpt_moe.atomic import unwritable_reason
 from gpt_moe.cli import run_cli
 from gpt_moe.errors import ConfigError
-from gpt_moe.run_plan import Hardware, RunPlan, plan_run
-from gpt_moe.train_config import parse_train_args
-
-
-def hardware() -> Hardware:
-    """bf16 support of the accelerator DeepSpeed will use (its CPU accelerator on a machine without GPUs)."""
-    from deepspeed.accelerator import get_accelerator
-
-    from gpt_moe.hardware import native_bf16
-
-    accelerator = get_accelerator()
-    supported = accelerator.is_bf16_supported()
-    return Hardware(bf16_supported=supported, bf16_native=native_bf16(accelerator.device_name(), supported),
-                    device_type=accelerator.device_name())
+from gpt_moe.train.config import parse_train_args
+from gpt_moe.train.hardware import Hardware
+from gpt_moe.train.plan import RunPlan, plan_run
 
 
 def prepare_default_data(plan: RunPlan, directory: Path) -> None:
     """The built-in corpus, or for a fine-tuning run the built-in conversations in the base model's tokenizer."""
     from data_prep import prepare_default, prepare_default_chat
 
-    if plan.pretrained is not None:
-        prepare_default_chat(directory, tokenizer_from=plan.pretrained.source)
+    if plan.init_from is not None:
+        prepare_default_chat(directory, tokenizer_from=plan.init_from.path)
     else:
         prepare_default(directory)
 
@@ -49,7 +38,7 @@ def train(argv: list[str] | None) -> int:
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg, explicit, faults = parse_train_args(argv)
-    plan = plan_run(cfg, explicit, int(os.environ.get("WORLD_SIZE", "1")), hardware())
+    plan = plan_run(cfg, explicit, int(os.environ.get("WORLD_SIZE", "1")), Hardware.detect())
     if cfg.dry_run:
         print(plan.banner())
         return 0
@@ -57,7 +46,7 @@ def train(argv: list[str] | None) -> int:
     if reason:
         raise ConfigError(f"--run-dir {plan.run_dir}: cannot write there ({reason}); choose a writable directory")
 
-    from gpt_moe.trainer import Trainer
+    from gpt_moe.train.trainer import Trainer
 
     trainer = Trainer(plan, faults, prepare_data=lambda directory: prepare_default_data(plan, directory))
     trainer.run()

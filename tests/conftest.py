@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_moe.config import ModelConfig
-from gpt_moe.export import export
-from gpt_moe.loading import LoadedModel
-from gpt_moe.model import DeepSeekForCausalLM
-from gpt_moe.tokenizer import save_tokenizer, train_bpe
+from gpt_moe.checkpoint.export import export
+from gpt_moe.checkpoint.loading import LoadedModel
+from gpt_moe.checkpoint.records import TrainingFacts
+from gpt_moe.data.tokenizer import save_tokenizer, train_bpe
+from gpt_moe.model.config import ModelConfig
+from gpt_moe.model.model import DeepSeekForCausalLM
 
 
 def shrunk_tiny(**changes) -> ModelConfig:
@@ -74,7 +75,8 @@ def make_tiny_export(out_dir: Path, seed: int = 3, **changes) -> Path:
     info = save_tokenizer(tokenizer, source)
     config = shrunk_tiny(vocab_size=tokenizer.n_vocab, max_position_embeddings=512, **changes)
     model = DeepSeekForCausalLM(config, seed=seed).eval()
-    return export(LoadedModel(model, tokenizer, info, source, dict(TRAINING_FACTS)), out_dir, dtype=torch.float32)
+    loaded = LoadedModel(model, tokenizer, info, source, TrainingFacts(**TRAINING_FACTS))
+    return export(loaded, out_dir, dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from gpt_moe.chat import generate_reply
-from gpt_moe.loading import load_for_inference
-from gpt_moe.generate import SamplingConfig
+from gpt_moe.checkpoint.loading import load_for_inference
+from gpt_moe.serve.chat import generate_reply
+from gpt_moe.serve.generate import SamplingConfig
 
 pytestmark = pytest.mark.browser
 

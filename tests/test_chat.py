@@ -6,12 +6,13 @@ import shutil
 import pytest
 import torch
 
-from gpt_moe.chat import (JINJA_TEMPLATE, ChatPrompt, ReplyStream, fit_chat, format_chat, generate_reply,
-                          load_chat_model, recording_routing, render_conversation, reply_stop_ids, special_id)
-from gpt_moe.loading import load_for_inference
+from gpt_moe.checkpoint.loading import load_for_inference
+from gpt_moe.data.chat_template import (JINJA_TEMPLATE, ChatPrompt, fit_chat, format_chat, render_conversation,
+                                        reply_stop_ids, special_id)
+from gpt_moe.data.tokenizer import ASSISTANT, END, ENDOFTEXT, SYSTEM, USER
 from gpt_moe.errors import CheckpointError, DataError
-from gpt_moe.generate import SamplingConfig
-from gpt_moe.tokenizer import ASSISTANT, END, ENDOFTEXT, SYSTEM, USER
+from gpt_moe.serve.chat import ReplyStream, generate_reply, load_chat_model, recording_routing
+from gpt_moe.serve.generate import SamplingConfig
 
 CONVERSATION = [{"role": "system", "content": "You are terse."},
                 {"role": "user", "content": "Say <|user|> and <|end|> please"}]

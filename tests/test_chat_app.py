@@ -1,13 +1,15 @@
 """The chat page's request handler, facts, routing pictures and entry point, called in-process (no server)."""
 
+import dataclasses
+
 import gradio as gr
 import pytest
 import torch
 
-from gpt_moe.chat import RoutingRecord
-from gpt_moe.chat_app import ChatApp, Settings, conversation, main, model_facts
-from gpt_moe.loading import load_for_inference
-from gpt_moe.routing_view import MAX_HEIGHT, load_chart, routing_heatmap, token_label
+from gpt_moe.checkpoint.loading import load_for_inference
+from gpt_moe.serve.chat import RoutingRecord
+from gpt_moe.serve.chat_app import ChatApp, Settings, conversation, main, model_facts
+from gpt_moe.serve.routing_view import MAX_HEIGHT, load_chart, routing_heatmap, token_label
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +76,10 @@ def test_main_prints_one_line_without_a_checkpoint(tmp_path, capsys):
 
 def test_a_base_model_continues_the_text_and_says_so(tiny_checkpoint):
     """A checkpoint not fine-tuned on conversations: no role markers around the message, one line at the top."""
-    from gpt_moe.chat_app import BASE_MODEL_NOTE, build_demo
+    from gpt_moe.serve.chat_app import BASE_MODEL_NOTE, build_demo
 
     loaded = load_for_inference(tiny_checkpoint)
-    loaded.info["chat"] = False
+    loaded.training = dataclasses.replace(loaded.training, chat=False)
     base = ChatApp(loaded, max_new_tokens=8)
     assert dict(model_facts(loaded))["kind"].startswith("base")
     updates = list(base.respond("The quick brown", [], temperature=0.0, max_new_tokens=8, repetition_penalty=1.0))
@@ -100,8 +102,8 @@ def test_speculative_replies_are_plain_replies_with_the_same_routing_and_show_sp
     assert replies[True][1] == replies[False][1]
     assert "tokens/s" in replies[True][4] and "MTP draft acceptance" in replies[True][4]
     assert "plain decoding" in replies[False][4]
-    from gpt_moe.chat import generate_reply
-    from gpt_moe.generate import SamplingConfig
+    from gpt_moe.serve.chat import generate_reply
+    from gpt_moe.serve.generate import SamplingConfig
 
     streams = {}
     for speculative in (True, False):
@@ -117,7 +119,7 @@ def test_speculative_replies_are_plain_replies_with_the_same_routing_and_show_sp
 def test_model_facts_show_the_mtp_acceptance(app, tiny_checkpoint):
     assert dict(model_facts(app.loaded))["MTP draft acceptance"].startswith("- (not measured")
     loaded = load_for_inference(tiny_checkpoint)
-    loaded.info["mtp_acceptance"] = 0.4567
+    loaded.training = dataclasses.replace(loaded.training, mtp_acceptance=0.4567)
     assert dict(model_facts(loaded))["MTP draft acceptance"].startswith("45.7% on validation data")
 
 

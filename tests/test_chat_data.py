@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_moe.chat import render_conversation
-from gpt_moe.chat_data import ChatBatches, ChatValBatches, PackedRows, pack_best_fit
-from gpt_moe.data import TokenShards
-from gpt_moe.loss import IGNORE_INDEX
-from gpt_moe.tokenizer import load_saved_tokenizer
+from gpt_moe.data.chat_batches import ChatBatches, ChatValBatches, PackedRows, pack_best_fit
+from gpt_moe.data.chat_template import render_conversation
+from gpt_moe.data.shards import TokenShards
+from gpt_moe.data.tokenizer import load_saved_tokenizer
+from gpt_moe.model.loss import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@
 
 Shards are read here with numpy and checked with hashlib, independently of gpt_moe.data; what each
 conversation should become is written out by hand from the template (`<|user|>text<|end|>...`) as well as
-taken from `gpt_moe.chat.render_conversation`, the one definition data_prep must follow.
+taken from `gpt_moe.data.chat_template.render_conversation`, the one definition data_prep must follow.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import pytest
 import tiktoken
 
 from data_prep import PrepareConfig, prepare
-from data_prep.builtin_chat import (EVAL_KINDS, IN_CONTEXT_KINDS, conversations, heldout_eval_items,
-                                    library_definitions)
+from data_prep.builtin_chat import EVAL_KINDS, IN_CONTEXT_KINDS, conversations, heldout_eval_items, library_definitions
 from data_prep.shards import is_val, part_number
-from gpt_moe.chat import render_conversation
-from gpt_moe.data import TokenShards
-from gpt_moe.data_verify import verify_data
+from gpt_moe.data.chat_template import render_conversation
+from gpt_moe.data.shards import TokenShards
+from gpt_moe.data.tokenizer import TokenizerInfo, load_saved_tokenizer, mergeable_ranks, save_tokenizer
+from gpt_moe.data.verify import verify_data
 from gpt_moe.errors import DataError
-from gpt_moe.tokenizer import (TokenizerInfo, load_saved_tokenizer, mergeable_ranks, save_tokenizer)
 from tests.conftest import make_tiny_export
 from tests.test_data_prep import EPOCH, assert_one_line_error, dir_bytes, run_cli
 
@@ -148,7 +147,7 @@ def test_chat_round_trip_tokens_and_masks(prepared_chat, base_data):
         assert manifest["chat"]["splits"][name] == {"conversations": len(found),
                                                     "tokens": sum(len(ids) + 1 for ids, _, _ in found),
                                                     "trained_tokens": sum(sum(mask) for _, mask, _ in found)}
-    from gpt_moe.chat import JINJA_TEMPLATE
+    from gpt_moe.data.chat_template import JINJA_TEMPLATE
     assert manifest["chat"]["template_sha256"] == hashlib.sha256(JINJA_TEMPLATE.encode()).hexdigest()
 
 

@@ -4,8 +4,8 @@ recomputation replays the first pass's routing and counts nothing twice."""
 import pytest
 import torch
 
-from gpt_moe.model import DeepSeekForCausalLM
-from gpt_moe.moe import TopkRouter
+from gpt_moe.model.model import DeepSeekForCausalLM
+from gpt_moe.model.moe import TopkRouter
 
 
 def step(config, mode: str, between=None) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:

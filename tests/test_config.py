@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from gpt_moe.config import ModelConfig, from_hf_config, list_presets, to_hf_config
 from gpt_moe.errors import ConfigError
+from gpt_moe.model.config import ModelConfig, from_hf_config, list_presets, to_hf_config
 
 
 def test_all_presets_load_and_round_trip_through_json(tmp_path):

@@ -28,9 +28,9 @@ import regex
 from data_prep import PrepareConfig, prepare
 from data_prep.encode import _SAFE_CUT, split_text
 from data_prep.shards import is_val, part_number
-from gpt_moe.data import TokenShards
+from gpt_moe.data.shards import TokenShards
+from gpt_moe.data.tokenizer import BPE_PAT_STR, TokenizerInfo, load_saved_tokenizer, load_standard
 from gpt_moe.errors import DataError
-from gpt_moe.tokenizer import BPE_PAT_STR, TokenizerInfo, load_saved_tokenizer, load_standard
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH = "1700000000"

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from data_prep import PrepareConfig, prepare
-from gpt_moe.data import Manifest, ShardInfo, SplitInfo, TokenShards, TrainBatches, ValBatches
-from gpt_moe.data_verify import RECORD_FILE, verify_data
+from gpt_moe.data.manifest import Manifest, ShardInfo, SplitInfo
+from gpt_moe.data.shards import TokenShards, TrainBatches, ValBatches
+from gpt_moe.data.tokenizer import TokenizerInfo
+from gpt_moe.data.verify import RECORD_FILE, verify_data
 from gpt_moe.errors import DataError
-from gpt_moe.tokenizer import TokenizerInfo
 
 SHARD_SIZES = {"train": [1000, 2500, 37, 1800], "val": [300, 150]}
 SEQ = 8
@@ -170,7 +171,8 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def test_real_dataset_opens_verifies_and_decodes(prepared):
-    shards = TokenShards(prepared, verify=True)
+    shards = TokenShards(prepared)
+    verify_data(shards, "always")
     assert shards.n_vocab == 300 and shards.dtype == np.dtype("<u2")
     enc = shards.tokenizer()
     tokens = np.concatenate(shards.tokens("train"))
@@ -197,7 +199,7 @@ def test_truncated_or_altered_shard_is_detected(prepared, tmp_path):
     shard.write_bytes(bytes(data))
     TokenShards(altered)  # sizes agree; only checksums can tell
     with pytest.raises(DataError, match=rf"{name}: sha256 .* differs from the manifest's .*altered"):
-        TokenShards(altered, verify=True)
+        verify_data(TokenShards(altered), "always")
 
     missing = _copy(prepared, tmp_path / "missing")
     val_shard = Manifest.load(missing).splits["val"].shards[0].file

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gpt_moe.model import DeepSeekForCausalLM
+from gpt_moe.model.model import DeepSeekForCausalLM
 
 
 @pytest.mark.parametrize("kind", ["latent", "expanded"])

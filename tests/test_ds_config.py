@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from gpt_moe.ds_config import TrainingShape, load_ds_config, resolve_ds_config
 from gpt_moe.errors import ConfigError
-from gpt_moe.train_config import TrainConfig, lr_at
+from gpt_moe.train.config import TrainConfig, lr_at
+from gpt_moe.train.ds_config import TrainingShape, load_ds_config, resolve_ds_config
 
 DS_CONFIGS = sorted((Path(__file__).parent.parent / "ds_configs").glob("*.json"))
 
@@ -70,7 +70,7 @@ def test_bf16_auto_means_native_and_forcing_emulated_bf16_warns(caplog):
     emulated = shape(bf16_supported=True, bf16_native=False)  # e.g. an AVX2-only CPU
     assert resolve_ds_config({"bf16": {"enabled": "auto"}}, emulated)[0]["bf16"]["enabled"] is False
     assert resolve_ds_config({"bf16": {"enabled": "auto"}}, shape(bf16_native=True))[0]["bf16"]["enabled"] is True
-    with caplog.at_level("WARNING", logger="gpt_moe.ds_config"):
+    with caplog.at_level("WARNING", logger="gpt_moe.train.ds_config"):
         assert resolve_ds_config({"bf16": {"enabled": True}}, emulated)[0]["bf16"]["enabled"] is True
     assert "emulated" in caplog.text
 

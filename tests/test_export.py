@@ -1,16 +1,18 @@
 """Export to the transformers layout and back: same logits everywhere, no missing or unexpected keys."""
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import pytest
 import torch
 
-from gpt_moe.loading import LoadedModel, load_for_inference
+from gpt_moe.checkpoint.export import export
+from gpt_moe.checkpoint.loading import LoadedModel, load_for_inference
+from gpt_moe.checkpoint.records import TrainingFacts
+from gpt_moe.data.tokenizer import save_tokenizer, train_bpe
 from gpt_moe.errors import CheckpointError
-from gpt_moe.export import export
-from gpt_moe.model import DeepSeekForCausalLM
-from gpt_moe.tokenizer import save_tokenizer, train_bpe
+from gpt_moe.model.model import DeepSeekForCausalLM
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +29,7 @@ def loaded(small_config, tmp_path):
     model = DeepSeekForCausalLM(config, seed=5).eval()
     for _, moe in model.moe_layers():
         moe.gate.e_score_correction_bias.normal_(0, 0.1)
-    return LoadedModel(model, tokenizer, info, source, {"step": 7, "tokens_seen": 1234, "val_loss": 3.5})
+    return LoadedModel(model, tokenizer, info, source, TrainingFacts(step=7, tokens_seen=1234, val_loss=3.5))
 
 
 def test_export_loads_in_transformers_with_our_logits(loaded, tmp_path, caplog):
@@ -42,13 +44,13 @@ def test_export_loads_in_transformers_with_our_logits(loaded, tmp_path, caplog):
         assert (theirs(tokens).logits - ours).abs().max().item() <= 1e-4
         back = load_for_inference(out)
         assert torch.equal(back.model(tokens).logits, ours)  # MTP block and bias included, bit-exact in fp32
-    assert back.info["step"] == 7
+    assert back.training.step == 7
     assert back.tokenizer.decode(back.tokenizer.encode("emoji 🙂")) == "emoji 🙂"
     assert "validation loss | 3.5000" in (out / "README.md").read_text()
 
 
 def test_exported_tokenizer_loads_in_transformers_with_our_ids_and_chat_template(loaded, tmp_path):
-    from gpt_moe.chat import format_chat
+    from gpt_moe.data.chat_template import format_chat
 
     out = export(loaded, tmp_path / "export", dtype=torch.float32)
     theirs = transformers.AutoTokenizer.from_pretrained(out)
@@ -82,7 +84,7 @@ CONVERSATIONS = [
 def test_transformers_assistant_mask_equals_ours(loaded, tmp_path):
     """What TRL's assistant_only_loss reads: apply_chat_template(..., return_assistant_tokens_mask=True) of the
     exported tokenizer gives exactly render_conversation's ids and loss mask."""
-    from gpt_moe.chat import render_conversation
+    from gpt_moe.data.chat_template import render_conversation
 
     theirs = transformers.AutoTokenizer.from_pretrained(export(loaded, tmp_path / "export", dtype=torch.float32))
     for messages in CONVERSATIONS:
@@ -127,7 +129,7 @@ def test_export_writes_the_training_precision_or_the_asked_one(loaded, tmp_path,
     import importlib.util
     import json
 
-    loaded.info["bf16"] = trained_bf16
+    loaded.training = dataclasses.replace(loaded.training, bf16=trained_bf16)
     source = export(loaded, tmp_path / "checkpoint", dtype=torch.float32)  # stands for the training checkpoint
     spec = importlib.util.spec_from_file_location("export_cli", REPO / "launch" / "export.py")
     cli = importlib.util.module_from_spec(spec)

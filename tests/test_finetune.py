@@ -83,7 +83,7 @@ def test_init_from_a_checkpoint_its_export_and_its_transformers_directory_starts
 
 
 def test_a_frozen_router_stays_bit_identical_while_the_experts_learn(base_run, chat_data, fp32_zero2, tmp_path):
-    from gpt_moe.loading import load_for_inference
+    from gpt_moe.checkpoint.loading import load_for_inference
 
     run_dir = tmp_path / "frozen"
     run("--deepspeed", str(fp32_zero2), "--init-from", str(base_run), "--data", str(chat_data), "--run-dir",

@@ -1,10 +1,15 @@
-"""Generation: cached decoding equals uncached greedy decoding; sampling is seeded; streams reassemble."""
+"""Generation: cached decoding equals uncached greedy decoding; sampling is seeded; streams reassemble and stop
+where a stop string begins."""
 
+import pytest
 import torch
 
-from gpt_moe.generate import SamplingConfig, TextStream, generate_ids, greedy_uncached, sample_next, stream_text
-from gpt_moe.model import DeepSeekForCausalLM
-from gpt_moe.tokenizer import train_bpe
+from gpt_moe.data.chat_template import ChatPrompt
+from gpt_moe.data.tokenizer import train_bpe
+from gpt_moe.model.model import DeepSeekForCausalLM
+from gpt_moe.serve.chat import ReplyStream
+from gpt_moe.serve.generate import SamplingConfig, TextStream, generate_ids, sample_next
+from gpt_moe.train.evaluator import greedy_uncached
 
 
 def test_latent_cache_greedy_equals_full_forward_greedy_for_a_ragged_batch(small_config):
@@ -39,12 +44,33 @@ def test_stream_reassembles_and_never_splits_characters(small_config):
     model = DeepSeekForCausalLM(small_config.replace(vocab_size=320), seed=6).eval()
     cfg = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=11)
     prompt = tokenizer.encode_ordinary("héllo")
-    pieces = list(stream_text(model, tokenizer, prompt, cfg, stop_ids=set()))
+    reply = ReplyStream(model, tokenizer, ChatPrompt(prompt), cfg, stop_ids=set())
+    pieces = list(reply)
     limited = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=11, vocab_limit=tokenizer.n_vocab)
     ids = torch.stack(list(generate_ids(model, [prompt], limited)))
+    assert reply.token_ids == ids[:, 0].tolist()  # the stream samples within the tokenizer's vocabulary
     full = tokenizer.decode_bytes(ids[:, 0].tolist()).decode("utf-8", errors="replace")
-    assert "".join(pieces) == full
+    assert "".join(pieces) == full == reply.text and reply.finish_reason == "length"
     stream = TextStream(tokenizer)
     emoji = "🙂".encode()
     parts = [stream.push(tokenizer.encode_single_token(bytes([b]))) for b in emoji]
     assert parts[:3] == ["", "", ""] and parts[3] == "🙂"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stop_strings_end_the_text_before_the_first_of_them(small_config, seed):
+    """Against the same seeded reply without stop strings, cut by hand at the earliest occurrence of any stop."""
+    tokenizer = train_bpe(["the cat sat on the mat; the dog ran. " * 40], vocab_size=300)
+    model = DeepSeekForCausalLM(small_config.replace(vocab_size=320), seed=seed).eval()
+    prompt = ChatPrompt(tokenizer.encode_ordinary("the cat"))
+    free = ReplyStream(model, tokenizer, prompt, SamplingConfig(max_new_tokens=40, temperature=1.0, seed=seed),
+                       stop_ids=set())
+    whole = "".join(free)
+    stops = (whole[7:10], whole[12:13] + "x", "t") if len(whole) > 13 else ("t",)
+    found = [i for i in (whole.find(stop) for stop in stops) if i >= 0]
+    cut = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=seed, stop=stops)
+    reply = ReplyStream(model, tokenizer, prompt, cut, stop_ids=set())
+    pieces = list(reply)
+    assert "".join(pieces) == reply.text == (whole[:min(found)] if found else whole)
+    assert reply.finish_reason == ("stop" if found else "length")
+    assert not any(stop in "".join(pieces) for stop in stops)

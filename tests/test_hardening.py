@@ -35,7 +35,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) ->
 def tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of DeepSpeed's model and optimizer files of a tag, by file and key path (our per-rank
     RNG files are left out)."""
-    from gpt_moe.checkpoint import load_data_only
+    from gpt_moe.checkpoint.deepspeed_files import load_data_only
 
     found: dict[str, torch.Tensor] = {}
 
@@ -151,7 +151,7 @@ def damaged_tag(root: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("missing", "no such checkpoint directory"),
+    ("missing", "no checkpoint here (no such directory)"),
     ("never a checkpoint", "not a checkpoint (no COMPLETE marker and no DeepSpeed files)"),
     ("not json", "COMPLETE: not valid JSON"),
     ("lacks keys", "COMPLETE: lacks world_size, ep_size, zero_stage"),

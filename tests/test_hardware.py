@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_moe.hardware import (ONEDNN_ISAS_WITHOUT_BF16, cpu_has_native_bf16, deepspeed_cuda_arch_list, default_dtype,
-                              native_bf16, resolve_dtype)
+from gpt_moe.train.hardware import (ONEDNN_ISAS_WITHOUT_BF16, cpu_has_native_bf16, deepspeed_cuda_arch_list,
+                                    default_dtype, native_bf16, resolve_dtype)
 
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -36,7 +36,7 @@ def test_native_bf16_agrees_with_the_kernels_cpu_flags():
 
 
 AVX2_SETTINGS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-DECISION = ("import torch; from gpt_moe.hardware import cpu_kernels_limit, native_bf16; "
+DECISION = ("import torch; from gpt_moe.train.hardware import cpu_kernels_limit, native_bf16; "
             "print(torch.backends.cpu.get_cpu_capability()); print(native_bf16('cpu', True)); "
             "print(cpu_kernels_limit())")
 
@@ -85,7 +85,7 @@ def test_command_line_dtypes():
 
 PAGE_FAULTS_PER_STEP = """
 import resource, sys, torch
-from gpt_moe.hardware import keep_freed_memory
+from gpt_moe.train.hardware import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def step():  # a training step in miniature: large temporaries of a few sizes, all freed at the end

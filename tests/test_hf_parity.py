@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gpt_moe.config import from_hf_config, to_hf_config
-from gpt_moe.model import DeepSeekForCausalLM
+from gpt_moe.model.config import from_hf_config, to_hf_config
+from gpt_moe.model.model import DeepSeekForCausalLM
 
 transformers = pytest.importorskip("transformers")  # a test extra; CI installs it
 

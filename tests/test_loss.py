@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt_moe.loss import IGNORE_INDEX, linear_cross_entropy
-from gpt_moe.model import DeepSeekForCausalLM
+from gpt_moe.model.loss import IGNORE_INDEX, linear_cross_entropy
+from gpt_moe.model.model import DeepSeekForCausalLM
 
 
 def reference(hidden, weight, labels):
@@ -56,7 +56,7 @@ def test_no_gradient_work_without_autograd_and_all_ignored_is_nan():
 
 def test_model_losses_equal_cross_entropy_of_its_logits_and_transformers_loss(small_config):
     transformers = pytest.importorskip("transformers")
-    from gpt_moe.config import to_hf_config
+    from gpt_moe.model.config import to_hf_config
 
     config = small_config.replace(seq_aux_loss_coef=0.0)
     model = DeepSeekForCausalLM(config, seed=3).eval()

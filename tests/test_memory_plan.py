@@ -4,11 +4,12 @@ sizes on the command line, and the largest micro-batch that fits."""
 import pytest
 import torch
 
-from gpt_moe.config import ModelConfig
+from gpt_moe.checkpoint.records import Layout
 from gpt_moe.errors import ConfigError
-from gpt_moe.memory_plan import GIB, MemoryLayout, activation_bytes, largest_micro_batch, training_memory
-from gpt_moe.model import DeepSeekForCausalLM
-from gpt_moe.run_plan import parse_memory
+from gpt_moe.model.config import ModelConfig
+from gpt_moe.model.model import DeepSeekForCausalLM
+from gpt_moe.train.memory_plan import GIB, MemoryLayout, activation_bytes, largest_micro_batch, training_memory
+from gpt_moe.train.plan import parse_memory
 
 
 def saved_bytes(model: DeepSeekForCausalLM, ids: torch.Tensor) -> int:
@@ -39,23 +40,25 @@ def test_activation_estimate_matches_what_autograd_keeps(mode):
 
 def test_model_states_shrink_with_each_zero_stage_and_checkpointing_shrinks_activations():
     config = ModelConfig.load("small")
-    params = 888_969_856  # with MTP (gpt_moe.params.account)
-    layouts = {stage: MemoryLayout(32, 1, 2, stage) for stage in (0, 1, 2, 3)}
+    params = 888_969_856  # with MTP (gpt_moe.model.params.account)
+    layouts = {stage: MemoryLayout(Layout(2, 1, stage, False), 32, 1) for stage in (0, 1, 2, 3)}
     states = {stage: sum(v for k, v in training_memory(config, layout).parts.items()
                          if k in ("weights", "grads", "optimizer")) * GIB for stage, layout in layouts.items()}
     assert states[0] == pytest.approx(params * (4 + 4 + 12))  # fp32 weights, grads, master + Adam
     assert states[1] == pytest.approx(params * (4 + 4 + 12 / 2))
     assert states[2] == pytest.approx(params * (4 + 12 / 2 + 4 / 2))
     assert states[3] == pytest.approx(params * (4 + 4 + 8) / 2)  # the master shares the parameters
-    acts = {mode: training_memory(config, MemoryLayout(1024, 8, 2, 3, checkpointing=mode)).parts["activations"]
+    acts = {mode: training_memory(config, MemoryLayout(Layout(2, 1, 3, False), 1024, 8, checkpointing=mode))
+            .parts["activations"]
             for mode in ("none", "full", "selective")}
     assert acts["full"] < acts["selective"] < acts["none"]
 
 
 def test_largest_micro_batch_is_the_last_that_fits():
     config = ModelConfig.load("tiny")
-    layout = MemoryLayout(256, 1, 2, 2, checkpointing="full")
-    budget = training_memory(config, MemoryLayout(256, 37, 2, 2, checkpointing="full")).total_gib + 1e-9
+    layout = MemoryLayout(Layout(2, 1, 2, False), 256, 1, checkpointing="full")
+    budget = training_memory(config, MemoryLayout(Layout(2, 1, 2, False), 256, 37, checkpointing="full")).total_gib
+    budget += 1e-9
     assert largest_micro_batch(config, layout, budget) == 37
     assert largest_micro_batch(config, layout, 0.1) == 0
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt_moe.moe import MoE, update_bias
+from gpt_moe.model.moe import MoE, update_bias
 
 
 def naive_route(moe: MoE, x: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
@@ -116,7 +116,7 @@ def test_bias_changes_choice_but_not_mixing_weights(small_config):
 
 
 def test_bias_update_moves_by_exactly_rate():
-    from gpt_moe.config import ModelConfig
+    from gpt_moe.model.config import ModelConfig
     moe = MoE(ModelConfig.from_preset("tiny"))
     bias = moe.gate.e_score_correction_bias
     bias.copy_(torch.linspace(-0.1, 0.1, bias.numel()))

@@ -4,9 +4,9 @@ closed form and gradcheck, and a zero coefficient that changes nothing."""
 import numpy as np
 import torch
 
-from gpt_moe.model import DeepSeekForCausalLM
-from gpt_moe.moe import MoE, router_z_loss
-from gpt_moe.moe_health import CollapseWatch, layer_health
+from gpt_moe.model.model import DeepSeekForCausalLM
+from gpt_moe.model.moe import MoE, router_z_loss
+from gpt_moe.train.moe_health import CollapseWatch, layer_health
 
 
 def collapsed_moe(config, favoured=(3, 11)) -> MoE:

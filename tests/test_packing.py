@@ -2,7 +2,7 @@
 
 import torch
 
-from gpt_moe.model import DeepSeekForCausalLM, packed_causal_mask
+from gpt_moe.model.model import DeepSeekForCausalLM, packed_causal_mask
 
 
 def test_mask_is_causal_within_each_segment_only():

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from gpt_moe.config import ModelConfig
-from gpt_moe.model import DeepSeekForCausalLM
-from gpt_moe.params import account
+from gpt_moe.model.config import ModelConfig
+from gpt_moe.model.model import DeepSeekForCausalLM
+from gpt_moe.model.params import account
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "deepseek-v2-lite", "deepseek-v3"])
@@ -36,7 +36,7 @@ def test_active_count_equals_parameters_a_single_token_touches(small_config):
     touched = 0
     for name, p in model.named_parameters():
         if name == "model.embed_tokens.weight":
-            continue  # a lookup reads one row; excluded by convention (see gpt_moe.params)
+            continue  # a lookup reads one row; excluded by convention (see gpt_moe.model.params)
         if ".experts." in name:
             touched += sum(block.numel() for block in p.grad if block.abs().sum() > 0)
         elif p.grad is not None and p.grad.abs().sum() > 0:
@@ -70,9 +70,9 @@ def test_flops_are_six_n_plus_attention():
 
 
 def test_cli_json_has_the_documented_keys():
-    out = subprocess.run([sys.executable, "-m", "gpt_moe.params", "deepseek-v3", "--json"],
+    out = subprocess.run([sys.executable, "-m", "gpt_moe.model.params", "deepseek-v3", "--json"],
                          capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
     assert {"total_params", "active_params", "kv_cache_bytes_per_token", "flops_per_token"} <= set(data)
-    bad = subprocess.run([sys.executable, "-m", "gpt_moe.params", "nope"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "gpt_moe.model.params", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown model preset 'nope'" in bad.stderr

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_moe.hardware import device_peak_flops
-from gpt_moe.metrics import Throughput
-from gpt_moe.peak_flops import CACHE_ENV, cache_path, machine_key
+from gpt_moe.train.hardware import device_peak_flops
+from gpt_moe.train.metrics import Throughput
+from gpt_moe.train.peak_flops import CACHE_ENV, cache_path, machine_key
 
 REPO = Path(__file__).resolve().parent.parent
 THREADS = min(2, os.cpu_count() or 1)
-MEASURE = ("import torch; from gpt_moe.peak_flops import measure_matmul_peak; "
+MEASURE = ("import torch; from gpt_moe.train.peak_flops import measure_matmul_peak; "
            f"print(measure_matmul_peak(torch.float32, {THREADS})[0])")
 
 
@@ -60,7 +60,7 @@ def test_the_peak_is_measured_once_per_machine_then_reused(tmp_path, monkeypatch
 
 
 def test_an_impossible_mfu_is_reported_as_a_wrong_peak(caplog):
-    caplog.set_level(logging.WARNING, logger="gpt_moe.metrics")
+    caplog.set_level(logging.WARNING, logger="gpt_moe.train.metrics")
     throughput = Throughput(flops_per_token=1e9, peak_flops_total=1e3, peak_source="measured while busy")
     for _ in range(2):
         throughput.add(1000)

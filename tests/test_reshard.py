@@ -91,9 +91,10 @@ def converted(full_run, tmp_path_factory) -> Path:
 def test_conversion_keeps_every_expert_by_content(full_run, converted):
     """Routed expert k of every layer after the conversion is expert k of DeepSpeed's per-expert files (an
     independent record: the module weights, where the conversion reads the optimizer's fp32 partitions)."""
-    from gpt_moe.loading import consolidated_state_dict
+    from gpt_moe.checkpoint.loading import consolidated_state_dict
+    from gpt_moe.checkpoint.records import read_record
 
-    before = consolidated_state_dict(full_run / STEP5)
+    before = consolidated_state_dict(full_run / STEP5, read_record(full_run / STEP5))
     names = [name for name in before if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     assert len(names) == 8  # 3 MoE layers + the MTP block, two stacked weights each
     for name in names:
@@ -138,7 +139,7 @@ def test_sigkill_during_conversion_leaves_source_resumable_and_no_complete_targe
     assert not out.exists(), "killed after it finished: the conversion was too fast to interrupt"
     assert partial.is_dir() and not (partial / "COMPLETE").exists()
     assert {f.name: f.read_bytes() for f in source.iterdir()} == before
-    from gpt_moe.checkpoint import check_data_only
+    from gpt_moe.checkpoint.deepspeed_files import check_data_only
 
     check_data_only(source)  # still what DeepSpeed's loader reads as-is
     result = convert(source, out)  # a new conversion replaces the partial one
@@ -146,8 +147,8 @@ def test_sigkill_during_conversion_leaves_source_resumable_and_no_complete_targe
 
 
 def test_experts_disagreeing_with_the_record_are_refused(full_run, tmp_path):
+    from gpt_moe.checkpoint.reshard import DeepSpeedSource
     from gpt_moe.errors import CheckpointError
-    from gpt_moe.reshard import DeepSpeedSource
 
     missing = tmp_path / "missing"
     shutil.copytree(full_run / STEP5, missing)

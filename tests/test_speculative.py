@@ -10,14 +10,15 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import CORPUS, shrunk_tiny
+
+from gpt_moe.data.tokenizer import train_bpe
 from gpt_moe.errors import ConfigError
-from gpt_moe.generate import (DecodeStats, SamplingConfig, SelfSpeculativeDecoder, generate_ids, greedy_uncached,
-                              sampling_logits, speculative_accept)
-from gpt_moe.model import DeepSeekForCausalLM
-from gpt_moe.mtp_acceptance import mtp_agreement
-from gpt_moe.tokenizer import train_bpe
+from gpt_moe.model.model import DeepSeekForCausalLM
+from gpt_moe.model.mtp_acceptance import mtp_agreement
+from gpt_moe.serve.generate import (DecodeStats, SamplingConfig, SelfSpeculativeDecoder, generate_ids, sampling_logits,
+                                    speculative_accept)
+from gpt_moe.train.evaluator import greedy_uncached
 
 GREEDY = SamplingConfig(max_new_tokens=64, temperature=0)
 

@@ -14,7 +14,7 @@ import pytest
 import regex
 import tiktoken
 
-from gpt_moe import tokenizer as tok
+from gpt_moe.data import tokenizer as tok
 from gpt_moe.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_train_bpe_is_deterministic_across_runs_and_threads(corpus, bpe, tmp_pat
     again = tok.train_bpe(corpus, 1024, name="bpe:1024")
     assert tok.tiktoken_file_bytes(tok.mergeable_ranks(again)) == tok.tiktoken_file_bytes(tok.mergeable_ranks(bpe))
     # a separate process with a single-threaded HF trainer gives the same file
-    script = ("import sys, pathlib; sys.path.insert(0, sys.argv[1]); from gpt_moe import tokenizer as t; "
+    script = ("import sys, pathlib; sys.path.insert(0, sys.argv[1]); from gpt_moe.data import tokenizer as t; "
               "from test_tokenizer import training_texts; "
               "t.save_tokenizer(t.train_bpe(training_texts(), 1024, name='bpe:1024'), pathlib.Path(sys.argv[2]))")
     env = {**os.environ, "RAYON_NUM_THREADS": "1"}

@@ -35,7 +35,7 @@ def variant(tmp_path: Path, shipped: Path, **changes) -> Path:
 
 
 ZERO2, ZERO3, TINY = (REPO / "ds_configs" / "zero2.json", REPO / "ds_configs" / "zero3.json",
-                      REPO / "gpt_moe" / "presets" / "tiny.json")
+                      REPO / "gpt_moe" / "model" / "presets" / "tiny.json")
 
 
 def summary(run_dir: Path) -> dict:
@@ -123,7 +123,7 @@ def assert_same_trajectory(one: list[dict], two: list[dict]) -> None:
 def assert_same_model(runs: dict[int, Path]) -> None:
     """The EP=2 checkpoint, merged for inference, is the EP=1 model: same keys, values within WEIGHT_TOLERANCE
     (a bound that swapping two experts would exceed), same logits."""
-    from gpt_moe.loading import load_for_inference
+    from gpt_moe.checkpoint.loading import load_for_inference
 
     merged, single = (load_for_inference(runs[ep]).model for ep in (2, 1))
     assert merged.state_dict().keys() == single.state_dict().keys()
@@ -154,8 +154,8 @@ def test_zero3_ep2_equals_ep1_and_consolidates_without_deepspeed(prepared_data, 
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from gpt_moe.checkpoint import newest_complete
-    from gpt_moe.loading import zero3_state_dict
+    from gpt_moe.checkpoint.loading import zero3_state_dict
+    from gpt_moe.checkpoint.records import newest_complete
 
     tag = newest_complete(runs[1] / "checkpoints")
     ours, reference = zero3_state_dict(tag), get_fp32_state_dict_from_zero_checkpoint(
@@ -179,10 +179,10 @@ def test_bf16_forced_with_expert_parallelism_trains(prepared_data, tmp_path, sma
     assert json.loads((run / "ds_config.resolved.json").read_text())["bf16"]["enabled"] is True
     assert_falls(run)
 
-    from gpt_moe.loading import load_for_inference
+    from gpt_moe.checkpoint.loading import load_for_inference
 
     loaded = load_for_inference(run)
-    assert loaded.info["bf16"] is True
+    assert loaded.training.bf16 is True
     with torch.no_grad():
         assert torch.isfinite(loaded.model(torch.randint(0, 1024, (1, 16))).logits).all()
 
@@ -250,7 +250,7 @@ def unigram_entropy_nats(data_dir: Path) -> float:
     """Entropy of the training split's token frequencies: the loss of the best context-free model."""
     import numpy as np
 
-    from gpt_moe.data import TokenShards
+    from gpt_moe.data.shards import TokenShards
 
     counts = sum(np.bincount(a, minlength=1024).astype(np.float64) for a in TokenShards(data_dir).tokens("train"))
     p = counts[counts > 0] / counts.sum()
@@ -311,17 +311,19 @@ def test_ep2_skew_is_the_share_of_each_ranks_experts_and_a_wrong_peak_is_flagged
 def collapsed_export(prepared_data: Path, out: Path) -> Path:
     """The tiny model (fresh weights, the data's tokenizer) with every MoE layer's bias sending all tokens to
     experts 0 and 1, exported in fp32 (a model to --init-from)."""
-    from gpt_moe.config import ModelConfig
-    from gpt_moe.data import TokenShards
-    from gpt_moe.export import export
-    from gpt_moe.loading import LoadedModel
-    from gpt_moe.model import DeepSeekForCausalLM
+    from gpt_moe.checkpoint.export import export
+    from gpt_moe.checkpoint.loading import LoadedModel
+    from gpt_moe.checkpoint.records import TrainingFacts
+    from gpt_moe.data.shards import TokenShards
+    from gpt_moe.model.config import ModelConfig
+    from gpt_moe.model.model import DeepSeekForCausalLM
 
     shards = TokenShards(prepared_data)
     model = DeepSeekForCausalLM(ModelConfig.from_preset("tiny"), seed=0)
     for _, moe in model.moe_layers():
         moe.gate.e_score_correction_bias[:2] = 100.0
-    return export(LoadedModel(model, shards.tokenizer(), shards.manifest.tokenizer, prepared_data, {"bf16": False}),
+    return export(LoadedModel(model, shards.tokenizer(), shards.manifest.tokenizer, prepared_data,
+                              TrainingFacts(bf16=False)),
                   out, dtype=torch.float32)
 
 
@@ -378,10 +380,11 @@ def test_checkpointing_under_ep2_zero3_matches_keeping_activations(prepared_data
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_dry_run_memory_estimate_is_within_25_percent_of_the_measured_peak(prepared_data, tmp_path, stage):
     """tiny on 2 CPU ranks, fp32, with and without full checkpointing: the estimate the dry run prints for the run
-    (RunPlan.memory_layout -> gpt_moe.memory_plan) against the largest rank's peak resident memory (ru_maxrss)."""
-    from gpt_moe.memory_plan import training_memory
-    from gpt_moe.run_plan import Hardware, plan_run
-    from gpt_moe.train_config import parse_train_args
+    (RunPlan.memory_layout -> gpt_moe.train.memory_plan) against the largest rank's peak resident memory (ru_maxrss)."""
+    from gpt_moe.train.config import parse_train_args
+    from gpt_moe.train.hardware import Hardware
+    from gpt_moe.train.memory_plan import training_memory
+    from gpt_moe.train.plan import plan_run
 
     ds = variant(tmp_path, REPO / "ds_configs" / f"zero{stage}.json", bf16={"enabled": False})
     for mode in ("none", "full"):

@@ -1,0 +1,151 @@
+"""Export to the Hugging Face `deepseek_v3` layout (this module writes; `gpt_moe.checkpoint.model_dir` and
+`gpt_moe.checkpoint.loading` read an export back).
+
+    OUT_DIR/
+        config.json                       transformers DeepseekV3Config
+        model.safetensors                 (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+        mtp.safetensors                   the multi-token-prediction block (transformers has none; we read it back)
+        gpt_moe.json                      our exact model config, tokenizer record and training facts
+        tokenizer.tiktoken                the tiktoken BPE file (mergeable ranks)
+        tokenizer.json                    the same tokenizer for transformers (+ tokenizer_config.json with the
+                                          chat template), so AutoTokenizer.from_pretrained(OUT_DIR) works too
+        README.md                         a model card with the training figures
+
+`transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads it with no missing or
+unexpected keys, because the parameter names are already transformers'; `AutoTokenizer` loads the
+tokenizer. The directory is built beside OUT_DIR and published whole (`gpt_moe.atomic.publish_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from gpt_moe.atomic import partial_dir, publish_dir, unwritable_reason
+from gpt_moe.checkpoint.loading import LoadedModel
+from gpt_moe.checkpoint.model_dir import EXPORT_RECORD_FILE, HF_CONFIG_FILE, MTP_FILE
+from gpt_moe.checkpoint.records import TrainingFacts
+from gpt_moe.data.chat_template import JINJA_TEMPLATE
+from gpt_moe.data.tokenizer import TokenizerInfo, hf_tokenizer_config, hf_tokenizer_json
+from gpt_moe.errors import CheckpointError
+from gpt_moe.model.config import ModelConfig, to_hf_config
+from gpt_moe.model.model import mtp_prefix
+from gpt_moe.model.params import account, human
+
+SHARD_BYTES = 4 * 1024 ** 3
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def export_dtype(name: str, training: TrainingFacts) -> tuple[torch.dtype, str]:
+    """(dtype of the exported weights, why). name: "bf16", "fp32" (or "bfloat16", "float32"), or "auto": the
+    precision the checkpoint was trained in (its record's bf16, kept in an export's training facts); fp32 when
+    that is unknown, which loses nothing."""
+    if name != "auto":
+        return DTYPES[name], f"--dtype {name}"
+    if training.bf16 is None:
+        return torch.float32, "auto: training precision unknown, fp32 loses nothing"
+    return (torch.bfloat16, "auto: trained in bf16") if training.bf16 else (torch.float32, "auto: trained in fp32")
+
+
+def export(loaded: LoadedModel, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Writes the directory (built beside it, published when complete)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir}: exists and is not empty; choose a new export directory")
+    reason = unwritable_reason(out_dir.parent)
+    if reason:
+        raise CheckpointError(f"{out_dir}: cannot write the export there ({reason}); choose a writable directory")
+    partial = partial_dir(out_dir)
+    _write_weights(loaded.model, partial, dtype)
+    config, info = loaded.model.config, loaded.tokenizer_info
+    hf = to_hf_config(config)
+    hf.update({"torch_dtype": str(dtype).removeprefix("torch."), "eos_token_id": info.eot_id,
+               "bos_token_id": None, "pad_token_id": None})
+    (partial / HF_CONFIG_FILE).write_text(json.dumps(hf, indent=1))
+    ours = {"model_config": config.to_dict(), "tokenizer": info.to_dict(), "training": loaded.training.to_dict()}
+    (partial / EXPORT_RECORD_FILE).write_text(json.dumps(ours, indent=1))
+    shutil.copyfile(loaded.source / info.file, partial / info.file)
+    (partial / "tokenizer.json").write_text(hf_tokenizer_json(loaded.tokenizer))
+    (partial / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(JINJA_TEMPLATE), indent=1))
+    (partial / "README.md").write_text(model_card(config, loaded.training, info, dtype))
+    return publish_dir(partial, out_dir)
+
+
+def _write_weights(model: torch.nn.Module, directory: Path, dtype: torch.dtype) -> None:
+    """The main model's weights in `dtype` (the balancing biases stay fp32) as safetensors, sharded when large,
+    and the MTP block in its own file."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    mtp = mtp_prefix(config)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    main = {k: (v if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in state.items()
+            if not k.startswith(mtp)}
+    shards = _shard(main)
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in main.values())
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    block = {k: v.to(dtype) for k, v in state.items() if k.startswith(mtp)}
+    if block:
+        save_file(block, directory / MTP_FILE, metadata={"format": "pt"})
+
+
+def _shard(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    return shards
+
+
+def model_card(config: ModelConfig, training: TrainingFacts, tokenizer: TokenizerInfo,
+               dtype: torch.dtype = torch.bfloat16) -> str:
+    a = account(config)
+    trained = {True: "bf16", False: "fp32"}.get(training.bf16, "unknown")
+    lines = [
+        f"# {config.name} (gpt-moe)",
+        "",
+        "A DeepSeek-style language model (Multi-head Latent Attention, DeepSeekMoE with aux-loss-free balancing"
+        f"{', multi-token prediction' if config.num_nextn_predict_layers else ''}) trained with gpt-moe.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| parameters | {human(a.total_params)} total, {human(a.active_params)} activated per token |",
+        f"| layers / hidden / heads | {config.num_hidden_layers} / {config.hidden_size} / "
+        f"{config.num_attention_heads} |",
+        f"| experts | {config.n_routed_experts} routed (top-{config.num_experts_per_tok}), "
+        f"{config.n_shared_experts} shared |",
+        f"| weights | {str(dtype).removeprefix('torch.')} (trained in {trained}; the balancing biases fp32) |",
+        f"| tokenizer | {tokenizer.name} ({tokenizer.n_vocab} tokens, tiktoken file `{tokenizer.file}`) |",
+        f"| training step / tokens | {training.step if training.step is not None else '?'} / "
+        f"{training.tokens_seen:,} |" if training.tokens_seen is not None else "| training | unknown |",
+        f"| validation loss | {training.val_loss:.4f} |" if training.has_val_loss else "| validation loss | - |",
+        f"| KV cache per token (bf16) | {a.kv_cache_bytes_per_token:,} B |",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained('.')  # logits match gpt-moe's",
+        "tokenizer = AutoTokenizer.from_pretrained('.')  # ids match the tiktoken file's; chat template included",
+        "```",
+        "",
+        "The MTP block is in `mtp.safetensors`; gpt-moe's `load_for_inference` reads everything back.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,85 @@
+"""How well a model chats, on held-out conversations: assistant-token loss, replies that end, exact answers.
+
+    held_out_loss(model, shards)            # mean loss over the trained (assistant) tokens of the "val" split
+    reply_statistics(model, tokenizer, items, max_new_tokens)   # greedy replies to held-out questions
+
+`items` are (messages ending with a user question, reference answer, kind) triples, for example
+`data_prep.builtin_chat.heldout_eval_items()`. A reply "ends" when the model writes `<|end|>` within the token
+limit; it is "exact" when its text, stripped, equals the reference answer. Both are counted per kind.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gpt_moe.data.chat_batches import ChatValBatches
+from gpt_moe.data.chat_template import format_chat, reply_stop_ids, special_id
+from gpt_moe.data.shards import TokenShards
+from gpt_moe.data.tokenizer import END
+from gpt_moe.model.model import DeepSeekForCausalLM
+from gpt_moe.serve.generate import SamplingConfig, generate_ids
+
+
+@torch.no_grad()
+def held_out_loss(model: DeepSeekForCausalLM, shards: TokenShards, seq_len: int = 512, batch: int = 8) -> float:
+    """Mean cross-entropy over every trained token of the validation split (conversations packed as in training)."""
+    total, count = 0.0, 0
+    for rows in ChatValBatches(shards, seq_len, batch):
+        trained = rows.trained_tokens()[0]
+        if trained:
+            total += model(**rows.model_inputs()).lm_loss.item() * trained
+            count += trained
+    return total / max(count, 1)
+
+
+@dataclass
+class ReplyStatistics:
+    """Counts per question kind: asked, replies that ended with <|end|>, replies equal to the reference."""
+
+    asked: Counter = field(default_factory=Counter)
+    ended: Counter = field(default_factory=Counter)
+    exact: Counter = field(default_factory=Counter)
+    examples: list[tuple[str, str, str]] = field(default_factory=list)  # (question, reply, reference)
+
+    def rate(self, counter: Counter, kinds: Iterable[str] | None = None) -> float:
+        kinds = list(self.asked) if kinds is None else list(kinds)
+        asked = sum(self.asked[k] for k in kinds)
+        return sum(counter[k] for k in kinds) / asked if asked else float("nan")
+
+
+@torch.no_grad()
+def reply_statistics(model: DeepSeekForCausalLM, tokenizer, items: Iterable[tuple[Sequence[dict], str, str]],
+                     max_new_tokens: int = 64, batch: int = 16) -> ReplyStatistics:
+    """Greedy replies to each item's messages, `batch` at a time."""
+    stats = ReplyStatistics()
+    pending = list(items)
+    for start in range(0, len(pending), batch):
+        chunk = pending[start:start + batch]
+        prompts = [format_chat(tokenizer, messages) for messages, _, _ in chunk]
+        replies = _greedy_replies(model, tokenizer, prompts, max_new_tokens)
+        for (messages, answer, kind), (text, ended) in zip(chunk, replies):
+            stats.asked[kind] += 1
+            stats.ended[kind] += ended
+            stats.exact[kind] += text.strip() == answer.strip()
+            if len(stats.examples) < 3:
+                stats.examples.append((messages[-1]["content"], text, answer))
+    return stats
+
+
+def _greedy_replies(model: DeepSeekForCausalLM, tokenizer, prompts: list[list[int]],
+                    max_new_tokens: int) -> list[tuple[str, bool]]:
+    """(reply text, ended with <|end|>) per prompt, decoded together with the latent cache."""
+    end, stops = special_id(tokenizer, END), reply_stop_ids(tokenizer)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, vocab_limit=tokenizer.n_vocab)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step_ids in generate_ids(model, prompts, sampling, stops):
+        for row, token in enumerate(step_ids.tolist()):
+            if not done[row]:
+                tokens[row].append(token)
+                done[row] = token in stops
+    return [(tokenizer.decode([t for t in row if t not in stops]), bool(row) and row[-1] == end) for row in tokens]

@@ -1,0 +1,113 @@
+"""Checkpoints of a running training: save (every rank), mark complete (rank 0, after every rank wrote its files),
+keep the last N, abandon a failed save in one line, and resume what the plan chose.
+
+A save is visible only once complete (`gpt_moe.checkpoint.records`): DeepSpeed's files and each rank's RNG state
+first, a vote on whether every rank succeeded (the all-reduce is also the "all written" barrier), then rank 0
+writes the model config, the tokenizer and the COMPLETE record. A save that fails anywhere removes the partial
+tag and stops the run with one line; the complete checkpoints stay.
+
+Resuming in the plan's own layout uses DeepSpeed's loader; any other layout (or a layout-free checkpoint) goes
+through `gpt_moe.checkpoint.reshard`, which reads the state parameter by parameter.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gpt_moe.checkpoint.deepspeed_files import check_data_only, load_rank_state, save_rank_state
+from gpt_moe.checkpoint.records import (CheckpointRecord, ClientState, describe_save_failure, newest_complete, prune,
+                                        save_inference_files, tag_for_step, write_record)
+from gpt_moe.checkpoint.reshard import DeepSpeedSource, LayoutFreeSource, load_into_engine, open_source
+from gpt_moe.data.tokenizer import TokenizerInfo
+from gpt_moe.errors import GptMoeError
+from gpt_moe.train.config import FaultInjection
+from gpt_moe.train.engine import Distributed
+from gpt_moe.train.plan import ResumePlan, RunPlan
+
+log = logging.getLogger(__name__)
+
+
+def open_resume_source(resume: ResumePlan | None) -> DeepSpeedSource | LayoutFreeSource | None:
+    """Before any engine starts (a refusal costs nothing): a checkpoint to convert is opened, its records read and
+    its experts checked; one that DeepSpeed's loader will read is checked for pickled code first (that loader
+    unpickles freely). Returns the resharding source, or None."""
+    if resume is None:
+        return None
+    if resume.convert:
+        return open_source(resume.tag)
+    check_data_only(resume.tag)
+    return None
+
+
+class Checkpointer:
+    """Saving and resuming one run's checkpoints on this rank."""
+
+    def __init__(self, plan: RunPlan, context: Distributed, engine, tokenizer: TokenizerInfo, data_dir: Path,
+                 expert_ranges: list[list[int] | None], faults: FaultInjection = FaultInjection()) -> None:
+        self.plan, self.context, self.engine, self.faults = plan, context, engine, faults
+        self.tokenizer, self.data_dir, self.expert_ranges = tokenizer, data_dir, expert_ranges
+
+    def save(self, client: ClientState, val_loss: float, mtp_acceptance: float | None, chat: bool) -> Path:
+        """Writes the checkpoint of `client.step` on every rank and marks it complete; returns its tag directory."""
+        tag_dir = self.plan.checkpoint_dir / tag_for_step(client.step)
+        failure: BaseException | None = None
+        try:
+            self.engine.save_checkpoint(str(self.plan.checkpoint_dir), tag=tag_dir.name,
+                                        client_state=client.to_dict())
+            save_rank_state(tag_dir, self.context.rank)
+            if client.step == self.faults.full_disk_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
+        except (OSError, RuntimeError) as err:  # a full disk surfaces as either (torch.save: "unexpected pos")
+            failure = err
+        if client.step == self.faults.kill_during_save_at and self.context.is_rank0:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the tests: die before COMPLETE
+        if self.context.all_reduce(torch.tensor([float(failure is not None)])).item():  # also the "all written" barrier
+            self._abandon(tag_dir, failure)
+        if self.context.is_rank0:
+            save_inference_files(tag_dir, self.plan.model, self.tokenizer, self.data_dir)
+            plan = self.plan
+            ranges = tuple(tuple(r) if r else None for r in self.expert_ranges)
+            write_record(tag_dir, CheckpointRecord(
+                client.step, plan.layout, client.tokens_seen, ranges, val_loss, plan.model.name, chat, mtp_acceptance,
+                str(plan.init_from.path) if plan.init_from else None))
+            prune(self.plan.checkpoint_dir, self.plan.train.keep_last)
+        dist.barrier()
+        return tag_dir
+
+    def _abandon(self, tag_dir: Path, failure: BaseException | None) -> None:
+        """A save failed on some rank: remove the partial tag, keep the complete ones, stop with one line."""
+        if self.context.is_rank0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        dist.barrier()
+        why = describe_save_failure(failure, self.plan.checkpoint_dir) if failure else "failed on another rank"
+        newest = newest_complete(self.plan.checkpoint_dir)
+        raise GptMoeError(f"{tag_dir}: saving the checkpoint failed ({why}); the partial checkpoint was removed and "
+                          f"the newest complete one is {newest or 'none'}; free space or fix the permissions, then "
+                          "rerun the same command to resume")
+
+    def resume(self, source: DeepSpeedSource | LayoutFreeSource | None) -> ClientState | None:
+        """Loads the checkpoint the plan resumes (through `source` when it converts between layouts) into the
+        engine; returns its client state, or None when the run starts fresh."""
+        resume = self.plan.resume
+        if resume is None:
+            return None
+        if source is not None:
+            if self.context.is_rank0:
+                log.warning("%s: converting from %s to %s", resume.tag, resume.record.layout.describe(),
+                            self.plan.layout.describe())
+            client = load_into_engine(self.engine, source, self.plan.train.seed)
+        else:
+            _, saved = self.engine.load_checkpoint(str(resume.tag.parent), tag=resume.tag.name)
+            load_rank_state(resume.tag, self.context.rank)
+            client = ClientState.from_dict(saved)
+        if self.context.is_rank0:
+            log.warning("resumed from %s at step %d (%d tokens seen)", resume.tag, client.step, client.tokens_seen)
+        return client

@@ -1,0 +1,163 @@
+"""The DeepSpeed side of a run: the process group, the model built for the plan's layout, the engine around it.
+
+    dist = start_distributed(plan)           # every rank: its rank, the world size, its device
+    model = build_model(plan, dist)          # ZeRO-3 under zero.Init; this rank's experts; --init-from weights
+    engine = build_engine(plan, model)       # AdamW groups, the learning-rate schedule, the fp32 fixes
+
+The benchmarks (`launch/bench_train.py`, `launch/bench_sft.py`) build their engines with `build_engine` from a plan
+too, so they time the step that training runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gpt_moe.checkpoint.loading import read_weights
+from gpt_moe.checkpoint.model_dir import ModelDirectory
+from gpt_moe.errors import CheckpointError
+from gpt_moe.model.model import DeepSeekForCausalLM, mtp_prefix
+from gpt_moe.model.moe import EXPERT_WEIGHTS, Experts, MoE
+from gpt_moe.train.config import lr_at
+from gpt_moe.train.hardware import (deepspeed_cuda_arch_list, keep_freed_memory, release_freed_memory,
+                                    unlink_cpu_allreduce_buffer)
+from gpt_moe.train.plan import RunPlan
+from gpt_moe.train.zero_memory import share_fp32_master
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the run."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """`values` summed (or `op`) over every rank, on this rank's device."""
+        values = values.to(self.device)
+        dist.all_reduce(values, op=op)
+        return values
+
+
+def ensure_single_process_env() -> None:
+    """What the deepspeed launcher sets, for a one-rank run started with plain `python`."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+
+
+def start_distributed(zero_stage: int) -> Distributed:
+    """Joins the process group on DeepSpeed's accelerator (gloo on CPU, NCCL on GPUs) and prepares the process:
+    on CPU the memory allocator (see `gpt_moe.train.hardware`), on CUDA the architecture list DeepSpeed's op builder
+    reads."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    ensure_single_process_env()
+    accelerator = get_accelerator()
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    context = Distributed(dist.get_rank(), dist.get_world_size(), torch.device(accelerator.current_device_name()))
+    if context.device.type == "cpu" and zero_stage < 3:
+        # reuse freed activations instead of faulting fresh pages in every step; not under ZeRO-3, the stage
+        # for models that barely fit: the heap it keeps grew a `small` EP=2 rank past 10 GiB (killed) where it
+        # peaks at 7.7 GiB with glibc's defaults
+        keep_freed_memory()
+    if context.device.type == "cpu":
+        dist.barrier()  # every rank has mapped every rank's allreduce workspace: its name can go
+        unlink_cpu_allreduce_buffer(context.rank)
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if context.device.type == "cuda" and deepspeed_cuda_arch_list(arch_list) != arch_list:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = deepspeed_cuda_arch_list(arch_list)  # before FusedAdam is built
+        log.warning("TORCH_CUDA_ARCH_LIST=%s rewritten as %s for DeepSpeed's op builder", arch_list,
+                    os.environ["TORCH_CUDA_ARCH_LIST"])
+    return context
+
+
+def build_model(plan: RunPlan, context: Distributed) -> DeepSeekForCausalLM:
+    """The model of the plan on this rank: under ZeRO-3 built already partitioned (`deepspeed.zero.Init`: a rank
+    never holds the whole model), with this rank's share of the routed experts under expert parallelism, the
+    `--init-from` weights, activation checkpointing and `--freeze-router`."""
+    import deepspeed
+
+    from gpt_moe.train.expert_parallel import setup_expert_parallel
+
+    expert_parallel = setup_expert_parallel(plan.train.ep_size, plan.zero_stage) if plan.train.ep_size > 1 else None
+    # --init-from loads whole tensors into an ordinary model first
+    partitioned = plan.zero_stage == 3 and plan.init_from is None
+    with deepspeed.zero.Init(config_dict_or_path=plan.ds_config, enabled=partitioned):
+        model = DeepSeekForCausalLM(plan.model, expert_parallel, seed=plan.train.seed)
+    if partitioned and context.device.type == "cpu":
+        release_freed_memory()  # the whole parameters zero.Init replaced by partitions (small: 3.5 -> 1.9 GiB)
+    model.set_activation_checkpointing(plan.train.activation_checkpointing)
+    if plan.init_from is not None:
+        load_init_weights(model, plan.init_from, context.is_rank0)
+    if plan.train.freeze_router:
+        for _, moe in model.moe_layers():
+            moe.gate.weight.requires_grad_(False)  # the bias is a buffer: the balancing update leaves it alone
+    if plan.zero_stage == 3:
+        deepspeed.utils.set_z3_leaf_modules(model, [MoE])  # fetch a whole MoE block at once
+    return model
+
+
+def load_init_weights(model: DeepSeekForCausalLM, base: ModelDirectory, is_rank0: bool) -> None:
+    """--init-from: the weights (read without unpickling code, fp32), this rank's share of the routed experts under
+    expert parallelism. A directory without an MTP block leaves the model's fresh one."""
+    state = {name: value.float() for name, value in read_weights(base).items()}
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            for weight in EXPERT_WEIGHTS:
+                key = f"{name}.{weight}"
+                if key in state:
+                    state[key] = state[key][module.first_expert:module.first_expert + module.num_local_experts]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not key.startswith(mtp_prefix(model.config)) for key in missing):
+        raise CheckpointError(f"{base.path}: weights do not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    if missing and is_rank0:
+        log.warning("%s has no MTP block: it starts from a fresh initialisation", base.path)
+    if is_rank0:
+        log.warning("initialised from %s (%s); optimizer and schedule start fresh", base.path, base.kind)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups with the unique names DeepSpeed's MoE splitting needs; no decay on 1-D parameters (by their
+    full shape: a parameter partitioned by `deepspeed.zero.Init` holds an empty 1-D tensor)."""
+    def matrix(p: torch.nn.Parameter) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def build_engine(plan: RunPlan, model: torch.nn.Module):
+    """DeepSpeed's engine around `model` with the plan's resolved config, AdamW groups and learning-rate schedule;
+    non-finite steps are skipped in fp32 too, and ZeRO-3 fp32 masters share the parameters' memory."""
+    import deepspeed
+
+    cfg = plan.train
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.weight_decay), config=plan.ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg)))
+    if not plan.bf16:
+        share_fp32_master(engine.optimizer)  # ZeRO-3 fp32: the master weights are the parameters
+    if hasattr(engine.optimizer, "check_grad_overflow"):
+        engine.optimizer.check_grad_overflow = True  # skip non-finite steps in fp32 runs too
+    return engine

@@ -1,0 +1,112 @@
+"""Evaluation inside a training run: validation loss, the MTP block's draft acceptance, and a text sample.
+
+Every rank calls each of these together: the experts and ZeRO-3's parameter shards live on several ranks, so the
+model only runs with all of them. Nothing here changes the model or the data position.
+
+    evaluator = Evaluator(engine, val_batches, chat, tokenizer, context, sample_tokens)
+    result = evaluator.evaluate()      # Evaluation(val_loss, mtp_acceptance, sample)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpt_moe.data.chat_batches import ChatValBatches, PackedBatch
+from gpt_moe.data.chat_template import format_chat
+from gpt_moe.data.shards import ValBatches
+from gpt_moe.data.tokenizer import ASSISTANT
+from gpt_moe.model.mtp_acceptance import mtp_agreement
+from gpt_moe.train.engine import Distributed
+
+SAMPLE_QUESTION = "What does the function len do?"  # asked at each evaluation of a chat fine-tuning run
+SAMPLE_PROMPT = "def "  # continued at each evaluation of a pretraining run
+
+
+def model_inputs(batch: tuple[torch.Tensor, torch.Tensor] | PackedBatch, device: torch.device) -> dict:
+    """The model's keyword arguments for a batch: (inputs, labels) windows of text, or packed conversations."""
+    if isinstance(batch, PackedBatch):
+        return batch.to(device).model_inputs()
+    inputs, labels = batch
+    return {"input_ids": inputs.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def greedy_uncached(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                    vocab_limit: int | None = None) -> torch.Tensor:
+    """input_ids: [batch, prompt] -> [batch, prompt + max_new_tokens], argmax of a full forward each step
+    (over the first `vocab_limit` ids: a model may have more embedding rows than its tokenizer has tokens).
+    Slow, but it needs nothing but `forward`, so it runs inside a training engine whose parameters are sharded
+    (ZeRO-3) or whose experts live on other ranks; the tests hold the latent-cache decoder to it."""
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        next_id = model(ids).logits[:, -1, :vocab_limit].argmax(dim=-1, keepdim=True)
+        ids = torch.cat((ids, next_id), dim=1)
+    return ids
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    val_loss: float | None  # None without a validation split (NaN: no token counted)
+    mtp_acceptance: float | None  # None without an MTP block or without a validation split
+    sample: str | None  # None when --sample-tokens is 0
+
+
+class Evaluator:
+    """The evaluations of one run. `val_batches` is None for data without a validation split."""
+
+    def __init__(self, engine, val_batches: ValBatches | ChatValBatches | None, chat: bool, tokenizer,
+                 context: Distributed, sample_tokens: int) -> None:
+        self.engine, self.val_batches, self.chat = engine, val_batches, chat
+        self.tokenizer, self.context, self.sample_tokens = tokenizer, context, sample_tokens
+        self.device = context.device
+
+    def evaluate(self) -> Evaluation:
+        val_loss, acceptance = None, None
+        if self.val_batches is not None:
+            val_loss, acceptance = self.validation_loss(), self.mtp_acceptance()
+        return Evaluation(val_loss, acceptance, self.sample_text() if self.sample_tokens else None)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Validation LM loss: the mean over batches, or for chat data over trained tokens."""
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in self.val_batches:
+            out = self.engine(**model_inputs(batch, self.device))
+            weight = batch.trained_tokens()[0] if self.chat else 1
+            if weight:
+                total += torch.tensor([out.lm_loss.item() * weight, weight], dtype=torch.float64)
+        self.engine.train()
+        total = self.context.all_reduce(total).cpu()
+        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+    @torch.no_grad()
+    def mtp_acceptance(self) -> float | None:
+        """Teacher-forced share of validation positions where the MTP block's top token for the token after next
+        is the main model's (`gpt_moe.model.mtp_acceptance`); None without an MTP block or counted positions."""
+        if not self.engine.module.config.num_nextn_predict_layers:
+            return None
+        self.engine.eval()
+        counts = torch.zeros(2, dtype=torch.float64)
+        for batch in self.val_batches:
+            counts += mtp_agreement(self.engine.module, **model_inputs(batch, self.device)).cpu().double()
+        self.engine.train()
+        counts = self.context.all_reduce(counts).cpu()
+        return (counts[0] / counts[1]).item() if counts[1] > 0 else None
+
+    @torch.no_grad()
+    def sample_text(self) -> str:
+        """Greedy continuation of a fixed prompt, or for a chat run the reply to a fixed question."""
+        tokenizer = self.tokenizer
+        if self.chat:  # a reply through the chat template
+            prompt = format_chat(tokenizer, [{"role": "user", "content": SAMPLE_QUESTION}])
+        else:
+            prompt = tokenizer.encode_ordinary(SAMPLE_PROMPT)
+        self.engine.eval()
+        ids = greedy_uncached(self.engine.module, torch.tensor([prompt], device=self.device), self.sample_tokens,
+                              vocab_limit=tokenizer.n_vocab)
+        self.engine.train()
+        text = tokenizer.decode(ids[0].tolist())
+        return f"{SAMPLE_QUESTION} -> {text.split(ASSISTANT, 1)[-1]}" if self.chat else text

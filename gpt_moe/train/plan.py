@@ -1,0 +1,271 @@
+"""Plan a training run before anything heavy starts: resolved configs, layout, run directory, resume, memory.
+
+`plan_run` reads the model, training and DeepSpeed configs, checks everything a user can get wrong
+(ConfigError / DataError / CheckpointError naming the file, key or flag) and returns a `RunPlan` holding the
+values the run will use: the training config with what the DeepSpeed JSON fixed (batch sizes, lr, clipping),
+the DeepSpeed config with every "auto" resolved, the layout (ranks, EP size, ZeRO stage, precision), the run
+directory, what `--resume` will continue from and whether that converts between layouts (`ResumePlan`), the
+weights `--init-from` starts from, and a memory estimate. It starts nothing: `--dry-run` prints
+`RunPlan.banner()` and exits; the trainer is built from the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt_moe.checkpoint.model_dir import ModelDirectory, locate
+from gpt_moe.checkpoint.records import RUNS_DIR, CheckpointRecord, Layout, newest_complete, read_record
+from gpt_moe.data.manifest import DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, Manifest
+from gpt_moe.errors import CheckpointError, ConfigError, DataError
+from gpt_moe.model.config import ModelConfig
+from gpt_moe.model.params import account, describe
+from gpt_moe.model.recompute import MODES
+from gpt_moe.train.config import TrainConfig
+from gpt_moe.train.ds_config import (TrainingShape, load_ds_config, resolve_ds_config, validate_with_deepspeed,
+                                     zero_stage)
+from gpt_moe.train.hardware import Hardware
+from gpt_moe.train.memory_plan import GIB, MemoryLayout, largest_micro_batch, training_memory
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What the run continues from: a complete checkpoint tag (or a layout-free checkpoint) and its record.
+    `convert`: its layout differs from the run's (or it is layout-free), so `gpt_moe.checkpoint.reshard` puts its
+    state into the new engine parameter by parameter; otherwise DeepSpeed's own loader reads it."""
+
+    tag: Path
+    record: CheckpointRecord
+    convert: bool
+
+    def describe(self, layout: Layout) -> str:
+        what = f"{self.tag} (step {self.record.step}, {self.record.tokens_seen:,} tokens)"
+        if not self.convert:
+            return f"resume from {what}: the same layout, DeepSpeed's loader"
+        return f"resume from {what}: converting from {self.record.layout.describe()} to {layout.describe()}"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    train: TrainConfig  # with the values the DeepSpeed JSON fixed
+    model: ModelConfig  # with the training config's overrides
+    ds_config: dict[str, Any]  # every "auto" resolved
+    world_size: int
+    zero_stage: int
+    run_dir: Path
+    prepare_default_data: bool  # the default data directory is not prepared yet
+    init_from: ModelDirectory | None = None  # --init-from: the weights to start from
+    device_type: str = "cuda"  # DeepSpeed's accelerator
+    resume: ResumePlan | None = None  # None: the run starts at step 0
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.ds_config["bf16"]["enabled"])
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.world_size, self.train.ep_size, self.zero_stage, self.bf16)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.train
+        return t.seq_len * t.micro_batch * t.grad_accum * self.world_size
+
+    @property
+    def last_step(self) -> int:
+        """The step the run ends at: --max-steps, or earlier when --max-tokens is reached."""
+        if self.train.max_tokens:
+            return min(self.train.max_steps, math.ceil(self.train.max_tokens / self.tokens_per_step))
+        return self.train.max_steps
+
+    def memory_layout(self, **changes: Any) -> MemoryLayout:
+        """The run's layout for `gpt_moe.train.memory_plan` (fields in `changes` replaced)."""
+        t, zero = self.train, self.ds_config.get("zero_optimization", {})
+        offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+        layout = MemoryLayout(self.layout, t.seq_len, t.micro_batch, t.activation_checkpointing, offload,
+                              self.device_type, int(zero.get("sub_group_size", 10 ** 12)))
+        return layout.changed(**changes)
+
+    def memory_lines(self) -> list[str]:
+        """The banner's memory estimate: the run's parts, activations per checkpointing mode, and with
+        --memory-per-rank the largest micro-batch that fits per mode (or what to change)."""
+        estimate = training_memory(self.model, self.memory_layout())
+        by_mode = {mode: training_memory(self.model, self.memory_layout(checkpointing=mode)).parts["activations"]
+                   for mode in MODES}
+        lines = [f"memory per rank (estimate, GiB): total {estimate.total_gib:.3f} = "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in estimate.parts.items())
+                 + "".join(f"; host {k} {v:.3f}" for k, v in estimate.host.items()),
+                 "  activations by --activation-checkpointing: "
+                 + ", ".join(f"{mode} {value:.3f}" for mode, value in by_mode.items())]
+        if self.train.memory_per_rank:
+            lines += fit_lines(self, parse_memory(self.train.memory_per_rank))
+        return lines
+
+    def banner(self) -> str:
+        """What the run will do, printed at start (and by --dry-run)."""
+        model, t = self.model, self.train
+        return "\n".join([
+            "=" * 72,
+            f"gpt-moe training  run dir {self.run_dir}",
+            f"world {self.world_size} rank(s), expert-parallel size {t.ep_size} "
+            f"({model.n_routed_experts // t.ep_size} routed experts per rank per layer), "
+            f"ZeRO stage {self.zero_stage}, bf16 {self.ds_config['bf16']['enabled']}",
+            describe(account(model, t.seq_len)),
+            self.resume.describe(self.layout) if self.resume else "resume: nothing to resume, the run starts at step 0",
+            *self.memory_lines(),
+            "model config: " + json.dumps({k: v for k, v in model.to_dict().items() if k != "extra"}),
+            "training config: " + json.dumps(dataclasses.asdict(t)),
+            "DeepSpeed config (resolved): " + json.dumps(self.ds_config),
+            "=" * 72,
+        ])
+
+
+def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware: Hardware) -> RunPlan:
+    """The run `cfg` describes on `world_size` ranks of `hardware`; `explicit` names the flags given on the
+    command line (a DeepSpeed JSON value that contradicts one of them is an error)."""
+    base = ModelDirectory.open(cfg.init_from) if cfg.init_from else None
+    if base is not None:
+        cfg = fine_tuning_defaults(cfg, explicit)
+    if base is not None and "--model" in explicit:
+        raise ConfigError(f"--model {cfg.model} with --init-from {cfg.init_from}: the model is the one of the weights; "
+                          "drop --model")
+    model = resolve_model_config(cfg, base.config if base else None)
+    raw_ds = load_ds_config(cfg.deepspeed_config)
+    check_layout(cfg, model, world_size)
+    if cfg.seq_len > model.max_position_embeddings:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the context of model {model.name!r} "
+                          f"(max_position_embeddings={model.max_position_embeddings}); lower --seq-len, or use a "
+                          "model config with a longer context (YaRN rope_scaling and a larger max_position_embeddings)")
+    prepare_default_data = check_data(cfg)
+    if not prepare_default_data:
+        check_fine_tuning_data(cfg, base)
+    shape = TrainingShape(cfg.micro_batch, cfg.grad_accum, world_size, cfg.lr, cfg.weight_decay, cfg.clip,
+                          hardware.bf16_supported, model.hidden_size, explicit, bf16_native=hardware.bf16_native,
+                          device_type=hardware.device_type)
+    ds_config, shape = resolve_ds_config(raw_ds, shape, source=cfg.deepspeed_config)
+    validate_with_deepspeed(ds_config, cfg.deepspeed_config)
+    train = dataclasses.replace(cfg, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum, clip=shape.clip,
+                                lr=shape.lr, weight_decay=shape.weight_decay)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(RUNS_DIR) / (model.name + ("-sft" if base else ""))
+    plan = RunPlan(train, model, ds_config, world_size, zero_stage(ds_config), run_dir, prepare_default_data, base,
+                   hardware.device_type)
+    return dataclasses.replace(plan, resume=plan_resume(cfg.resume, plan.checkpoint_dir, plan.layout))
+
+
+def plan_resume(resume: str, checkpoint_dir: Path, layout: Layout) -> ResumePlan | None:
+    """`--resume auto` (the newest complete checkpoint of this run, if any), `none`, or a run or tag directory (a
+    layout-free one included); refuses in one line what holds no training state."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        tag = newest_complete(checkpoint_dir)
+        if tag is None:
+            return None
+        kind = "checkpoint"
+    else:
+        tag, kind = locate(resume)
+        if kind in ("export", "transformers"):
+            what = "an export" if kind == "export" else "a transformers directory"
+            raise CheckpointError(f"--resume {resume}: {what} holds weights only, no training state; start from its "
+                                  "weights with --init-from")
+    record = read_record(tag)
+    return ResumePlan(tag, record, convert=kind == "layout-free" or not record.layout.matches(layout))
+
+
+def parse_memory(text: str) -> float:
+    """"80GB" (10^9 bytes), "24GiB" (2^30), "512MB", "512MiB" -> GiB."""
+    units = {"gib": 1.0, "gb": 1e9 / GIB, "mib": 1 / 1024, "mb": 1e6 / GIB, "tib": 1024.0, "tb": 1e12 / GIB}
+    lowered = text.strip().lower()
+    for unit, factor in sorted(units.items(), key=lambda item: -len(item[0])):
+        number = lowered[: -len(unit)].strip()
+        if lowered.endswith(unit) and number.replace(".", "", 1).isdigit() and float(number) > 0:
+            return float(number) * factor
+    raise ConfigError(f"--memory-per-rank {text!r}: expected a size such as 80GB, 24GiB or 512MiB")
+
+
+def fit_lines(plan: RunPlan, budget_gib: float) -> list[str]:
+    """The largest micro-batch under `budget_gib` per checkpointing mode; when even 1 does not fit, the layouts
+    (ZeRO stage, EP size, optimizer offload) in which micro-batch 1 with full checkpointing would."""
+    lines = [f"fits in {budget_gib:.2f} GiB per rank (largest micro-batch at seq {plan.train.seq_len}):"]
+    for mode in MODES:
+        best = largest_micro_batch(plan.model, plan.memory_layout(checkpointing=mode), budget_gib)
+        lines.append(f"  {mode:9s} " + (f"micro-batch {best}" if best else "none"))
+    if any(largest_micro_batch(plan.model, plan.memory_layout(checkpointing=m), budget_gib) for m in MODES):
+        return lines
+    options = []
+    for stage, ep, offload in ((2, plan.train.ep_size, False), (3, plan.train.ep_size, False),
+                               (3, plan.world_size, False), (3, plan.world_size, True)):
+        if plan.model.n_routed_experts % ep:
+            continue
+        layout = plan.memory_layout(zero_stage=stage, ep_size=ep, offload=offload, checkpointing="full",
+                                    micro_batch=1)
+        if training_memory(plan.model, layout).total_gib <= budget_gib:
+            options.append(f"ZeRO-{stage}, --ep-size {ep}" + (", optimizer offload" if offload else ""))
+    lines.append("  nothing fits; change to: " + ("; ".join(options) if options else
+                                                 f"more ranks (world {plan.world_size} is too small for this model)"))
+    return lines
+
+
+FINE_TUNING_DEFAULTS = {"data": DEFAULT_CHAT_DATA_DIR, "seq_len": 512, "micro_batch": 8, "lr": 1e-3,
+                        "warmup_steps": 20}
+"""What --init-from changes in the defaults: the built-in conversations, rows long enough to hold the longest of
+them (323 tokens), and a gentler learning rate than pretraining's."""
+
+
+def fine_tuning_defaults(cfg: TrainConfig, explicit: frozenset[str]) -> TrainConfig:
+    """`cfg` with FINE_TUNING_DEFAULTS for the options still at their pretraining default and not given as flags."""
+    pretraining = TrainConfig()
+    changes = {key: value for key, value in FINE_TUNING_DEFAULTS.items()
+               if f"--{key.replace('_', '-')}" not in explicit and getattr(cfg, key) == getattr(pretraining, key)}
+    return dataclasses.replace(cfg, **changes)
+
+
+def resolve_model_config(cfg: TrainConfig, base: ModelConfig | None = None) -> ModelConfig:
+    """The model preset or JSON (or `base`, the config of --init-from weights) with the training config's loss
+    and balancing overrides."""
+    model_config = base if base is not None else ModelConfig.load(cfg.model)
+    overrides = {key: value for key, value in (("mtp_loss_weight", cfg.mtp_weight),
+                                               ("bias_update_rate", cfg.bias_update_rate),
+                                               ("seq_aux_loss_coef", cfg.seq_aux_loss_coef),
+                                               ("router_z_loss_coef", cfg.router_z_loss_coef)) if value is not None}
+    return model_config.replace(**overrides) if overrides else model_config
+
+
+def check_layout(cfg: TrainConfig, model_config: ModelConfig, world_size: int) -> None:
+    """Expert-parallel size must divide both the world and the number of routed experts."""
+    if world_size % cfg.ep_size:
+        raise ConfigError(f"--ep-size {cfg.ep_size} does not divide the world size {world_size}; "
+                          f"use a divisor of {world_size}")
+    if model_config.n_routed_experts % cfg.ep_size:
+        raise ConfigError(f"--ep-size {cfg.ep_size} does not divide n_routed_experts="
+                          f"{model_config.n_routed_experts} of model {model_config.name!r}")
+
+
+def check_data(cfg: TrainConfig) -> bool:
+    """True if the data must be prepared first (only the default directory is prepared automatically)."""
+    if (Path(cfg.data) / "manifest.json").is_file():
+        return False
+    if Path(cfg.data) in (Path(DEFAULT_DATA_DIR), Path(DEFAULT_CHAT_DATA_DIR)):
+        return True
+    raise DataError(f"{cfg.data}: no prepared data (manifest.json missing); prepare it with "
+                    f"`python -m data_prep --out {cfg.data} ...` or omit --data to use the built-in corpus")
+
+
+def check_fine_tuning_data(cfg: TrainConfig, base: ModelDirectory | None) -> None:
+    """Chat data needs --init-from (a model to fine-tune) whose tokenizer made the data."""
+    manifest = Manifest.load(Path(cfg.data))
+    if manifest.content == "chat" and base is None:
+        raise ConfigError(f"{cfg.data}: chat data is for fine-tuning: add --init-from a pretrained run, checkpoint or "
+                          "export (for example --init-from runs/tiny)")
+    if base is not None and base.tokenizer is not None and base.tokenizer.sha256 != manifest.tokenizer.sha256:
+        raise DataError(f"{cfg.data}: tokenized with {manifest.tokenizer.name} ({manifest.tokenizer.sha256[:12]}...), "
+                        f"but {base.path} was trained with {base.tokenizer.name} ({base.tokenizer.sha256[:12]}...); "
+                        f"prepare the data with --tokenizer-from {cfg.init_from}")

@@ -1,0 +1,289 @@
+"""The training loop on the DeepSpeed engine: start-up, the optimizer step and aux-loss-free balancing. It hands
+checkpoints to the `Checkpointer`, logs to the `TrainingMonitor` and evaluations to the `Evaluator`.
+
+One optimizer step = `grad_accum` micro-batches on every rank. After each applied step the
+per-expert token counts of all micro-batches are summed over all ranks and every MoE
+layer's bias moves once (aux-loss-free balancing). Non-finite steps are skipped by
+DeepSpeed's gradient-overflow check on all ranks and counted; `max_bad_steps` in a row
+stop the run after saving the last good state.
+
+    trainer = Trainer(plan_run(...))   # distributed start, data, engine (see gpt_moe.train.plan)
+    trainer.run()                      # resumes what the plan says, trains; returns the summary (summary.json)
+    trainer.close()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gpt_moe.atomic import write_atomic
+from gpt_moe.checkpoint.records import ClientState
+from gpt_moe.data.chat_batches import ChatBatches, ChatValBatches, PackedBatch
+from gpt_moe.data.shards import TokenShards, TrainBatches, ValBatches
+from gpt_moe.data.verify import verify_data
+from gpt_moe.errors import DataError, GptMoeError
+from gpt_moe.model.moe import update_bias
+from gpt_moe.train.checkpointer import Checkpointer, open_resume_source
+from gpt_moe.train.config import FaultInjection
+from gpt_moe.train.engine import build_engine, build_model, start_distributed
+from gpt_moe.train.evaluator import Evaluator, model_inputs
+from gpt_moe.train.hardware import release_freed_memory
+from gpt_moe.train.monitor import LOSS_NAMES, TrainingMonitor
+from gpt_moe.train.plan import RunPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """The run's counters (saved in every checkpoint's client state)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    trained_tokens: int = 0  # chat data: assistant tokens trained on
+    bad_steps_total: int = 0
+    bad_steps_in_a_row: int = 0
+
+
+class Trainer:
+    """One training run on this rank. `prepare_data(directory)` prepares the default corpus when the plan
+    says it is missing (rank 0 calls it; the others wait)."""
+
+    def __init__(self, plan: RunPlan, faults: FaultInjection = FaultInjection(),
+                 prepare_data: Callable[[Path], None] | None = None) -> None:
+        self.plan, self.cfg, self.faults = plan, plan.train, faults
+        self.resume_source = open_resume_source(plan.resume)  # before anything starts: a refusal costs nothing
+        self.context = context = start_distributed(plan.zero_stage)
+        if plan.prepare_default_data:
+            self._prepare_default_data(prepare_data)
+        self.shards = TokenShards(self.cfg.data)
+        self.shards.check_vocab(plan.model.vocab_size)
+        self._verify_data()
+        self.chat = self.shards.content == "chat"  # fine-tuning on conversations: packed rows, trained tokens
+        batches = ChatBatches if self.chat else TrainBatches
+        self.loader = batches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, context.rank, context.world,
+                              self.cfg.seed)
+        val_batches = self._validation_batches()
+        self.engine = build_engine(plan, build_model(plan, context))
+        if context.device.type == "cpu":
+            release_freed_memory()  # what building the engine freed (see there)
+        self.moe_layers = self.engine.module.moe_layers()
+        self.expert_ranges = self._gather_expert_ranges()
+        self.progress = Progress()
+        self.val_loss, self.mtp_acceptance = float("nan"), None  # of the last evaluation
+        self.evaluator = Evaluator(self.engine, val_batches, self.chat, self.shards.tokenizer(), context,
+                                   self.cfg.sample_tokens)
+        self.checkpointer = Checkpointer(plan, context, self.engine, self.shards.manifest.tokenizer,
+                                         self.shards.directory, self.expert_ranges, faults)
+        self.monitor = TrainingMonitor(plan, context, self.moe_layers, self.chat)
+
+    # ------------------------------------------------------------------ start-up
+    def _prepare_default_data(self, prepare_data: Callable[[Path], None] | None) -> None:
+        if prepare_data is None:
+            raise DataError(f"{self.cfg.data}: no prepared data; prepare it with `python -m data_prep`")
+        if self.context.is_rank0:
+            what = "conversations" if self.plan.init_from is not None else "corpus"
+            log.warning("%s has no prepared data: preparing the built-in %s first (python -m data_prep)",
+                        self.cfg.data, what)
+            prepare_data(Path(self.cfg.data))
+        dist.barrier()
+
+    def _verify_data(self) -> None:
+        """Rank 0 checks every shard against the manifest (`gpt_moe.data.verify`, `--verify-data`) and the data's
+        largest token id against the model's vocabulary; every rank gets the verdict, before step 1."""
+        verdict: list[str | None] = [None]
+        if self.context.is_rank0:
+            try:
+                check = verify_data(self.shards, self.cfg.verify_data)
+                if check.record is None and check.hashed:
+                    log.warning("%s: verification not recorded (%s): every start hashes the shards again",
+                                self.cfg.data, check.record_error)
+                if check.max_token_id >= self.plan.model.vocab_size:
+                    verdict = [f"{self.cfg.data}: token id {check.max_token_id} in the data, but the model's "
+                               f"vocab_size is {self.plan.model.vocab_size}; use a model config with vocab_size > "
+                               f"{check.max_token_id} or data prepared with the model's tokenizer"]
+            except DataError as err:
+                verdict = [str(err)]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise DataError(verdict[0])
+
+    def _validation_batches(self) -> ValBatches | ChatValBatches | None:
+        """The evaluation batches, or None (with one warning) for data prepared with --val-fraction 0."""
+        if not self.shards.has_split("val"):
+            if self.context.is_rank0:
+                log.warning("%s has no validation split (prepared with --val-fraction 0): evaluation is skipped",
+                            self.cfg.data)
+            return None
+        batches = ChatValBatches if self.chat else ValBatches
+        return batches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, self.cfg.eval_batches,
+                       self.context.rank, self.context.world)
+
+    def _gather_expert_ranges(self) -> list[list[int] | None]:
+        """[first, end) of the routed experts each rank holds (the same for every MoE layer)."""
+        experts = self.moe_layers[0][1].experts if self.moe_layers else None
+        mine = [experts.first_expert, experts.first_expert + experts.num_local_experts] if experts else None
+        ranges: list[list[int] | None] = [None] * self.context.world
+        dist.all_gather_object(ranges, mine)
+        return ranges
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self) -> dict[str, float]:
+        """Runs grad_accum micro-batches and one optimizer step; returns this rank's mean losses (for chat data
+        its share of the global per-token means, times the world size: averaged over ranks, they are those)."""
+        sums = torch.zeros(len(LOSS_NAMES), device=self.context.device)  # read once per step (one host sync)
+        batches = [self.loader.next_batch() for _ in range(self.cfg.grad_accum)]
+        shares = self._token_shares(batches) if self.chat else [None] * len(batches)
+        for batch, share in zip(batches, shares):
+            out = self.engine(**model_inputs(batch, self.context.device))
+            parts = [out.loss, out.lm_loss, out.mtp_loss, out.aux_loss, out.z_loss]
+            if share is not None:
+                parts = self._per_token_losses(out, *share)
+            loss = parts[0]
+            if self.progress.step + 1 in self.faults.nan_at:
+                loss = loss * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()
+            sums += torch.stack([p.detach().float() if p is not None else sums.new_zeros(()) for p in parts])
+        return dict(zip(LOSS_NAMES, (sums / self.cfg.grad_accum).tolist()))
+
+    def _token_shares(self, batches: list[PackedBatch]) -> list[tuple[float, float]]:
+        """Per micro-batch, the factor that turns its mean LM / MTP loss into its share of the mean over every
+        trained token of the step (all micro-batches, all ranks), times grad_accum x world (DeepSpeed divides
+        by both). A micro-batch with few trained tokens weighs little; one sync per step."""
+        counts = torch.tensor([b.trained_tokens() for b in batches], dtype=torch.float64)  # [accum, 2]
+        totals = self.context.all_reduce(counts.sum(0)).cpu()
+        self.progress.trained_tokens += int(totals[0])
+        scale = self.cfg.grad_accum * self.context.world
+        return [tuple((counts[i] * scale / totals.clamp(min=1)).tolist()) for i in range(len(batches))]
+
+    def _per_token_losses(self, out, lm_share: float, mtp_share: float) -> list[torch.Tensor | None]:
+        """[loss, lm, mtp, aux, z] with lm and mtp weighted by their shares (a mean over no tokens counts 0)."""
+        def weighted(loss: torch.Tensor | None, share: float) -> torch.Tensor | None:
+            return None if loss is None else (loss * share if share else loss.nan_to_num(0.0) * 0.0)
+
+        lm, mtp = weighted(out.lm_loss, lm_share), weighted(out.mtp_loss, mtp_share)
+        loss = lm + (self.plan.model.mtp_loss_weight * mtp if mtp is not None else 0.0)
+        for extra in (out.aux_loss, out.z_loss):
+            if extra is not None:
+                loss = loss + extra
+        return [loss, lm, mtp, out.aux_loss, out.z_loss]
+
+    def update_balancing(self, applied: bool) -> torch.Tensor | None:
+        """Sums every MoE layer's token counts over all ranks and moves the biases once. Returns the
+        global loads [layers, experts] (for logging) or None without MoE layers."""
+        if not self.moe_layers:
+            return None
+        loads = self.context.all_reduce(torch.stack([moe.load_since_update for _, moe in self.moe_layers]))
+        for (_, moe), load in zip(self.moe_layers, loads):
+            if applied and not self.cfg.freeze_router:
+                update_bias(moe.gate, load, self.plan.model.bias_update_rate)
+            moe.load_since_update.zero_()
+        return loads.cpu()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        """Trains to the plan's last step (resuming first when the plan says so); returns the summary."""
+        from tqdm import tqdm
+
+        self._begin()
+        bar = tqdm(total=self.plan.last_step, initial=self.progress.step, disable=not self.context.is_rank0,
+                   unit="step", dynamic_ncols=True)
+        try:
+            self._loop(bar)
+        finally:
+            bar.close()  # before any error message: the bar's line must not swallow it
+        return self._summary()
+
+    def _begin(self) -> None:
+        """Resume if the plan says so; write the resolved configs; print the banner; start the clock."""
+        client = self.checkpointer.resume(self.resume_source)
+        if client is not None:
+            self.progress = Progress(client.step, client.tokens_seen, client.trained_tokens, client.bad_steps_total)
+            self.loader.load_state_dict(client.data)
+        if self.context.is_rank0:
+            run_dir = self.plan.run_dir
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for name, config in (("ds_config.resolved.json", self.plan.ds_config),
+                                 ("train_config.json", asdict(self.cfg)),
+                                 ("model_config.json", self.plan.model.to_dict())):
+                write_atomic(run_dir / name, json.dumps(config, indent=2))
+            print(self.plan.banner(), flush=True)
+        self.monitor.start()
+
+    def _loop(self, bar) -> None:
+        progress, tokens_per_step = self.progress, self.plan.tokens_per_step
+        while progress.step < self.plan.last_step:
+            step_start = time.perf_counter()
+            skipped_before = self.engine.skipped_steps
+            losses = self.train_step()
+            applied = self.engine.skipped_steps == skipped_before
+            loads = self.update_balancing(applied)
+            progress.step += 1
+            progress.tokens_seen += tokens_per_step
+            self.monitor.step(tokens_per_step, losses if applied else None, loads)
+            if applied:
+                progress.bad_steps_in_a_row = 0
+            else:
+                self._skipped_step(bar)
+            if self._due(self.cfg.log_interval):
+                self.monitor.log(progress.step, self.engine, time.perf_counter() - step_start,
+                                 {"tokens_seen": progress.tokens_seen, "trained_tokens": progress.trained_tokens}, bar)
+            if self._due(self.cfg.eval_interval):
+                self._evaluate(bar)
+            if self._due(self.cfg.save_interval):
+                self.save()
+                self.monitor.restart_clock()
+            bar.update(1)
+
+    def _due(self, interval: int) -> bool:
+        return self.progress.step % interval == 0 or self.progress.step == self.plan.last_step
+
+    def _evaluate(self, bar) -> None:
+        result = self.evaluator.evaluate()
+        if result.val_loss is not None:
+            self.val_loss, self.mtp_acceptance = result.val_loss, result.mtp_acceptance
+        self.monitor.evaluation(self.progress.step, result, bar)
+
+    def _skipped_step(self, bar) -> None:
+        """A non-finite step: counted; `max_bad_steps` in a row save the last good state and stop."""
+        progress = self.progress
+        progress.bad_steps_total += 1
+        progress.bad_steps_in_a_row += 1
+        self.monitor.skipped(progress.step, progress.bad_steps_total, progress.bad_steps_in_a_row, bar)
+        if progress.bad_steps_in_a_row >= self.cfg.max_bad_steps:
+            path = self.save()  # skipped steps did not touch the weights: this is the last good state
+            self._summary()
+            raise GptMoeError(f"{progress.bad_steps_in_a_row} non-finite steps in a row (max_bad_steps); "
+                              f"stopped, last good state saved to {path}; lower --lr or check the data")
+
+    def save(self) -> Path:
+        """A checkpoint of the current step (every rank); its tag directory."""
+        p, plan = self.progress, self.plan
+        client = ClientState(p.step, p.tokens_seen, self.loader.state_dict(), p.trained_tokens, p.bad_steps_total,
+                             asdict(self.cfg), plan.model.to_dict(), plan.ds_config,
+                             self.shards.manifest.tokenizer.to_dict(), self.context.world, self.cfg.ep_size)
+        return self.checkpointer.save(client, self.val_loss, self.mtp_acceptance, self.chat)
+
+    def _summary(self) -> dict[str, Any]:
+        counters = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
+                    "skipped_steps": self.progress.bad_steps_total}
+        return self.monitor.summary(counters, self.val_loss, self.expert_ranges)
+
+    def close(self) -> None:
+        """Flush the logs and take the process group down on every rank together. Leaving it to
+        interpreter exit can abort a rank ("terminate called without an active exception") while
+        communication threads are still alive."""
+        self.monitor.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
