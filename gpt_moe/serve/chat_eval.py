@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from gpt_moe.data.chat_batches import ChatValBatches
-from gpt_moe.data.chat_template import format_chat, reply_stop_ids, special_id
+from gpt_moe.data.chat_template import special_id
 from gpt_moe.data.shards import TokenShards
 from gpt_moe.data.tokenizer import END
 from gpt_moe.model.model import DeepSeekForCausalLM
-from gpt_moe.serve.generate import SamplingConfig, generate_ids
+from gpt_moe.serve.chat import generate_reply
+from gpt_moe.serve.generate import SamplingConfig
 
 
 @torch.no_grad()
@@ -53,33 +54,16 @@ class ReplyStatistics:
 
 @torch.no_grad()
 def reply_statistics(model: DeepSeekForCausalLM, tokenizer, items: Iterable[tuple[Sequence[dict], str, str]],
-                     max_new_tokens: int = 64, batch: int = 16) -> ReplyStatistics:
-    """Greedy replies to each item's messages, `batch` at a time."""
-    stats = ReplyStatistics()
-    pending = list(items)
-    for start in range(0, len(pending), batch):
-        chunk = pending[start:start + batch]
-        prompts = [format_chat(tokenizer, messages) for messages, _, _ in chunk]
-        replies = _greedy_replies(model, tokenizer, prompts, max_new_tokens)
-        for (messages, answer, kind), (text, ended) in zip(chunk, replies):
-            stats.asked[kind] += 1
-            stats.ended[kind] += ended
-            stats.exact[kind] += text.strip() == answer.strip()
-            if len(stats.examples) < 3:
-                stats.examples.append((messages[-1]["content"], text, answer))
+                     max_new_tokens: int = 64) -> ReplyStatistics:
+    """Greedy replies to each item's messages, through the app's own reply loop (`generate_reply`)."""
+    stats, greedy = ReplyStatistics(), SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    end = special_id(tokenizer, END)
+    for messages, answer, kind in items:
+        reply = generate_reply(model, tokenizer, messages, greedy)
+        text = "".join(reply)
+        stats.asked[kind] += 1
+        stats.ended[kind] += reply.finish_reason == "stop" and reply.token_ids[-1] == end
+        stats.exact[kind] += text.strip() == answer.strip()
+        if len(stats.examples) < 3:
+            stats.examples.append((messages[-1]["content"], text, answer))
     return stats
-
-
-def _greedy_replies(model: DeepSeekForCausalLM, tokenizer, prompts: list[list[int]],
-                    max_new_tokens: int) -> list[tuple[str, bool]]:
-    """(reply text, ended with <|end|>) per prompt, decoded together with the latent cache."""
-    end, stops = special_id(tokenizer, END), reply_stop_ids(tokenizer)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, vocab_limit=tokenizer.n_vocab)
-    tokens: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for step_ids in generate_ids(model, prompts, sampling, stops):
-        for row, token in enumerate(step_ids.tolist()):
-            if not done[row]:
-                tokens[row].append(token)
-                done[row] = token in stops
-    return [(tokenizer.decode([t for t in row if t not in stops]), bool(row) and row[-1] == end) for row in tokens]
