@@ -205,6 +205,10 @@ same tokenizer read from another path makes the same data), see `check_tokenizer
 
 
 def _check_same(out: Path, recorded: dict, requested: dict, what: str) -> None:
+    held, asked = recorded.get("format", "text"), requested.get("format", "text")
+    if held != asked:
+        raise DataError(f"{out} already holds {what} of {held} data; refusing to add {asked} data (--format "
+                        f"{asked}) to it; hint: choose another --out for the {asked} data")
     if recorded.get("tokenizer") != requested.get("tokenizer"):
         raise DataError(f"{out} already holds {what} tokenized with {recorded.get('tokenizer')!r}; refusing to mix in "
                         f"--tokenizer {requested.get('tokenizer')!r}; hint: choose another --out or delete {out}")

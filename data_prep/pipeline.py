@@ -31,7 +31,7 @@ from data_prep.build_tokenizer import BaseTokenizer, build_tokenizer, require_ch
 from data_prep.chat_rows import (ChatCorpus, ChatPiece, bad_row_error, chat_pieces, open_chat_corpus, skipped_report,
                                  template_sha256)
 from data_prep.encode import ParallelEncoder, Piece, batches, pieces
-from data_prep.lock import OutputLock
+from data_prep.lock import output_lock
 from data_prep.manifest import (OutputState, PartRecord, Progress, SkippedRows, SplitCount, check_ownership,
                                 check_template, check_tokenizer, inspect_output, remove_stale_files)
 from data_prep.shards import SHARD_NAME, ShardWriter, is_val, mask_name, part_number
@@ -41,6 +41,7 @@ from gpt_moe.data.manifest import (DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, MANI
                                    Manifest, ShardInfo, dtype_for_vocab, sha256_file)
 from gpt_moe.data.tokenizer import load_saved_tokenizer, parse_tokenizer_spec, save_tokenizer, tokenizer_info
 from gpt_moe.data.verify import check_data
+from gpt_moe.dir_lock import DirectoryLock
 from gpt_moe.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ def prepare(config: PrepareConfig) -> PrepareResult:
     check_ownership(out)  # before anything reads the corpus or writes
     finished = (out / MANIFEST_FILE).is_file()
     head = None if finished else _read_head(corpus, config)
-    with OutputLock(out, read_only_ok=finished) as lock:
+    with output_lock(out, read_only_ok=finished) as lock:
         state = inspect_output(out, config.output_args())
         _check_identity(out, state, config, base)
         if state.manifest is not None:
@@ -328,7 +329,7 @@ def _stream(config: PrepareConfig, corpus: Corpus | ChatCorpus) -> Iterator[Piec
 
 
 def _check_finished(out: Path, config: PrepareConfig, corpus: Corpus | ChatCorpus, manifest: Manifest,
-                    lock: OutputLock, base: BaseTokenizer | None) -> PrepareResult:
+                    lock: DirectoryLock, base: BaseTokenizer | None) -> PrepareResult:
     """Verify a finished directory (hashing only what its verification record does not vouch for) and
     rebuild its damaged or missing files: output is deterministic, so re-encoding from the part of the
     first damaged shard reproduces it and every later one."""

@@ -14,11 +14,41 @@ import argparse
 import itertools
 import json
 import sys
+from pathlib import Path
 
 from gpt_moe.cli import run_cli
-from gpt_moe.data.manifest import DEFAULT_CHAT_DATA_DIR
+from gpt_moe.data.manifest import DEFAULT_CHAT_DATA_DIR, MANIFEST_FILE
 from gpt_moe.data.shards import TokenShards
-from gpt_moe.errors import DataError
+from gpt_moe.errors import ConfigError, DataError
+
+
+def check(args: argparse.Namespace) -> None:
+    """The options in range, before any work."""
+    for flag, value in (("--items", args.items), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: expected a positive integer")
+
+
+def held_out_data(args: argparse.Namespace, loaded) -> TokenShards:
+    """The chat data with the held-out split, in the checkpoint's tokenizer; the default directory is prepared when
+    missing (as fine-tuning does), another one must exist."""
+    from data_prep import prepare_default_chat
+
+    data = Path(args.data)
+    prepare = (f"python -m data_prep --format chat --source builtin-chat --tokenizer-from {args.checkpoint} "
+               f"--out {data}")
+    if not (data / MANIFEST_FILE).is_file():
+        if data != Path(DEFAULT_CHAT_DATA_DIR):
+            raise DataError(f"{data}: no prepared chat data ({MANIFEST_FILE} missing); prepare it with `{prepare}`")
+        print(f"{data}: preparing the built-in conversations in the checkpoint's tokenizer first ({prepare})",
+              file=sys.stderr, flush=True)
+        prepare_default_chat(data, tokenizer_from=loaded.source)
+    shards = TokenShards(data)
+    if shards.manifest.tokenizer.sha256 != loaded.tokenizer_info.sha256:
+        raise DataError(f"{data}: tokenized with another tokenizer than {loaded.source}; prepare chat data in its "
+                        f"tokenizer with `python -m data_prep --format chat --source builtin-chat --tokenizer-from "
+                        f"{args.checkpoint} --out NEW_DIR` and pass --data NEW_DIR")
+    return shards
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -26,12 +56,13 @@ def evaluate(args: argparse.Namespace) -> None:
     from gpt_moe.checkpoint.loading import load_for_inference
     from gpt_moe.serve.chat_eval import held_out_loss, reply_statistics
 
+    check(args)
     loaded = load_for_inference(args.checkpoint)
-    shards = TokenShards(args.data)
-    if shards.manifest.tokenizer.sha256 != loaded.tokenizer_info.sha256:
-        raise DataError(f"{args.data}: tokenized with another tokenizer than {loaded.source}; prepare it with "
-                        f"--tokenizer-from {args.checkpoint}")
-    loss = held_out_loss(loaded.model, shards, seq_len=min(512, loaded.model.config.max_position_embeddings))
+    shards = held_out_data(args, loaded)
+    loss, left_out = held_out_loss(loaded.model, shards, seq_len=loaded.model.config.max_position_embeddings)
+    if left_out:
+        print(f"{left_out} held-out conversations are longer than the model's context "
+              f"({loaded.model.config.max_position_embeddings} tokens) and left out of the loss", file=sys.stderr)
     items = list(itertools.islice(heldout_eval_items(KNOWLEDGE_KINDS + IN_CONTEXT_KINDS), args.items))
     stats = reply_statistics(loaded.model, loaded.tokenizer, items, args.max_new_tokens)
     in_context = [k for k in EVAL_KINDS if k in IN_CONTEXT_KINDS]

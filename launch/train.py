@@ -46,11 +46,15 @@ def train(argv: list[str] | None) -> int:
     if reason:
         raise ConfigError(f"--run-dir {plan.run_dir}: cannot write there ({reason}); choose a writable directory")
 
+    from gpt_moe.train.engine import end_distributed
     from gpt_moe.train.trainer import Trainer
 
-    trainer = Trainer(plan, faults, prepare_data=lambda directory: prepare_default_data(plan, directory))
-    trainer.run()
-    trainer.close()
+    try:
+        trainer = Trainer(plan, faults, prepare_data=lambda directory: prepare_default_data(plan, directory))
+        trainer.run()
+        trainer.close()
+    finally:
+        end_distributed()  # however the run ended: no communication thread may outlive the interpreter
     return 0
 
 

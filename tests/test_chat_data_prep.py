@@ -472,3 +472,23 @@ def test_bad_rows_after_the_last_full_part_are_counted(base_data, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["splits"]["train"]["shards"]) + len(manifest["splits"]["val"]["shards"]) == 3
     assert manifest["chat"]["skipped"]["not_json"] == 1 and manifest["chat"]["skipped"]["no_messages"] == 1
+
+
+def test_chat_and_text_data_never_share_a_directory(base_data, tmp_path):
+    """Text data prepared into --out, then chat data asked for there (and the other way round): one line naming the
+    two formats, the directory as it was."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n" * 50, encoding="utf-8")
+    text_out, chat_out = tmp_path / "text", tmp_path / "chat"
+    assert run_cli("--source", str(corpus), "--tokenizer", "bpe:300", "--val-fraction", "0", "--out",
+                   str(text_out)).returncode == 0
+    rows = write_jsonl(tmp_path / "rows.jsonl", [GOOD] * 4)
+    assert run_cli(*CHAT_ARGS, "--source", str(rows), "--tokenizer-from", str(base_data), "--val-fraction", "0",
+                   "--out", str(chat_out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in text_out.iterdir() if p.is_file()}
+    mixed = run_cli(*CHAT_ARGS, "--source", str(rows), "--tokenizer-from", str(base_data), "--val-fraction", "0",
+                    "--out", str(text_out))
+    assert_one_line_error(mixed, f"{text_out} already holds a prepared dataset of text data; refusing to add chat data")
+    assert {p.name: p.read_bytes() for p in text_out.iterdir() if p.is_file()} == before
+    other = run_cli("--source", str(corpus), "--tokenizer", "bpe:300", "--val-fraction", "0", "--out", str(chat_out))
+    assert_one_line_error(other, f"{chat_out} already holds a prepared dataset of chat data; refusing to add text data")

@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from gpt_moe.checkpoint.records import RUN_LOCK_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RUN = ["--seq-len", "32", "--micro-batch", "2", "--log-interval", "1", "--eval-batches", "2",
@@ -231,3 +235,131 @@ def test_token_ids_beyond_the_models_vocabulary_are_refused_before_step_1(prepar
                  "--max-steps", "2", *TINY_RUN)
     assert_one_line_error(result, "token id")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_shard_changed_after_its_verification_with_size_and_mtime_kept_is_one_line(prepared_data, tmp_path):
+    """`--verify-data first` trusts a verified shard whose size and mtime did not change (documented); ids beyond the
+    vocabulary written into it that way are caught by the batch reader: one line, not an IndexError at step 1."""
+    from gpt_moe.data.shards import TokenShards
+    from gpt_moe.data.verify import verify_data
+
+    data = copy_of(prepared_data, tmp_path)
+    for file in data.glob("*.bin"):  # long settled: a shard written within 2 s of its hashing is hashed again
+        os.utime(file, (time.time() - 600, time.time() - 600))
+    shards = TokenShards(data)
+    verify_data(shards, "first")  # recorded in verified.json
+    shard = data / shards.manifest.splits["train"].shards[0].file
+    stat = shard.stat()
+    tokens = np.frombuffer(shard.read_bytes(), dtype=shards.dtype).copy()
+    tokens[::7] = shards.n_vocab + 3  # every window reads some
+    shard.write_bytes(tokens.tobytes())
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    result = run("launch/train.py", "--data", str(data), "--run-dir", str(tmp_path / "run"), "--max-steps", "2",
+                 "--verify-data", "first", *TINY_RUN)
+    assert_one_line_error(result, f"{shard}: token id {shards.n_vocab + 3} is beyond the tokenizer's")
+    assert "--verify-data always" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.multiprocess
+def test_an_error_after_the_process_group_started_exits_2_every_time(prepared_data, small_config, tmp_path):
+    """The edited-down n_vocab of the test above, on 2 ranks, ten times: every rank refuses in one line and the
+    launcher exits 2; none aborts with "terminate called without an active exception" (exit 134, seen in 1 of 4 such
+    runs before every rank took its process group down itself)."""
+    data = copy_of(prepared_data, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tokenizer"]["n_vocab"] = 512
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps(small_config.replace(vocab_size=512).to_dict()))
+    from launching import train
+
+    for attempt in range(10):
+        result = train("--data", str(data), "--model", str(model), "--run-dir", str(tmp_path / "run"),
+                       "--max-steps", "2", *TINY_RUN, ranks=2, check=False)
+        assert result.returncode == 2, (attempt, result.stderr[-2000:])
+        assert "terminate called" not in result.stderr and "token id" in result.stderr, (attempt, result.stderr[-2000:])
+
+
+# ------------------------------------------------------------------------------------ one run per run directory
+def test_a_second_run_on_the_same_run_dir_is_refused_while_the_first_runs(prepared_data, fp32_zero2, tmp_path):
+    """Two real launches racing on one --run-dir: the second is refused in one line naming the first (pid, host,
+    start, command) before it writes anything; the first finishes with its own configs and every step logged once."""
+    run_dir = tmp_path / "run"
+    common = ["launch/train.py", "--deepspeed", str(fp32_zero2), "--data", str(prepared_data), "--run-dir",
+              str(run_dir), "--seq-len", "64", "--micro-batch", "8", "--log-interval", "1", "--eval-interval", "1000",
+              "--save-interval", "1000", "--sample-tokens", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    first = subprocess.Popen([sys.executable, *common, "--max-steps", "120"], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = run_dir / RUN_LOCK_FILE
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and lock.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = run(*common, "--max-steps", "5", "--lr", "1e-4")
+    assert first.poll() is None, "the first run ended before the second started: make it longer"
+    assert_one_line_error(second, f"--run-dir {run_dir} is in use by another training run (pid {first.pid} on ")
+    assert "launch/train.py" in second.stderr and "--max-steps 120" in second.stderr  # its command
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 121))
+    assert json.loads((run_dir / "train_config.json").read_text())["lr"] == 3e-3  # the first run's, not 1e-4
+    assert lock.read_text() == ""  # released when the first run ended
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over_and_one_from_another_host_is_refused(prepared_data, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = {"pid": int(dead.stdout), "host": socket.gethostname(), "started": "2026-01-01 00:00:00",
+              "command": "python launch/train.py --max-steps 9"}
+    (run_dir / RUN_LOCK_FILE).write_text(json.dumps(record))
+    args = ["launch/train.py", "--data", str(prepared_data), "--run-dir", str(run_dir), "--max-steps", "1",
+            "--eval-interval", "1000", *TINY_RUN]
+    result = run(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"taking over the lock of a training run that ended without releasing it (pid {dead.stdout.strip()}" \
+        in result.stderr
+    elsewhere = {**record, "host": "another-host.example"}
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / RUN_LOCK_FILE).write_text(json.dumps(elsewhere))
+    refused = run(*[a if a != str(run_dir) else str(other) for a in args])
+    assert_one_line_error(refused, f"--run-dir {other} is held by a training run on another host (pid "
+                                   f"{dead.stdout.strip()} on another-host.example")
+    assert sorted(p.name for p in other.iterdir()) == [RUN_LOCK_FILE]  # nothing written
+
+
+# ----------------------------------------------------------------------------------------------- launch/eval.py
+def test_eval_checks_its_options_first_and_prepares_the_default_data(tiny_checkpoint, tmp_path):
+    started = time.perf_counter()
+    for flag in ("--items", "--max-new-tokens"):
+        assert_one_line_error(run("launch/eval.py", str(tiny_checkpoint), flag, "-1"),
+                              f"{flag} -1: expected a positive integer")
+    assert time.perf_counter() - started < 20  # before any model or data is read
+    missing = tmp_path / "nowhere"
+    assert_one_line_error(run("launch/eval.py", str(tiny_checkpoint), "--data", str(missing)),
+                          f"--format chat --source builtin-chat --tokenizer-from {tiny_checkpoint} --out {missing}")
+    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    fresh = subprocess.run([sys.executable, str(REPO / "launch" / "eval.py"), str(tiny_checkpoint), "--items", "3",
+                            "--max-new-tokens", "4", "--json"], cwd=tmp_path, capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert (tmp_path / "data" / "chat-builtin" / "manifest.json").is_file()  # prepared as fine-tuning does
+    assert json.loads(fresh.stdout.splitlines()[-1])["replies"] == 3
+
+
+def test_eval_takes_a_validation_split_smaller_than_one_batch(tiny_checkpoint, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
+                                                     {"role": "assistant", "content": f"answer {i}"}]}) + "\n"
+                            for i in range(20)))
+    data = tmp_path / "chat"
+    subprocess.run([sys.executable, "-m", "data_prep", "--format", "chat", "--source", str(rows), "--tokenizer-from",
+                    str(tiny_checkpoint), "--val-fraction", "0.1", "--out", str(data), "--no-progress"], cwd=REPO,
+                   check=True, capture_output=True)
+    result = run("launch/eval.py", str(tiny_checkpoint), "--data", str(data), "--items", "2", "--max-new-tokens",
+                 "4", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    loss = json.loads(result.stdout.splitlines()[-1])["held_out_assistant_loss"]
+    assert np.isfinite(loss) and loss > 0

@@ -136,3 +136,19 @@ def test_the_plan_says_what_a_resume_does_before_anything_starts(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "converting from 2 ranks, EP 2, ZeRO-2, fp32 to 1 rank" in result.stdout, \
         result.stderr[-2000:]
+
+
+def test_a_resume_on_another_layout_keeps_the_global_batch_or_says_it_changes():
+    """The fixture trained at 2 ranks x 2 sequences x 32 tokens = 128 tokens per step. On one rank at micro-batch 2
+    the plan takes --grad-accum 2 (not given); with --grad-accum 1 given it says what changes and what keeps it; at
+    micro-batch 3 no accumulation gives 128."""
+    kept = plan_for("--resume", str(FIXTURE / "run"))
+    assert kept.train.grad_accum == 2 and kept.tokens_per_step == 128
+    assert "keeping the checkpoint's global batch with --grad-accum 2" in kept.banner()
+    changed = plan_for("--resume", str(FIXTURE / "run"), "--grad-accum", "1")
+    assert changed.tokens_per_step == 64 and changed.train.grad_accum == 1
+    assert ("the checkpoint trained at 128 tokens per step, this layout at 2 x 32 tokens x 1 accumulation x 1 rank(s) "
+            "= 64: the global batch changes; --grad-accum 2 keeps it") in changed.banner()
+    odd = plan_for("--resume", str(FIXTURE / "run"), "--micro-batch", "3")
+    assert "no --grad-accum keeps it at this --micro-batch" in odd.banner()
+    assert plan_for("--resume", str(FIXTURE / "run"), "--ep-size", "2", world_size=2).resume.batch_note is None

@@ -29,7 +29,8 @@ from typing import Any
 
 from gpt_moe.atomic import write_atomic
 from gpt_moe.data.tokenizer import TokenizerInfo
-from gpt_moe.errors import CheckpointError, first_line
+from gpt_moe.dir_lock import DirectoryLock
+from gpt_moe.errors import CheckpointError, ConfigError, first_line
 from gpt_moe.model.config import ModelConfig
 
 RUNS_DIR = "runs"
@@ -39,8 +40,15 @@ COMPLETE = "COMPLETE"
 TAG_PREFIX = "step_"
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_INFO_FILE = "tokenizer_info.json"
+RUN_LOCK_FILE = ".run.lock"
+"""The lock a training run holds on its run directory (`run_directory_lock`)."""
 LAYOUT_FREE = "layout-free"
 """`CheckpointRecord.format` of a checkpoint converted by `python launch/reshard.py` (`gpt_moe.checkpoint.reshard`)."""
+
+
+def run_directory_lock(run_dir: str | Path) -> DirectoryLock:
+    """One training run per run directory: the lock global rank 0 holds for the run's life (taken by `acquire`)."""
+    return DirectoryLock(run_dir, RUN_LOCK_FILE, "--run-dir", "training run", ConfigError)
 
 
 def tag_for_step(step: int) -> str:

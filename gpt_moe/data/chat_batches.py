@@ -81,6 +81,7 @@ class Conversations:
     def __init__(self, shards: TokenShards, split: str) -> None:
         if shards.content != "chat":
             raise DataError(f"{shards.directory}: not chat data (prepare it with python -m data_prep --format chat)")
+        self.shards, self.split = shards, split
         self.tokens, self.masks = shards.tokens(split), shards.masks(split)
         starts, shard_of, lengths = [], [], []
         for s, tokens in enumerate(self.tokens):
@@ -100,28 +101,35 @@ class Conversations:
     def pieces(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids [n], trained mask [n]) of conversation `index`, its end-of-text included."""
         s, start, n = int(self.shard[index]), int(self.starts[index]), int(self.positions[index]) + 1
-        return self.tokens[s][start:start + n], self.masks[s][start:start + n]
+        ids = self.tokens[s][start:start + n]
+        self.shards.check_ids(ids, self.split, s)
+        return ids, self.masks[s][start:start + n]
 
 
 class PackedRows:
-    """The packed rows of a split (see the module docstring); `row(i)` builds row i's tensors."""
+    """The packed rows of a split (see the module docstring); `row(i)` builds row i's tensors. A conversation longer
+    than a row is refused, or with `leave_out_longer` left out (`left_out` counts them: an evaluation of a model whose
+    context is shorter than the data's longest conversation)."""
 
-    def __init__(self, shards: TokenShards, split: str, seq_len: int) -> None:
+    def __init__(self, shards: TokenShards, split: str, seq_len: int, leave_out_longer: bool = False) -> None:
         self.conversations = Conversations(shards, split)
         self.seq_len = seq_len
-        longest = int(self.conversations.positions.max())
-        if longest > seq_len:
-            raise DataError(f"{shards.directory}: split {split!r} has a conversation of {longest + 1} tokens, more "
-                            f"than --seq-len {seq_len} + 1; raise --seq-len or prepare the data with --max-seq-len "
-                            f"{seq_len + 1}")
-        self.rows = pack_best_fit(self.conversations.positions, seq_len)
+        positions = self.conversations.positions
+        fits = np.flatnonzero(positions <= seq_len)
+        self.left_out = len(positions) - len(fits)
+        if self.left_out and not leave_out_longer:
+            raise DataError(f"{shards.directory}: split {split!r} has a conversation of {int(positions.max()) + 1} "
+                            f"tokens, more than --seq-len {seq_len} + 1; raise --seq-len or prepare the data with "
+                            f"--max-seq-len {seq_len + 1}")
+        self.rows = [[int(fits[i]) for i in row] for row in pack_best_fit(positions[fits], seq_len)]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def padding_fraction(self) -> float:
-        return 1 - int(self.conversations.positions.sum()) / (len(self.rows) * self.seq_len)
+        packed = sum(int(self.conversations.positions[c]) for row in self.rows for c in row)
+        return 1 - packed / (len(self.rows) * self.seq_len)
 
     def row(self, index: int) -> tuple[np.ndarray, ...]:
         """(input ids, labels, positions, segment ids), each int64 [seq_len], of packed row `index`."""

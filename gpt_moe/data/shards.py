@@ -106,6 +106,18 @@ class TokenShards:
             self._masks[split] = masks
         return self._masks[split]
 
+    def check_ids(self, ids: np.ndarray, split: str, shard: int) -> None:
+        """DataError unless every id read from shard `shard` of `split` is below the tokenizer's n_vocab: a shard
+        changed after its verification with its size and modification time kept (which `--verify-data first`
+        trusts) would otherwise index past the embedding in the middle of training. One reduction per read."""
+        largest = int(ids.max()) if ids.size else -1
+        if largest >= self.n_vocab:
+            path = self.directory / self._shards(split)[shard].file
+            raise DataError(f"{path}: token id {largest} is beyond the tokenizer's {self.n_vocab} tokens: the shard "
+                            "changed after it was verified (its size and modification time kept, which --verify-data "
+                            "first trusts); run with --verify-data always to check every shard; "
+                            f"{repair_hint(self.manifest, self.directory)}")
+
     def check_vocab(self, model_vocab_size: int) -> None:
         """Refuse a model whose embedding cannot hold every token id of this data."""
         if model_vocab_size < self.n_vocab:
@@ -124,6 +136,7 @@ class _Windows:
     def __init__(self, shards: TokenShards, split: str, seq_len: int):
         if seq_len < 1:
             raise DataError(f"seq_len {seq_len}: expected a positive integer")
+        self.shards, self.split = shards, split
         self.arrays = shards.tokens(split)
         self.seq_len = seq_len
         counts = np.array([(len(a) - 1) // seq_len for a in self.arrays], dtype=np.int64)
@@ -148,6 +161,7 @@ class _Windows:
         out = np.empty((len(window_ids), self.seq_len + 1), dtype=np.int64)
         for row, (s, start) in enumerate(zip(shard.tolist(), starts.tolist())):
             out[row] = self.arrays[s][start:start + self.seq_len + 1]
+            self.shards.check_ids(out[row], self.split, s)
         return torch.from_numpy(out)
 
 

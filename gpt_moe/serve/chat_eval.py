@@ -1,6 +1,6 @@
 """How well a model chats, on held-out conversations: assistant-token loss, replies that end, exact answers.
 
-    held_out_loss(model, shards)            # mean loss over the trained (assistant) tokens of the "val" split
+    held_out_loss(model, shards)            # (mean loss over the assistant tokens of the "val" split, left out)
     reply_statistics(model, tokenizer, items, max_new_tokens)   # greedy replies to held-out questions
 
 `items` are (messages ending with a user question, reference answer, kind) triples, for example
@@ -14,9 +14,10 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from gpt_moe.data.chat_batches import ChatValBatches
+from gpt_moe.data.chat_batches import PackedRows
 from gpt_moe.data.chat_template import special_id
 from gpt_moe.data.shards import TokenShards
 from gpt_moe.data.tokenizer import END
@@ -26,15 +27,19 @@ from gpt_moe.serve.generate import SamplingConfig
 
 
 @torch.no_grad()
-def held_out_loss(model: DeepSeekForCausalLM, shards: TokenShards, seq_len: int = 512, batch: int = 8) -> float:
-    """Mean cross-entropy over every trained token of the validation split (conversations packed as in training)."""
-    total, count = 0.0, 0
-    for rows in ChatValBatches(shards, seq_len, batch):
+def held_out_loss(model: DeepSeekForCausalLM, shards: TokenShards, seq_len: int = 512,
+                  batch: int = 8) -> tuple[float, int]:
+    """(mean cross-entropy over every trained token of the validation split, conversations left out): conversations
+    packed as in training, `batch` rows at a time, every row however few there are; those longer than `seq_len`
+    (the model's context) are left out and counted."""
+    packed, total, count = PackedRows(shards, "val", seq_len, leave_out_longer=True), 0.0, 0
+    for start in range(0, len(packed), batch):
+        rows = packed.batch(np.arange(start, min(start + batch, len(packed))))
         trained = rows.trained_tokens()[0]
         if trained:
             total += model(**rows.model_inputs()).lm_loss.item() * trained
             count += trained
-    return total / max(count, 1)
+    return total / max(count, 1), packed.left_out
 
 
 @dataclass

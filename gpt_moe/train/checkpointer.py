@@ -110,4 +110,6 @@ class Checkpointer:
             client = ClientState.from_dict(saved)
         if self.context.is_rank0:
             log.warning("resumed from %s at step %d (%d tokens seen)", resume.tag, client.step, client.tokens_seen)
+            if resume.batch_note:
+                log.warning("resume: %s", resume.batch_note)
         return client

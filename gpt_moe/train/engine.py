@@ -13,15 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from gpt_moe.checkpoint.loading import read_weights
 from gpt_moe.checkpoint.model_dir import ModelDirectory
-from gpt_moe.errors import CheckpointError
+from gpt_moe.errors import CheckpointError, GptMoeError
 from gpt_moe.model.model import DeepSeekForCausalLM, mtp_prefix
 from gpt_moe.model.moe import EXPERT_WEIGHTS, Experts, MoE
 from gpt_moe.train.config import lr_at
@@ -31,6 +32,7 @@ from gpt_moe.train.plan import RunPlan
 from gpt_moe.train.zero_memory import share_fp32_master
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,19 @@ class Distributed:
     @property
     def is_rank0(self) -> bool:
         return self.rank == 0
+
+    def on_rank0(self, check: Callable[[], T]) -> T | None:
+        """`check()` on rank 0 (None elsewhere); when it raises a one-line error there, every rank raises it."""
+        result, verdict = None, [None]
+        if self.is_rank0:
+            try:
+                result = check()
+            except GptMoeError as err:
+                verdict = [err]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise verdict[0]
+        return result
 
     def all_reduce(self, values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """`values` summed (or `op`) over every rank, on this rank's device."""
@@ -87,6 +102,14 @@ def start_distributed(zero_stage: int) -> Distributed:
         log.warning("TORCH_CUDA_ARCH_LIST=%s rewritten as %s for DeepSpeed's op builder", arch_list,
                     os.environ["TORCH_CUDA_ARCH_LIST"])
     return context
+
+
+def end_distributed() -> None:
+    """Takes this rank's process group down (idempotent). Leaving it to interpreter exit can abort the process
+    ("terminate called without an active exception", exit 134) while gloo's communication threads are still
+    alive: after an error, every rank must end it itself, without waiting for the others."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def build_model(plan: RunPlan, context: Distributed) -> DeepSeekForCausalLM:

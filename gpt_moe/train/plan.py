@@ -41,12 +41,13 @@ class ResumePlan:
     tag: Path
     record: CheckpointRecord
     convert: bool
+    batch_note: str | None = None  # the global batch differs from the checkpoint's: what changed, or was kept
 
     def describe(self, layout: Layout) -> str:
         what = f"{self.tag} (step {self.record.step}, {self.record.tokens_seen:,} tokens)"
-        if not self.convert:
-            return f"resume from {what}: the same layout, DeepSpeed's loader"
-        return f"resume from {what}: converting from {self.record.layout.describe()} to {layout.describe()}"
+        how = ("the same layout, DeepSpeed's loader" if not self.convert
+               else f"converting from {self.record.layout.describe()} to {layout.describe()}")
+        return f"resume from {what}: {how}" + (f"\nresume: {self.batch_note}" if self.batch_note else "")
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,16 @@ class RunPlan:
 def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware: Hardware) -> RunPlan:
     """The run `cfg` describes on `world_size` ranks of `hardware`; `explicit` names the flags given on the
     command line (a DeepSpeed JSON value that contradicts one of them is an error)."""
+    plan = _plan(cfg, explicit, world_size, hardware)
+    resume = plan_resume(cfg.resume, plan.checkpoint_dir, plan.layout)
+    if resume is None:
+        return plan
+    plan, resume = keep_global_batch(plan, resume, cfg, explicit, hardware)
+    return dataclasses.replace(plan, resume=resume)
+
+
+def _plan(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware: Hardware) -> RunPlan:
+    """`plan_run` without the resume decision."""
     base = ModelDirectory.open(cfg.init_from) if cfg.init_from else None
     if base is not None:
         cfg = fine_tuning_defaults(cfg, explicit)
@@ -155,9 +166,33 @@ def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardwa
     train = dataclasses.replace(cfg, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum, clip=shape.clip,
                                 lr=shape.lr, weight_decay=shape.weight_decay)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(RUNS_DIR) / (model.name + ("-sft" if base else ""))
-    plan = RunPlan(train, model, ds_config, world_size, zero_stage(ds_config), run_dir, prepare_default_data, base,
+    return RunPlan(train, model, ds_config, world_size, zero_stage(ds_config), run_dir, prepare_default_data, base,
                    hardware.device_type)
-    return dataclasses.replace(plan, resume=plan_resume(cfg.resume, plan.checkpoint_dir, plan.layout))
+
+
+def keep_global_batch(plan: RunPlan, resume: ResumePlan, cfg: TrainConfig, explicit: frozenset[str],
+                      hardware: Hardware) -> tuple[RunPlan, ResumePlan]:
+    """A resume on another layout continues at the checkpoint's global batch (tokens per optimizer step): when
+    --grad-accum was not given and an accumulation gives that batch at this micro-batch, the plan takes it; either
+    way the resume says in one line what changed (`ResumePlan.batch_note`)."""
+    record, t = resume.record, plan.train
+    saved = record.tokens_seen // record.step if record.step else 0
+    if not saved or saved == plan.tokens_per_step:
+        return plan, resume
+    per_step = t.seq_len * t.micro_batch * plan.world_size
+    needed = saved // per_step if saved % per_step == 0 else None
+    change = (f"the checkpoint trained at {saved:,} tokens per step, this layout at {t.micro_batch} x {t.seq_len} "
+              f"tokens x {t.grad_accum} accumulation x {plan.world_size} rank(s) = {plan.tokens_per_step:,}")
+    if needed and "--grad-accum" not in explicit:
+        try:
+            kept = _plan(dataclasses.replace(cfg, grad_accum=needed), explicit, plan.world_size, hardware)
+        except ConfigError:  # the DeepSpeed JSON fixes the accumulation
+            kept = None
+        if kept is not None and kept.tokens_per_step == saved:
+            return kept, dataclasses.replace(resume, batch_note=f"{change}; keeping the checkpoint's global batch "
+                                                                f"with --grad-accum {needed}")
+    keep = f"--grad-accum {needed} keeps it" if needed else "no --grad-accum keeps it at this --micro-batch"
+    return plan, dataclasses.replace(resume, batch_note=f"{change}: the global batch changes; {keep}")
 
 
 def plan_resume(resume: str, checkpoint_dir: Path, layout: Layout) -> ResumePlan | None:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_moe.atomic import write_atomic
-from gpt_moe.checkpoint.records import ClientState
+from gpt_moe.checkpoint.records import ClientState, run_directory_lock
 from gpt_moe.data.chat_batches import ChatBatches, ChatValBatches, PackedBatch
 from gpt_moe.data.shards import TokenShards, TrainBatches, ValBatches
 from gpt_moe.data.verify import verify_data
@@ -63,6 +63,8 @@ class Trainer:
         self.plan, self.cfg, self.faults = plan, plan.train, faults
         self.resume_source = open_resume_source(plan.resume)  # before anything starts: a refusal costs nothing
         self.context = context = start_distributed(plan.zero_stage)
+        # one run per run directory: a second run is refused here, before it writes anything
+        self.run_lock = context.on_rank0(lambda: run_directory_lock(plan.run_dir).acquire())
         if plan.prepare_default_data:
             self._prepare_default_data(prepare_data)
         self.shards = TokenShards(self.cfg.data)
@@ -100,22 +102,17 @@ class Trainer:
     def _verify_data(self) -> None:
         """Rank 0 checks every shard against the manifest (`gpt_moe.data.verify`, `--verify-data`) and the data's
         largest token id against the model's vocabulary; every rank gets the verdict, before step 1."""
-        verdict: list[str | None] = [None]
-        if self.context.is_rank0:
-            try:
-                check = verify_data(self.shards, self.cfg.verify_data)
-                if check.record is None and check.hashed:
-                    log.warning("%s: verification not recorded (%s): every start hashes the shards again",
-                                self.cfg.data, check.record_error)
-                if check.max_token_id >= self.plan.model.vocab_size:
-                    verdict = [f"{self.cfg.data}: token id {check.max_token_id} in the data, but the model's "
-                               f"vocab_size is {self.plan.model.vocab_size}; use a model config with vocab_size > "
-                               f"{check.max_token_id} or data prepared with the model's tokenizer"]
-            except DataError as err:
-                verdict = [str(err)]
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0]:
-            raise DataError(verdict[0])
+        def check() -> None:
+            found = verify_data(self.shards, self.cfg.verify_data)
+            if found.record is None and found.hashed:
+                log.warning("%s: verification not recorded (%s): every start hashes the shards again",
+                            self.cfg.data, found.record_error)
+            if found.max_token_id >= self.plan.model.vocab_size:
+                raise DataError(f"{self.cfg.data}: token id {found.max_token_id} in the data, but the model's "
+                                f"vocab_size is {self.plan.model.vocab_size}; use a model config with vocab_size > "
+                                f"{found.max_token_id} or data prepared with the model's tokenizer")
+
+        self.context.on_rank0(check)
 
     def _validation_batches(self) -> ValBatches | ChatValBatches | None:
         """The evaluation batches, or None (with one warning) for data prepared with --val-fraction 0."""
@@ -284,6 +281,8 @@ class Trainer:
         interpreter exit can abort a rank ("terminate called without an active exception") while
         communication threads are still alive."""
         self.monitor.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
