@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from gpt_moe.atomic import unwritable_reason
+from gpt_moe.atomic import missing_dirs, remove_empty_dirs, unwritable_reason
 from gpt_moe.cli import run_cli
 from gpt_moe.errors import ConfigError
 from gpt_moe.train.config import parse_train_args
@@ -42,13 +42,18 @@ def train(argv: list[str] | None) -> int:
     if cfg.dry_run:
         print(plan.banner())
         return 0
+    made = missing_dirs(plan.run_dir)
     reason = unwritable_reason(plan.run_dir)
     if reason:
         raise ConfigError(f"--run-dir {plan.run_dir}: cannot write there ({reason}); choose a writable directory")
 
     from gpt_moe.train.trainer import Trainer
 
-    trainer = Trainer(plan, faults, prepare_data=lambda directory: prepare_default_data(plan, directory))
+    try:
+        trainer = Trainer(plan, faults, prepare_data=lambda directory: prepare_default_data(plan, directory))
+    except BaseException:
+        remove_empty_dirs(made)  # refused while starting (data, weights): no run directory left behind
+        raise
     trainer.run()
     trainer.close()
     return 0
