@@ -19,6 +19,12 @@ V2_LITE_LIKE = dict(SHAPE, q_lora_rank=None, topk_method="greedy", n_group=1, to
                     routed_scaling_factor=1.0, n_shared_experts=2)
 V2_LIKE = dict(SHAPE, q_lora_rank=48, topk_method="group_limited_greedy", n_group=4, topk_group=2,
                norm_topk_prob=False, routed_scaling_factor=16.0)
+SMALL_LIKE = dict(vocab_size=1024, hidden_size=256, intermediate_size=768, moe_intermediate_size=256,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=64,
+                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=64, n_shared_experts=1,
+                  num_experts_per_tok=4, first_k_dense_replace=1, max_position_embeddings=256, q_lora_rank=None,
+                  topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0)
+"""A `small`-like deepseek_v2 (40M parameters, 94% of them in 3 x 64 routed experts): the expert bytes dominate."""
 V3_LIKE = dict(SHAPE, q_lora_rank=48, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
                num_nextn_predict_layers=1)
 
@@ -107,3 +113,32 @@ def edit_config(directory: Path, **changes) -> None:
         else:
             config[key] = value
     path.write_text(json.dumps(config, indent=1))
+
+
+class ShareOfTheExperts:
+    """Builds the routed experts rank `rank` of `ranks` holds under expert parallelism (the model calls only
+    `build_experts` while it is built; nothing here runs experts): for loading a rank's share in one process."""
+
+    def __init__(self, rank: int, ranks: int) -> None:
+        self.rank, self.ranks = rank, ranks
+
+    def build_experts(self, config):
+        from gpt_moe.model.moe import Experts
+
+        local = config.n_routed_experts // self.ranks
+        return Experts(config, local, self.rank * local)
+
+
+def load_share(directory: Path, rank: int, ranks: int):
+    """(the model of rank `rank` of `ranks` with its experts read from `directory`, the reader's ReadStats)."""
+    from gpt_moe.checkpoint.loading import load_weights, open_weights
+    from gpt_moe.checkpoint.model_dir import ModelDirectory
+    from gpt_moe.checkpoint.weights import check_weights
+    from gpt_moe.model.model import DeepSeekForCausalLM
+
+    base = ModelDirectory.open(directory)
+    source = open_weights(base)
+    check_weights(source, base.config)
+    model = DeepSeekForCausalLM(base.config, ShareOfTheExperts(rank, ranks), seed=None)
+    assert load_weights(model, source) is None
+    return model, source.stats

@@ -236,3 +236,24 @@ def test_their_weights_missing_a_tensor_or_in_another_shape_are_refused_from_the
     save_file(state, directory / "model.safetensors")
     with pytest.raises(CheckpointError, match="experts.\\*.up_proj holds experts"):
         open_weights(ModelDirectory.open(directory))
+
+
+def test_a_rank_reads_only_its_experts_by_name_or_by_rows(published, tmp_path):
+    """Two ranks' shares (expert parallelism 2) of the released per-expert names and of our export's stacked rows:
+    each reads half the expert bytes and all the rest, and holds exactly the experts of the whole model's rows."""
+    from hf_dirs import load_share
+
+    directory, _, _ = published
+    whole = load_model(ModelDirectory.open(directory))
+    tokenizer = train_bpe(["a tokenizer for the export only " * 30], vocab_size=300)
+    exported = export(LoadedModel(whole, tokenizer, save_tokenizer(tokenizer, tmp_path), tmp_path, TrainingFacts()),
+                      tmp_path / "export", dtype=torch.float32)
+    for source in (directory, exported):
+        _, everything = load_share(source, 0, 1)
+        for rank in (0, 1):
+            share, stats = load_share(source, rank, 2)
+            assert stats.expert_bytes * 2 == everything.expert_bytes > 0, source
+            assert stats.bytes - stats.expert_bytes == everything.bytes - everything.expert_bytes
+            for name, value in share.state_dict().items():
+                rows = slice(rank * value.shape[0], (rank + 1) * value.shape[0]) if ".experts." in name else slice(None)
+                assert torch.equal(value, whole.state_dict()[name][rows]), name
