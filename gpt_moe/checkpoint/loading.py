@@ -23,9 +23,9 @@ import torch
 
 from gpt_moe.checkpoint.model_dir import EXPORT_RECORD_FILE, HF_CONFIG_FILE, TRAIN_HINT, ModelDirectory
 from gpt_moe.checkpoint.records import MODEL_CONFIG_FILE, CheckpointRecord, TrainingFacts
+from gpt_moe.checkpoint.reshard import LayoutFreeWeights
 from gpt_moe.checkpoint.safetensors_weights import SafetensorsWeights
-from gpt_moe.checkpoint.weights import (DeepSpeedWeights, LayoutFreeWeights, WeightSource, check_dtypes,
-                                        check_weights)
+from gpt_moe.checkpoint.weights import DeepSpeedWeights, WeightSource, check_dtypes, check_weights
 from gpt_moe.checkpoint.zero_files import ZeroCheckpoint
 from gpt_moe.data.tokenizer import TokenizerInfo, load_saved_tokenizer
 from gpt_moe.errors import CheckpointError, GptMoeError, first_line

@@ -15,8 +15,9 @@ a time, from memory-mapped files. Every tensor read is checked finite (`check_fi
 checked before anything is read (`check_weights`): the key set, each shape and each dtype (floating tensors only,
 all in one dtype but for the documented exceptions, `check_dtypes`).
 
-Sources here: `DeepSpeedWeights` (a training checkpoint of any ZeRO stage and EP size) and `LayoutFreeWeights`;
-`gpt_moe.checkpoint.safetensors_weights` reads exports and transformers directories (FP8 included).
+Sources: `DeepSpeedWeights` here (a training checkpoint of any ZeRO stage and EP size), `LayoutFreeWeights`
+(`gpt_moe.checkpoint.reshard`) and `SafetensorsWeights` (`gpt_moe.checkpoint.safetensors_weights`: exports and
+transformers directories, FP8 included).
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from gpt_moe.checkpoint.deepspeed_files import EXPERT_FILE, is_routed_expert_param, load_data_only, parse_expert_key
 from gpt_moe.checkpoint.records import CheckpointRecord
-from gpt_moe.checkpoint.reshard import LayoutFreeSource
 from gpt_moe.checkpoint.zero_files import ZeroCheckpoint
 from gpt_moe.errors import CheckpointError
 from gpt_moe.model.config import ModelConfig
@@ -256,33 +255,3 @@ class DeepSpeedWeights(WeightSource):
         self._module = None
         if self.zero is not None:
             self.zero.release()
-
-
-class LayoutFreeWeights(WeightSource):
-    """A layout-free checkpoint (`python launch/reshard.py`): each parameter's fp32 master weight from its own file
-    (routed experts one file each), memory-mapped so that the Adam moments beside it are not read."""
-
-    def __init__(self, directory: Path) -> None:
-        super().__init__(directory)
-        self.source = LayoutFreeSource(directory)
-        self.buffers: dict[str, Any] = self.source.run_state()["buffers"]
-        for name, shape in self.source.run_state()["parameters"].items():
-            self.shapes[name], self.dtypes[name] = tuple(shape), torch.float32
-        for name, value in self.buffers.items():
-            self.shapes[name], self.dtypes[name] = tuple(value.shape), value.dtype
-
-    def _read_into(self, name: str, out: torch.Tensor, experts: range | None) -> None:
-        if name in self.buffers:
-            out.copy_(self.buffers[name])
-        elif is_routed_expert_param(name):
-            for j, e in enumerate(experts or range(self.source.n_experts)):
-                out[j].copy_(self._fp32(self.path / "params" / name / f"{e:05d}.pt"))
-                self.stats.add(out[j], True)
-        else:
-            out.copy_(self._fp32(self.path / "params" / f"{name}.pt"))
-            self.stats.add(out, False)
-
-    def _fp32(self, file: Path) -> torch.Tensor:
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing from the layout-free checkpoint; convert it again")
-        return load_data_only(file, mmap=True)["fp32"]
