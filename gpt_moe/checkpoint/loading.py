@@ -1,13 +1,17 @@
-"""A model's weights read from disk: for inference and export (`load_for_inference`), or to fine-tune
-(`read_weights`, behind `--init-from`), from any directory `gpt_moe.checkpoint.model_dir` describes.
+"""A model's weights read from disk: for inference and export (`load_for_inference`, `load_model`), or to fine-tune
+(`open_weights` + `load_weights`, behind `--init-from`), from any directory `gpt_moe.checkpoint.model_dir`
+describes.
 
-Nothing here needs DeepSpeed's runtime or unpickles code: tensors are read with
-`torch.load(weights_only=True)` or safetensors. A training checkpoint of any ZeRO stage and
-expert-parallel size becomes one model on CPU: the per-expert files of expert-parallel runs are
-stacked back into the experts' tensors (`consolidated_state_dict`), and ZeRO-3's partitions are
-reassembled from the optimizer files (`zero3_state_dict`, which for EP=1 gives exactly DeepSpeed's
-`zero_to_fp32` tensors and, unlike it, places expert partitions). A layout-free checkpoint gives its fp32
-master weights.
+    source = open_weights(directory)      # headers read: a checkpoint's, a layout-free one's, an export's or a
+                                          # transformers directory's (gpt_moe.checkpoint.weights)
+    check_weights(source, config)         # key set, shapes, dtypes; nothing read yet
+    load_weights(model, source)           # one module at a time, a rank's own experts only, every value checked
+
+Nothing here needs DeepSpeed's runtime or unpickles code: tensors are read with `torch.load(weights_only=True)`
+(memory-mapped) or safetensors. A training checkpoint of any ZeRO stage and expert-parallel size becomes one model
+on CPU: the per-expert files of expert-parallel runs give the experts' rows, ZeRO-3's partitions are reassembled
+from the optimizer files (`zero3_state_dict` also gives exactly DeepSpeed's `zero_to_fp32` dictionary and, unlike
+it, places expert partitions). A layout-free checkpoint gives its fp32 master weights.
 """
 
 from __future__ import annotations

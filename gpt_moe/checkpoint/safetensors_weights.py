@@ -143,7 +143,8 @@ class SafetensorsWeights(WeightSource):
             for name, projs in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
                 if all((prefix, p) in experts for p in projs):
                     entries[f"{prefix}.{name}"] = Entry([[experts[prefix, p][e] for p in projs]
-                                                         for e in range(config.n_routed_experts)], True, True)
+                                                         for e in range(config.n_routed_experts)],
+                                                        per_expert=True, expert=True)
         for key, target in copies.items():
             if key in stored and target in entries:
                 entries[target].copies.append(stored[key])
