@@ -93,6 +93,25 @@ def unwritable_reason(directory: str | Path) -> str | None:
     return None
 
 
+def missing_dirs(directory: str | Path) -> list[Path]:
+    """`directory` and those of its ancestors that do not exist yet, deepest first: what `mkdir(parents=True)`
+    (or `unwritable_reason`) will make, and `remove_empty_dirs` can take back."""
+    missing, path = [], Path(directory).absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_dirs(directories: list[Path]) -> None:
+    """Removes each of `directories` (deepest first) that is still empty; leaves anything with content alone."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not empty (or already gone): its parents are not empty either
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Replace `path` with `data` (text is written as UTF-8) atomically and durably."""
     with AtomicFile(path) as f:

@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from gpt_moe.atomic import unwritable_reason
+from gpt_moe.atomic import missing_dirs, remove_empty_dirs, unwritable_reason
+from gpt_moe.checkpoint.records import RUN_LOCK_FILE
 from gpt_moe.cli import run_cli
 from gpt_moe.errors import ConfigError
 from gpt_moe.train.config import parse_train_args
@@ -42,6 +43,7 @@ def train(argv: list[str] | None) -> int:
     if cfg.dry_run:
         print(plan.banner())
         return 0
+    made = missing_dirs(plan.run_dir)
     reason = unwritable_reason(plan.run_dir)
     if reason:
         raise ConfigError(f"--run-dir {plan.run_dir}: cannot write there ({reason}); choose a writable directory")
@@ -50,7 +52,13 @@ def train(argv: list[str] | None) -> int:
     from gpt_moe.train.trainer import Trainer
 
     try:
-        trainer = Trainer(plan, faults, prepare_data=lambda directory: prepare_default_data(plan, directory))
+        try:
+            trainer = Trainer(plan, faults, prepare_data=lambda directory: prepare_default_data(plan, directory))
+        except BaseException:
+            if made:  # refused while starting (data, weights): the run directory this start made is taken back
+                (made[0] / RUN_LOCK_FILE).unlink(missing_ok=True)
+                remove_empty_dirs(made)
+            raise
         trainer.run()
         trainer.close()
     finally:

@@ -363,3 +363,91 @@ def test_eval_takes_a_validation_split_smaller_than_one_batch(tiny_checkpoint, t
     assert result.returncode == 0, result.stderr[-3000:]
     loss = json.loads(result.stdout.splitlines()[-1])["held_out_assistant_loss"]
     assert np.isfinite(loss) and loss > 0
+
+
+# ------------------------------------------------------------------------- weights checked by every loader
+@pytest.fixture(scope="module")
+def hf_weights(tmp_path_factory) -> Path:
+    """A deepseek_v3 transformers directory (fp32) whose vocabulary fits the prepared corpus."""
+    from hf_dirs import V3_LIKE, save_directory, transformers_model
+
+    return save_directory(transformers_model("deepseek_v3", **{**V3_LIKE, "vocab_size": 1024}),
+                          tmp_path_factory.mktemp("hf") / "hf")
+
+
+def damaged_weights(source: Path, target: Path, damage: str) -> None:
+    """A copy of `source` with one tensor of model.safetensors damaged, or its header."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    file = target / "model.safetensors"
+    if damage == "header":
+        content = bytearray(file.read_bytes())
+        content[8:24] = b"\x00garbage\xff{{{{{{{{"  # inside the JSON header
+        file.write_bytes(bytes(content))
+        return
+    state = load_file(file)
+    key = "model.layers.1.self_attn.o_proj.weight"
+    state[key] = {"shape": state[key][:-1], "int": state[key].to(torch.int64), "fp16": state[key].half(),
+                  "nan": state[key].index_fill(1, torch.tensor([3]), float("nan"))}[damage]
+    save_file(state, file)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("shape", "model.layers.1.self_attn.o_proj.weight is [63, 64] there but [64, 64] in the model config"),
+    ("header", "model.safetensors: cannot load this checkpoint: not a readable safetensors file"),
+    ("int", "model.layers.1.self_attn.o_proj.weight is int64; model weights are floating-point tensors"),
+    ("fp16", "model.layers.1.self_attn.o_proj.weight is float16 while the other weights are float32"),
+    ("nan", "model.layers.1.self_attn.o_proj.weight holds non-finite values"),
+])
+def test_init_from_damaged_weights_is_one_line_and_leaves_no_run_directory(hf_weights, prepared_data, tmp_path,
+                                                                           damage, message):
+    """Refused before the engine is built (header problems before anything starts; a non-finite value while the
+    weights are read, on every rank alike); the run directory the start made is taken back."""
+    weights = tmp_path / "weights"
+    damaged_weights(hf_weights, weights, damage)
+    result = run("launch/train.py", "--init-from", str(weights), "--data", str(prepared_data), "--run-dir",
+                 str(tmp_path / "runs" / "sft"), "--max-steps", "1", *TINY_RUN)
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "runs").exists()
+    assert "MiB of routed experts" not in result.stderr  # no load report: refused before the model was complete
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan", "model.layers.1.self_attn.o_proj.weight holds non-finite values"),
+    ("int", "model.layers.1.self_attn.o_proj.weight is int64"),
+])
+def test_sample_export_and_app_refuse_damaged_weights_in_one_line(tiny_checkpoint, tmp_path, damage, message):
+    weights = tmp_path / "weights"
+    damaged_weights(tiny_checkpoint, weights, damage)
+    attempts = {"sample": run("launch/sample.py", "--checkpoint", str(weights), "--max-new-tokens", "2", "x"),
+                "export": run("launch/export.py", str(weights), str(tmp_path / "out")),
+                "app": run("app.py", "--checkpoint", str(weights), "--port", "0")}
+    for name, result in attempts.items():
+        assert_one_line_error(result, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]  # no export, no partial export
+
+
+@pytest.mark.multiprocess
+def test_reshard_of_a_truncated_optimizer_file_names_it_in_one_line(saved_run, tmp_path):
+    tag = tmp_path / "step_00000004"
+    shutil.copytree(saved_run / "checkpoints" / "step_00000004", tag)
+    optimizer = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    result = run("launch/reshard.py", str(tag), str(tmp_path / "out"), "--no-progress")
+    assert_one_line_error(result, f"{optimizer}: unreadable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]
+
+
+@pytest.mark.multiprocess
+def test_reshard_of_non_finite_optimizer_state_names_the_parameter_in_one_line(saved_run, tmp_path):
+    tag = tmp_path / "step_00000004"
+    shutil.copytree(saved_run / "checkpoints" / "step_00000004", tag)
+    optimizer = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = torch.load(optimizer, weights_only=False)
+    with torch.no_grad():
+        state["optimizer_state_dict"]["single_partition_of_fp32_groups"][0][0] = float("inf")
+    torch.save(state, optimizer)
+    result = run("launch/reshard.py", str(tag), str(tmp_path / "out"), "--no-progress")
+    assert_one_line_error(result, "the fp32 state of model.embed_tokens.weight holds non-finite values")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]

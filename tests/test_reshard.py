@@ -162,3 +162,22 @@ def test_experts_disagreeing_with_the_record_are_refused(full_run, tmp_path):
     (duplicated / "COMPLETE").write_text(json.dumps({**record, "expert_ranges": [[0, 8], [0, 8]]}))
     with pytest.raises(CheckpointError, match=r"missing experts \[8, .*15\], experts \[0, .*7\] twice"):
         DeepSpeedSource(duplicated)
+
+
+def test_a_rank_reads_only_its_experts_from_a_checkpoint_and_its_layout_free_form(full_run, converted):
+    """--init-from a DeepSpeed checkpoint (per-expert files of EP=2 ZeRO-2) and from the layout-free form, for the
+    share of rank r of 2: half the expert bytes (only its experts' files), all the rest; the experts of the whole
+    model's rows r*E/2 ... (the model weights: the module's for the checkpoint, the fp32 masters for the
+    layout-free form, the same values in an fp32 run)."""
+    from hf_dirs import load_share
+
+    whole = load_share(full_run / STEP5, 0, 1)[0].state_dict()
+    for source in (full_run / STEP5, converted):
+        everything = load_share(source, 0, 1)[1]
+        for rank in (0, 1):
+            share, stats = load_share(source, rank, 2)
+            assert stats.expert_bytes * 2 == everything.expert_bytes > 0, source
+            assert stats.bytes - stats.expert_bytes == everything.bytes - everything.expert_bytes, source
+            for name, value in share.state_dict().items():
+                rows = slice(rank * value.shape[0], (rank + 1) * value.shape[0]) if ".experts." in name else slice(None)
+                assert torch.equal(value, whole[name][rows]), (source, name)

@@ -40,7 +40,8 @@ class DeepSpeedRecord:
 def load_data_only(path: Path, mmap: bool = False) -> Any:
     """`torch.load(weights_only=True)`: tensors, containers, numbers, strings and DeepSpeed's records only.
     Anything else in the pickle (a class, a function, a `__reduce__` payload) is refused with a
-    CheckpointError naming what it found; it is never run."""
+    CheckpointError naming what it found; it is never run. A missing, truncated or damaged file is one
+    CheckpointError naming it."""
     try:
         with torch.serialization.safe_globals([(DeepSpeedRecord, name) for name in DEEPSPEED_RECORDS]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -50,6 +51,11 @@ def load_data_only(path: Path, mmap: bool = False) -> Any:
         raise CheckpointError(f"{path}: holds more than tensors and plain data ({what}); refusing to load it: "
                               "a loader that unpickles freely would run code from it; use only checkpoints written "
                               "by gpt-moe that you trust") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete, use an earlier one") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # torch's zip reader on a truncated file, ...
+        raise CheckpointError(f"{path}: unreadable ({first_line(err, 200)}); the file is damaged or truncated, "
+                              "use an earlier checkpoint") from None
 
 
 def check_data_only(tag_dir: Path) -> None:
@@ -57,14 +63,7 @@ def check_data_only(tag_dir: Path) -> None:
     the first that does not. DeepSpeed loads with `weights_only=False`, which runs whatever code a pickle
     carries: this check runs first, with the safe loader, so a planted payload is refused, not executed."""
     for file in sorted(Path(tag_dir).rglob("*.pt")):
-        try:
-            load_data_only(file, mmap=True)
-        except CheckpointError:
-            raise
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
-            reason = first_line(err, 200)
-            raise CheckpointError(f"{file}: unreadable ({reason}); the checkpoint is damaged, resume from an "
-                                  "earlier one") from None
+        load_data_only(file, mmap=True)  # CheckpointError naming the file: code in it, or damaged
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""Export to the Hugging Face `deepseek_v3` layout (this module writes; `gpt_moe.checkpoint.model_dir` and
-`gpt_moe.checkpoint.loading` read an export back).
+"""Export to the Hugging Face layout of the model's architecture: `deepseek_v3` (sigmoid routing: our models and
+DeepSeek-V3-style ones) or `deepseek_v2` (softmax routing: what a model fine-tuned from DeepSeek-V2 stays). This
+module writes; `gpt_moe.checkpoint.model_dir` and `gpt_moe.checkpoint.loading` read an export back.
 
     OUT_DIR/
-        config.json                       transformers DeepseekV3Config
+        config.json                       transformers DeepseekV3Config (or DeepseekV2Config)
         model.safetensors                 (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
         mtp.safetensors                   the multi-token-prediction block (transformers has none; we read it back)
         gpt_moe.json                      our exact model config, tokenizer record and training facts
@@ -58,10 +59,11 @@ def export(loaded: LoadedModel, out_dir: str | Path, dtype: torch.dtype = torch.
     reason = unwritable_reason(out_dir.parent)
     if reason:
         raise CheckpointError(f"{out_dir}: cannot write the export there ({reason}); choose a writable directory")
+    config, info = loaded.model.config, loaded.tokenizer_info
+    hf = to_hf_config(config)  # refuses what transformers has no equivalent of, before anything is written
+    _check_v2_biases(loaded.model)
     partial = partial_dir(out_dir)
     _write_weights(loaded.model, partial, dtype)
-    config, info = loaded.model.config, loaded.tokenizer_info
-    hf = to_hf_config(config)
     hf.update({"torch_dtype": str(dtype).removeprefix("torch."), "eos_token_id": info.eot_id,
                "bos_token_id": None, "pad_token_id": None})
     (partial / HF_CONFIG_FILE).write_text(json.dumps(hf, indent=1))
@@ -84,6 +86,8 @@ def _write_weights(model: torch.nn.Module, directory: Path, dtype: torch.dtype) 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
+    if config.scoring_func == "softmax":  # deepseek_v2: no balancing bias (zero, `_check_v2_biases`)
+        state = {k: v for k, v in state.items() if not k.endswith("e_score_correction_bias")}
     main = {k: (v if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in state.items()
             if not k.startswith(mtp)}
     shards = _shard(main)
@@ -101,6 +105,17 @@ def _write_weights(model: torch.nn.Module, directory: Path, dtype: torch.dtype) 
     block = {k: v.to(dtype) for k, v in state.items() if k.startswith(mtp)}
     if block:
         save_file(block, directory / MTP_FILE, metadata={"format": "pt"})
+
+
+def _check_v2_biases(model: torch.nn.Module) -> None:
+    """Softmax routing exports as deepseek_v2, whose router has no balancing bias: ours must still be zero."""
+    if model.config.scoring_func != "softmax":
+        return
+    for layer, moe in model.moe_layers():
+        if moe.gate.e_score_correction_bias.any():
+            raise CheckpointError(f"the balancing bias of layer {layer} is not zero (trained with --bias-update-rate "
+                                  "> 0), but softmax routing exports as transformers deepseek_v2, whose router has no "
+                                  "bias; fine-tune with --bias-update-rate 0")
 
 
 def _shard(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

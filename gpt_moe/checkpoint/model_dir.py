@@ -8,7 +8,8 @@ A user may give
     runs/<run>/checkpoints/step_N         a checkpoint tag (DeepSpeed's files, COMPLETE, model config, tokenizer)
     OUT (launch/reshard.py)               a layout-free checkpoint: one file per parameter, run_state.pt, COMPLETE
     OUT (launch/export.py)                a gpt-moe export: config.json, safetensors, gpt_moe.json, tokenizer files
-    a transformers directory              config.json (model_type deepseek_v3) and safetensors, no tokenizer of ours
+    a transformers directory              config.json (model_type deepseek_v3 or deepseek_v2) and safetensors (FP8
+                                          block-scaled included), no tokenizer of ours
 
     directory = ModelDirectory.open("runs/tiny")
     directory.kind       # "checkpoint" | "layout-free" | "export" | "transformers"
@@ -96,7 +97,7 @@ class ModelDirectory:
             raise
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{path}: cannot read this model ({type(err).__name__}: {first_line(err)}); "
-                                  "expected a training checkpoint, a gpt-moe export or a transformers DeepseekV3 "
+                                  "expected a training checkpoint, a gpt-moe export or a transformers DeepseekV3/V2 "
                                   "directory") from None
 
     @classmethod
@@ -107,11 +108,8 @@ class ModelDirectory:
             config = ModelConfig.from_dict(ours["model_config"], str(directory / EXPORT_RECORD_FILE))
             return cls(directory, kind, config, tokenizer, TrainingFacts.from_dict(ours.get("training", {})))
         if kind == "transformers":
-            hf = _json(directory / HF_CONFIG_FILE)
-            if hf.get("model_type") != "deepseek_v3":
-                raise CheckpointError(f"{directory / HF_CONFIG_FILE}: model_type {hf.get('model_type')!r}, expected "
-                                      "deepseek_v3 (a transformers DeepseekV3ForCausalLM directory)")
-            return cls(directory, kind, from_hf_config(hf, name=directory.name), None, TrainingFacts())
+            config = from_hf_config(_json(directory / HF_CONFIG_FILE), directory.name, str(directory / HF_CONFIG_FILE))
+            return cls(directory, kind, config, None, TrainingFacts())
         if not (directory / MODEL_CONFIG_FILE).is_file():
             raise CheckpointError(f"{directory}: {MODEL_CONFIG_FILE} is missing; this checkpoint was not written by "
                                   "gpt-moe's trainer")

@@ -45,6 +45,7 @@ from gpt_moe.checkpoint.deepspeed_files import EXPERT_FILE, is_routed_expert_par
 from gpt_moe.checkpoint.model_dir import RUN_STATE_FILE
 from gpt_moe.checkpoint.records import (COMPLETE, LAYOUT_FREE, MODEL_CONFIG_FILE, CheckpointRecord, ClientState,
                                         read_record, write_record)
+from gpt_moe.checkpoint.weights import WeightSource, check_finite
 from gpt_moe.checkpoint.zero_files import STATE_KEYS, ZeroCheckpoint
 from gpt_moe.errors import CheckpointError
 from gpt_moe.model.config import ModelConfig
@@ -76,11 +77,12 @@ class DeepSpeedSource:
 
     def states(self, name: str) -> dict[str, torch.Tensor]:
         param = self.zero.parameters[name]
-        return {key: self.zero.read(param, key) for key in STATE_KEYS}
+        return checked({key: self.zero.read(param, key) for key in STATE_KEYS}, name, self.tag_dir)
 
     def expert_states(self, name: str, expert: int) -> dict[str, torch.Tensor]:
         param = self.zero.parameters[name]
-        return {key: self.zero.read_expert(param, expert, key) for key in STATE_KEYS}
+        return checked({key: self.zero.read_expert(param, expert, key) for key in STATE_KEYS},
+                       f"{name} (expert {expert})", self.tag_dir)
 
     def release(self) -> None:
         """Unmaps what was read so far (call between parameters: memory stays at one parameter's worth)."""
@@ -116,10 +118,11 @@ class LayoutFreeSource:
         check_expert_layout(self.tag_dir, self.record, self.n_experts, present)
 
     def states(self, name: str) -> dict[str, torch.Tensor]:
-        return _load_states(self.tag_dir / "params" / f"{name}.pt")
+        return checked(_load_states(self.tag_dir / "params" / f"{name}.pt"), name, self.tag_dir)
 
     def expert_states(self, name: str, expert: int) -> dict[str, torch.Tensor]:
-        return _load_states(self.tag_dir / "params" / name / f"{expert:05d}.pt")
+        return checked(_load_states(self.tag_dir / "params" / name / f"{expert:05d}.pt"), f"{name} (expert {expert})",
+                       self.tag_dir)
 
     def run_state(self) -> dict[str, Any]:
         return self._run_state
@@ -135,10 +138,52 @@ class LayoutFreeSource:
         return {key: torch.stack([states[key] for states in experts]) for key in keys}
 
 
+def checked(states: dict[str, torch.Tensor], name: str, where: Path) -> dict[str, torch.Tensor]:
+    """A parameter's states (fp32 master, Adam moments), refused in one line naming it and the state unless each is
+    a floating-point tensor of finite values."""
+    for key, value in states.items():
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+            what = str(value.dtype).removeprefix("torch.") if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(f"{where}: the {key} state of {name} is {what}, expected floating-point values; the "
+                                  "checkpoint is damaged, use an earlier one")
+        check_finite(value, f"the {key} state of {name}", where)
+    return states
+
+
 def _load_states(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing from the layout-free checkpoint; convert it again")
     return load_data_only(path)
+
+
+class LayoutFreeWeights(WeightSource):
+    """A layout-free checkpoint (`python launch/reshard.py`): each parameter's fp32 master weight from its own file
+    (routed experts one file each), memory-mapped so that the Adam moments beside it are not read."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.source = LayoutFreeSource(directory)
+        self.buffers: dict[str, Any] = self.source.run_state()["buffers"]
+        for name, shape in self.source.run_state()["parameters"].items():
+            self.shapes[name], self.dtypes[name] = tuple(shape), torch.float32
+        for name, value in self.buffers.items():
+            self.shapes[name], self.dtypes[name] = tuple(value.shape), value.dtype
+
+    def _read_into(self, name: str, out: torch.Tensor, experts: range | None) -> None:
+        if name in self.buffers:
+            out.copy_(self.buffers[name])
+        elif is_routed_expert_param(name):
+            for j, e in enumerate(experts or range(self.source.n_experts)):
+                out[j].copy_(self._fp32(self.path / "params" / name / f"{e:05d}.pt"))
+                self.stats.add(out[j], True)
+        else:
+            out.copy_(self._fp32(self.path / "params" / f"{name}.pt"))
+            self.stats.add(out, False)
+
+    def _fp32(self, file: Path) -> torch.Tensor:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing from the layout-free checkpoint; convert it again")
+        return load_data_only(file, mmap=True)["fp32"]
 
 
 def open_source(tag_dir: Path) -> DeepSpeedSource | LayoutFreeSource:
@@ -175,14 +220,23 @@ def _refuse_unless_each_once(tag_dir: Path, held: list[int], n_experts: int, wha
 # ---------------------------------------------------------------------- writing the layout-free form
 def convert(tag_dir: str | Path, out: str | Path, progress: bool = True) -> Path:
     """Writes DeepSpeed checkpoint `tag_dir` to `out` in the layout-free form, one parameter (or expert) in
-    memory at a time. Written under `out`.partial and renamed at the end, COMPLETE last: an interrupted
-    conversion leaves no `out` and the source untouched."""
-    from tqdm import tqdm
-
+    memory at a time, each state checked (floating-point, finite). Written under `out`.partial and renamed at the
+    end, COMPLETE last: an interrupted conversion leaves no `out` and the source untouched, a refused one nothing."""
     source, out = DeepSpeedSource(Path(tag_dir)), Path(out)
     if out.exists():
         raise CheckpointError(f"{out}: already exists; choose a new output directory")
     partial = partial_dir(out)
+    try:
+        _write_layout_free(source, partial, progress)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # refused (damaged source) or interrupted: nothing left behind
+        raise
+    return publish_dir(partial, out)
+
+
+def _write_layout_free(source: DeepSpeedSource, partial: Path, progress: bool) -> None:
+    from tqdm import tqdm
+
     (partial / "params").mkdir()
     run_state = source.run_state()
     shapes = {name: list(source.zero.parameters[name].shape) for name in source.names}
@@ -196,11 +250,10 @@ def convert(tag_dir: str | Path, out: str | Path, progress: bool = True) -> Path
             _save(partial / "params" / f"{name}.pt", source.states(name))
         source.release()
     _save(partial / RUN_STATE_FILE, {**run_state, "parameters": shapes})
-    for file in Path(tag_dir).iterdir():  # model config and tokenizer: what inference needs besides weights
+    for file in source.tag_dir.iterdir():  # model config and tokenizer: what inference needs besides weights
         if file.is_file() and file.suffix != ".pt" and file.name != COMPLETE:
             shutil.copy2(file, partial / file.name)
-    write_record(partial, dataclasses.replace(source.record, format=LAYOUT_FREE, source=str(Path(tag_dir).resolve())))
-    return publish_dir(partial, out)
+    write_record(partial, dataclasses.replace(source.record, format=LAYOUT_FREE, source=str(source.tag_dir.resolve())))
 
 
 def _save(path: Path, obj: Any) -> None:

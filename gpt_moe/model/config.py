@@ -19,6 +19,7 @@ from typing import Any
 
 from gpt_moe.config_file import read_json_object, reject_unknown_keys
 from gpt_moe.errors import ConfigError
+from gpt_moe.model import hf_config
 
 PRESET_DIR = Path(__file__).parent / "presets"
 YARN_KEYS = {
@@ -222,62 +223,14 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-# ---------------------------------------------------------------------- HF deepseek_v3 interop
+# ---------------------------------------------------------------------- transformers interop
 def to_hf_config(config: ModelConfig) -> dict[str, Any]:
-    """The `config.json` of transformers' `DeepseekV3ForCausalLM` for this model.
-
-    transformers' router is sigmoid-only, so softmax-routed models have no HF equivalent."""
-    if config.scoring_func != "sigmoid":
-        raise ConfigError(f"scoring_func={config.scoring_func!r} has no transformers deepseek_v3 equivalent; "
-                          "export needs 'sigmoid'")
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling:
-        rope = {"rope_type": "yarn", "rope_theta": config.rope_theta,
-                **{k: v for k, v in config.rope_scaling.items() if k != "type"}}
-    return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "moe_intermediate_size": config.moe_intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_attention_heads,
-        "q_lora_rank": config.q_lora_rank or None,
-        "kv_lora_rank": config.kv_lora_rank,
-        "qk_nope_head_dim": config.qk_nope_head_dim,
-        "qk_rope_head_dim": config.qk_rope_head_dim,
-        "v_head_dim": config.v_head_dim,
-        "n_routed_experts": config.n_routed_experts,
-        "n_shared_experts": config.n_shared_experts,
-        "num_experts_per_tok": config.num_experts_per_tok,
-        "n_group": config.n_group,
-        "topk_group": config.topk_group,
-        "routed_scaling_factor": config.routed_scaling_factor,
-        "norm_topk_prob": config.norm_topk_prob,
-        "first_k_dense_replace": config.first_k_dense_replace,
-        "rope_parameters": rope,
-        "rope_interleave": config.rope_interleave,
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.rms_norm_eps,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "initializer_range": config.initializer_range,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "num_nextn_predict_layers": config.num_nextn_predict_layers,
-    }
+    """The `config.json` transformers loads for this model: `deepseek_v3` (DeepseekV3ForCausalLM) for sigmoid
+    routing, `deepseek_v2` for softmax routing (`gpt_moe.model.hf_config`)."""
+    return hf_config.to_hf(config.to_dict())
 
 
-def from_hf_config(hf: dict[str, Any], name: str = "from-hf") -> ModelConfig:
-    """The inverse of `to_hf_config` (extra HF keys such as token ids are ignored)."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    values = {k: v for k, v in hf.items() if k in fields}
-    rope = hf.get("rope_parameters") or {}
-    values["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if rope.get("rope_type", "default") == "yarn":
-        values["rope_scaling"] = {"type": "yarn", **{k: v for k, v in rope.items()
-                                                     if k in YARN_KEYS and v is not None}}
-    values["q_lora_rank"] = hf.get("q_lora_rank") or 0
-    values["name"] = name
-    return ModelConfig.from_dict(values, source="HF config")
+def from_hf_config(hf: dict[str, Any], name: str = "from-hf", source: str = "HF config") -> ModelConfig:
+    """Our config for a transformers `deepseek_v3` / `deepseek_v2` config.json; a field we do not model or a value we
+    do not implement is refused in one line (`gpt_moe.model.hf_config`)."""
+    return ModelConfig.from_dict({**hf_config.from_hf(hf, source), "name": name}, source=source)

@@ -174,14 +174,17 @@ class DeepSeekForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        """Deterministic init from (seed, parameter name[, global expert id]).
+    def init_weights(self, seed: int, prefix: str = "") -> None:
+        """Deterministic init from (seed, parameter name[, global expert id]); with `prefix`, only the modules
+        whose names start with it (a block the `--init-from` weights lack), with the values a whole init gives.
 
         Seeding by name rather than by construction order makes the weights independent of
         the expert-parallel layout: expert e of layer l gets the same values on whichever rank
         holds it, and different experts never start identical."""
         std = self.config.initializer_range
         for module_name, module in self.named_modules():
+            if not f"{module_name}.".startswith(prefix):
+                continue
             with _gathered(list(module.parameters(recurse=False))):
                 if isinstance(module, RMSNorm):
                     module.weight.fill_(1.0)

@@ -1,7 +1,7 @@
 """The DeepSpeed side of a run: the process group, the model built for the plan's layout, the engine around it.
 
     dist = start_distributed(plan)           # every rank: its rank, the world size, its device
-    model = build_model(plan, dist)          # ZeRO-3 under zero.Init; this rank's experts; --init-from weights
+    model, report = build_model(plan, dist)  # ZeRO-3 under zero.Init; this rank's experts; --init-from weights
     engine = build_engine(plan, model)       # AdamW groups, the learning-rate schedule, the fp32 fixes
 
 The benchmarks (`launch/bench_train.py`, `launch/bench_sft.py`) build their engines with `build_engine` from a plan
@@ -10,23 +10,25 @@ too, so they time the step that training runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from gpt_moe.checkpoint.loading import read_weights
-from gpt_moe.checkpoint.model_dir import ModelDirectory
+from gpt_moe.checkpoint.loading import every_rank_writes, load_weights, open_weights
+from gpt_moe.checkpoint.weights import check_weights
 from gpt_moe.errors import CheckpointError, GptMoeError
 from gpt_moe.model.model import DeepSeekForCausalLM, mtp_prefix
-from gpt_moe.model.moe import EXPERT_WEIGHTS, Experts, MoE
+from gpt_moe.model.moe import MoE
 from gpt_moe.train.config import lr_at
-from gpt_moe.train.hardware import (deepspeed_cuda_arch_list, keep_freed_memory, release_freed_memory,
+from gpt_moe.train.hardware import (MemoryWindow, deepspeed_cuda_arch_list, keep_freed_memory, release_freed_memory,
                                     unlink_cpu_allreduce_buffer)
 from gpt_moe.train.plan import RunPlan
 from gpt_moe.train.zero_memory import share_fp32_master
@@ -65,6 +67,31 @@ class Distributed:
         values = values.to(self.device)
         dist.all_reduce(values, op=op)
         return values
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """What `--init-from` cost this rank: bytes read from the weight files (the routed experts' part), tensors,
+    seconds, and the memory of building and loading the model (`MemoryWindow`: the resident set before, and its peak
+    during; GiB, None where unknown)."""
+
+    rank: int
+    bytes_read: int
+    expert_bytes_read: int
+    tensors: int
+    seconds: float
+    memory_before_gib: float | None
+    memory_peak_gib: float | None
+    process_peak_before_gib: float | None = None  # the process's peak before the window (see MemoryWindow)
+
+    def describe(self) -> str:
+        memory = "" if self.memory_peak_gib is None else (
+            f", memory {self.memory_before_gib:.3f} -> peak {self.memory_peak_gib:.3f} GiB")
+        return (f"rank {self.rank} read {self.bytes_read / 2 ** 20:.1f} MiB ({self.expert_bytes_read / 2 ** 20:.1f} "
+                f"MiB of routed experts, {self.tensors} tensors) in {self.seconds:.1f}s{memory}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def ensure_single_process_env() -> None:
@@ -112,50 +139,73 @@ def end_distributed() -> None:
         dist.destroy_process_group()
 
 
-def build_model(plan: RunPlan, context: Distributed) -> DeepSeekForCausalLM:
+def build_model(plan: RunPlan, context: Distributed) -> tuple[DeepSeekForCausalLM, InitReport | None]:
     """The model of the plan on this rank: under ZeRO-3 built already partitioned (`deepspeed.zero.Init`: a rank
     never holds the whole model), with this rank's share of the routed experts under expert parallelism, the
-    `--init-from` weights, activation checkpointing and `--freeze-router`."""
+    `--init-from` weights (each rank reading only what it holds; with what that cost), activation checkpointing and
+    `--freeze-router`."""
     import deepspeed
 
     from gpt_moe.train.expert_parallel import setup_expert_parallel
 
     expert_parallel = setup_expert_parallel(plan.train.ep_size, plan.zero_stage) if plan.train.ep_size > 1 else None
-    # --init-from loads whole tensors into an ordinary model first
-    partitioned = plan.zero_stage == 3 and plan.init_from is None
+    partitioned = plan.zero_stage == 3
+    window = MemoryWindow(context.device)
     with deepspeed.zero.Init(config_dict_or_path=plan.ds_config, enabled=partitioned):
-        model = DeepSeekForCausalLM(plan.model, expert_parallel, seed=plan.train.seed)
+        # --init-from: no initialisation, the weights are read over it (a block they lack is seeded below)
+        model = DeepSeekForCausalLM(plan.model, expert_parallel, seed=plan.train.seed if plan.init_from is None
+                                    else None)
     if partitioned and context.device.type == "cpu":
         release_freed_memory()  # the whole parameters zero.Init replaced by partitions (small: 3.5 -> 1.9 GiB)
+    report = load_init_weights(model, plan, context, window) if plan.init_from is not None else None
     model.set_activation_checkpointing(plan.train.activation_checkpointing)
-    if plan.init_from is not None:
-        load_init_weights(model, plan.init_from, context.is_rank0)
     if plan.train.freeze_router:
         for _, moe in model.moe_layers():
             moe.gate.weight.requires_grad_(False)  # the bias is a buffer: the balancing update leaves it alone
     if plan.zero_stage == 3:
         deepspeed.utils.set_z3_leaf_modules(model, [MoE])  # fetch a whole MoE block at once
-    return model
+    return model, report
 
 
-def load_init_weights(model: DeepSeekForCausalLM, base: ModelDirectory, is_rank0: bool) -> None:
-    """--init-from: the weights (read without unpickling code, fp32), this rank's share of the routed experts under
-    expert parallelism. A directory without an MTP block leaves the model's fresh one."""
-    state = {name: value.float() for name, value in read_weights(base).items()}
-    for name, module in model.named_modules():
-        if isinstance(module, Experts):
-            for weight in EXPERT_WEIGHTS:
-                key = f"{name}.{weight}"
-                if key in state:
-                    state[key] = state[key][module.first_expert:module.first_expert + module.num_local_experts]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not key.startswith(mtp_prefix(model.config)) for key in missing):
-        raise CheckpointError(f"{base.path}: weights do not match the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-    if missing and is_rank0:
-        log.warning("%s has no MTP block: it starts from a fresh initialisation", base.path)
-    if is_rank0:
-        log.warning("initialised from %s (%s); optimizer and schedule start fresh", base.path, base.kind)
+def load_init_weights(model: DeepSeekForCausalLM, plan: RunPlan, context: Distributed,
+                      window: MemoryWindow | None = None) -> InitReport:
+    """--init-from: the weights, checked (headers, then every tensor finite), each rank reading only what it holds
+    (its routed experts; under ZeRO-3 one module at a time, read by the rank that broadcasts it), in fp32. A source
+    without the MTP block leaves a fresh one (seeded as a new run's). Refused on every rank alike, before the engine
+    is built, when any rank found a problem. The report (bytes read, memory) goes to every rank's log and to
+    summary.json (`init_from`)."""
+    base = plan.init_from
+    source = open_weights(base)
+    has_mtp = check_weights(source, plan.model)
+    if plan.model.num_nextn_predict_layers and not has_mtp:
+        model.init_weights(plan.train.seed, prefix=mtp_prefix(plan.model))
+        if context.is_rank0:
+            log.warning("%s has no MTP block: it starts from a fresh initialisation", base.path)
+    gathered = _zero3_gathered if plan.zero_stage == 3 else every_rank_writes
+    started = time.perf_counter()
+    problem = load_weights(model, source, gathered)
+    problems: list[str | None] = [None] * context.world
+    dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), None)
+    if first:
+        raise CheckpointError(first)
+    before, peak = window.read() if window else (None, None)
+    report = InitReport(context.rank, source.stats.bytes, source.stats.expert_bytes, source.stats.tensors,
+                        time.perf_counter() - started, before, peak, window.peak_before_gib if window else None)
+    log.warning("--init-from %s (%s): %s", base.path, base.kind, report.describe())
+    return report
+
+
+@contextlib.contextmanager
+def _zero3_gathered(params: list[torch.nn.Parameter]) -> Iterator[bool]:
+    """ZeRO-3: the module's parameters whole on every rank of their group while inside; the group's first rank
+    (the one `GatheredParameters(modifier_rank=0)` broadcasts from on exit) is the one that reads and writes them."""
+    import deepspeed
+
+    group = getattr(params[0], "ds_process_group", None)
+    writer = 0 if group is None or group == dist.group.WORLD else dist.get_global_rank(group, 0)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield dist.get_rank() == writer
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

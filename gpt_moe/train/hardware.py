@@ -175,3 +175,49 @@ def unlink_cpu_allreduce_buffer(rank: int) -> None:
     except OSError:
         pass  # not created (another accelerator, no shm op) or already gone
 
+
+
+class MemoryWindow:
+    """The memory of one piece of work (building the model and reading `--init-from` weights): this process's
+    resident set when the window opens and its peak inside it, in GiB.
+
+    On Linux the kernel's peak mark (VmHWM, which getrusage's ru_maxrss reads too) is reset when the window opens
+    (/proc/self/clear_refs "5"), so the peak is the window's own; `peak_before_gib` keeps the process's peak until
+    then, which the run's closing figure (summary.json `peak_memory_gib`) still counts. On a GPU: allocated memory,
+    its peak counter reset likewise. Where neither works, `read` gives (None, None)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_before_gib = _status_gib("VmHWM")
+        self.before_gib: float | None = None
+        if device.type == "cuda":
+            self.peak_before_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            torch.cuda.reset_peak_memory_stats(device)
+            self.before_gib = torch.cuda.memory_allocated(device) / 2 ** 30
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.before_gib = _status_gib("VmRSS")
+        except OSError:
+            self.before_gib = None
+
+    def read(self) -> tuple[float | None, float | None]:
+        """(resident when the window opened, peak since), GiB."""
+        if self.before_gib is None:
+            return None, None
+        if self.device.type == "cuda":
+            return self.before_gib, torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        return self.before_gib, _status_gib("VmHWM")
+
+
+def _status_gib(field: str) -> float | None:
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM) in GiB, None where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return None

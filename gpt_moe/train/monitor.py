@@ -22,7 +22,7 @@ import torch.distributed as dist
 from gpt_moe.atomic import write_atomic
 from gpt_moe.model.moe import MoE
 from gpt_moe.model.params import account
-from gpt_moe.train.engine import Distributed
+from gpt_moe.train.engine import Distributed, InitReport
 from gpt_moe.train.evaluator import Evaluation
 from gpt_moe.train.hardware import device_peak_flops
 from gpt_moe.train.metrics import Throughput, dashboard_layout, expert_load_stats, make_writer
@@ -201,15 +201,24 @@ class TrainingMonitor:
         """Keep a checkpoint save out of the throughput window."""
         self.throughput.restart()
 
-    def summary(self, counters: dict[str, Any], val_loss: float, expert_ranges: list[list[int] | None]) -> dict:
+    def summary(self, counters: dict[str, Any], val_loss: float, expert_ranges: list[list[int] | None],
+                init_report: InitReport | None = None) -> dict:
         """runs/<run>/summary.json: per-logged-step scalars, the final validation loss, the layout, each rank's peak
-        memory. counters: step, tokens_seen, skipped_steps."""
+        memory, and with --init-from what reading the weights cost each rank (`init_from`: bytes read, the memory
+        of building and loading the model). counters: step, tokens_seen, skipped_steps."""
         self.writer.flush()
-        peaks = [0.0] * self.context.world
-        dist.all_gather_object(peaks, peak_memory_gib(self.context.device))
+        peak = peak_memory_gib(self.context.device)
+        if init_report is not None and init_report.process_peak_before_gib is not None:
+            peak = max(peak, init_report.process_peak_before_gib)  # the load's memory window reset the peak mark
+        peaks: list[Any] = [0.0] * self.context.world
+        dist.all_gather_object(peaks, peak)
         result = {**counters, "val_loss": val_loss, "peak_memory_gib": peaks,
                   "layout": {**dataclasses.asdict(self.plan.layout), "expert_ranges": expert_ranges},
                   "history": self.history}
+        if init_report is not None:
+            reports: list[Any] = [None] * self.context.world
+            dist.all_gather_object(reports, init_report.to_dict())
+            result["init_from"] = reports
         if self.context.is_rank0:
             write_atomic(self.plan.run_dir / SUMMARY_FILE, json.dumps(result, indent=1))
         return result

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt_moe.checkpoint.loading import open_weights
 from gpt_moe.checkpoint.model_dir import ModelDirectory, locate
 from gpt_moe.checkpoint.records import RUNS_DIR, CheckpointRecord, Layout, newest_complete, read_record
+from gpt_moe.checkpoint.weights import check_weights
 from gpt_moe.data.manifest import DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, Manifest
 from gpt_moe.errors import CheckpointError, ConfigError, DataError
 from gpt_moe.model.config import ModelConfig
@@ -149,6 +151,8 @@ def _plan(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware:
         raise ConfigError(f"--model {cfg.model} with --init-from {cfg.init_from}: the model is the one of the weights; "
                           "drop --model")
     model = resolve_model_config(cfg, base.config if base else None)
+    if base is not None:
+        check_weights(open_weights(base), model)  # key set, shapes and dtypes from the headers, before anything starts
     raw_ds = load_ds_config(cfg.deepspeed_config)
     check_layout(cfg, model, world_size)
     if cfg.seq_len > model.max_position_embeddings:

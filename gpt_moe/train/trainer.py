@@ -75,7 +75,8 @@ class Trainer:
         self.loader = batches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, context.rank, context.world,
                               self.cfg.seed)
         val_batches = self._validation_batches()
-        self.engine = build_engine(plan, build_model(plan, context))
+        model, self.init_report = build_model(plan, context)
+        self.engine = build_engine(plan, model)
         if context.device.type == "cpu":
             release_freed_memory()  # what building the engine freed (see there)
         self.moe_layers = self.engine.module.moe_layers()
@@ -274,7 +275,7 @@ class Trainer:
     def _summary(self) -> dict[str, Any]:
         counters = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
                     "skipped_steps": self.progress.bad_steps_total}
-        return self.monitor.summary(counters, self.val_loss, self.expert_ranges)
+        return self.monitor.summary(counters, self.val_loss, self.expert_ranges, self.init_report)
 
     def close(self) -> None:
         """Flush the logs and take the process group down on every rank together. Leaving it to
