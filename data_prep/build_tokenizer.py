@@ -37,6 +37,7 @@ from gpt_moe.atomic import write_atomic
 from gpt_moe.checkpoint.model_dir import locate, read_tokenizer_record
 from gpt_moe.data.chat_template import model_template, special_id
 from gpt_moe.data.manifest import MANIFEST_FILE, Manifest
+from gpt_moe.data.published_tokenizer import read_published
 from gpt_moe.data.tokenizer import (CHAT_TOKENS, ENDOFTEXT, TOKENIZER_FILE, TokenizerInfo, bpe_encoding,
                                     load_saved_tokenizer, load_tokenizer, mergeable_ranks, parse_tokenizer_spec,
                                     train_bpe)
@@ -92,21 +93,24 @@ class BaseTokenizer:
 
 
 def _tokenizer_record(path: Path, where: str) -> tuple[TokenizerInfo, Path]:
-    """(the tokenizer record, the directory holding its file) of a data directory or of a model
-    (`gpt_moe.checkpoint.model_dir.locate`: a run, a checkpoint tag or an export)."""
+    """(the tokenizer record, the directory holding its files) of a data directory, of a model
+    (`gpt_moe.checkpoint.model_dir.locate`: a run, a checkpoint tag, an export or a transformers directory) or of a
+    directory holding a published tokenizer's files alone."""
     if (path / MANIFEST_FILE).is_file():
         return Manifest.load(path).tokenizer, path
     try:
         directory, kind = locate(path)
         record = read_tokenizer_record(directory, kind)
     except CheckpointError:
-        record = None
+        directory, kind, record = path, None, None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{where}: {path} is unreadable ({type(e).__name__}: {e}); {TOKENIZER_FROM_HINT}") from None
+    if kind is None and (found := read_published(path)) is not None:
+        record = found[1]
     if record is None:
-        raise DataError(f"{where}: no tokenizer record here; {TOKENIZER_FROM_HINT} (this transformers directory ships "
-                        "no tokenizer: add the model's tokenizer files, or pass the data directory or checkpoint the "
-                        "model was trained with)")
+        note = (" (this transformers directory ships no tokenizer: add the model's tokenizer files, or pass the data "
+                "directory or checkpoint the model was trained with)" if kind == "transformers" else "")
+        raise DataError(f"{where}: no tokenizer record here; {TOKENIZER_FROM_HINT}{note}")
     return record, directory
 
 

@@ -32,7 +32,8 @@ def corpus() -> list[str]:
     """Text to train the test vocabularies on: a few standard-library modules, prose and Unicode."""
     library = Path(sysconfig.get_paths()["stdlib"])
     texts = [(library / name).read_text(encoding="utf-8") for name in ("json/decoder.py", "textwrap.py", "shlex.py")]
-    return texts + [UNICODE * 20, "The quick brown fox jumps over the lazy dog. 1234567890 " * 50]
+    return texts + [UNICODE * 20, "The quick brown fox jumps over the lazy dog. 1234567890 " * 50,
+                    "中文abc日本語def " * 40]
 
 
 def deepseek_dir(out: Path, template: str | None = "deepseek_v3.jinja", vocab_size: int = 1200) -> Path:
@@ -76,6 +77,10 @@ def kimi_dir(out: Path, module: bool = False, vocab_size: int = 1000) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     ranks = mergeable_ranks(train_bpe(corpus(), vocab_size))
+    # one token across a Han/Latin boundary: the default split pattern keeps "中文a" one piece and makes it, Kimi's
+    # splits Han from Latin and never does (the tests see which pattern is in use)
+    assert "中文".encode() in ranks
+    ranks["中文a".encode()] = len(ranks)
     (out / "tiktoken.model").write_bytes(tiktoken_file_bytes(ranks))
     added = {str(len(ranks) + i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
                                    "single_word": False, "special": True} for i, token in enumerate(KIMI_SPECIAL)}
@@ -101,7 +106,7 @@ def with_deepseek_model(directory: Path, vocab_size: int, seed: int = 0) -> Path
         num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
         n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
         qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=512, rope_interleave=True,
-        tie_word_embeddings=False)
+        tie_word_embeddings=False, num_nextn_predict_layers=0)
     torch.manual_seed(seed)
-    transformers.DeepseekV3ForCausalLM(config).save_pretrained(directory)
+    transformers.DeepseekV3ForCausalLM(config).save_pretrained(directory, save_original_format=False)
     return directory

@@ -115,7 +115,7 @@ class ModelDirectory:
             if hf.get("model_type") != "deepseek_v3":
                 raise CheckpointError(f"{directory / HF_CONFIG_FILE}: model_type {hf.get('model_type')!r}, expected "
                                       "deepseek_v3 (a transformers DeepseekV3ForCausalLM directory)")
-            return cls(directory, kind, from_hf_config(hf, name=directory.name), None, TrainingFacts())
+            return cls(directory, kind, from_hf_config(hf, name=directory.name), tokenizer, TrainingFacts())
         if not (directory / MODEL_CONFIG_FILE).is_file():
             raise CheckpointError(f"{directory}: {MODEL_CONFIG_FILE} is missing; this checkpoint was not written by "
                                   "gpt-moe's trainer")
