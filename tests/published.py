@@ -70,9 +70,10 @@ def deepseek_dir(out: Path, template: str | None = "deepseek_v3.jinja", vocab_si
     return out
 
 
-def kimi_dir(out: Path, module: bool = False, vocab_size: int = 1000) -> Path:
-    """A directory with a Kimi-style tiktoken.model and tokenizer_config.json; with `module`, the tokenizer module
-    `auto_map` names (its pat_str is the split pattern; transformers would need trust_remote_code to run it)."""
+def kimi_dir(out: Path, module: bool = False, vocab_size: int = 1000, template: str = "kimi.jinja") -> Path:
+    """A directory with a Kimi-style tiktoken.model and tokenizer_config.json (chat template `template` from
+    fixtures/published/); with `module`, the tokenizer module `auto_map` names (its pat_str is the split pattern;
+    transformers would need trust_remote_code to run it)."""
     from gpt_moe.data.tokenizer import mergeable_ranks, tiktoken_file_bytes, train_bpe
 
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,7 @@ def kimi_dir(out: Path, module: bool = False, vocab_size: int = 1000) -> Path:
     config = {"added_tokens_decoder": added, "bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]",
               "pad_token": "[UNK]", "model_max_length": 8192, "clean_up_tokenization_spaces": False,
               "tokenizer_class": "PreTrainedTokenizerFast",
-              "chat_template": (FIXTURES / "kimi.jinja").read_text(encoding="utf-8")}
+              "chat_template": (FIXTURES / template).read_text(encoding="utf-8")}
     if module:
         shutil.copyfile(FIXTURES / "tokenization_kimi.py.txt", out / "tokenization_kimi.py")
         config.update(tokenizer_class="TikTokenTokenizer",

@@ -74,6 +74,7 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
     return {"deepseek": deepseek_dir(root / "deepseek"), "generation": deepseek_dir(root / "generation",
                                                                                     template="generation.jinja"),
             "r1": deepseek_dir(root / "r1", template="deepseek_r1.jinja"), "kimi": kimi_dir(root / "kimi"),
+            "kimi-generation": kimi_dir(root / "kimi-generation", template="generation.jinja"),
             "kimi-module": kimi_dir(root / "kimi-module", module=True), "bare": deepseek_dir(root / "bare",
                                                                                           template=None)}
 
@@ -181,8 +182,10 @@ def apply(reference, messages, **kwargs) -> list[int]:
     return reference.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
 
 
-def test_generation_blocks_give_transformers_ids_and_assistant_masks(dirs):
-    tokenizer, reference = ours(dirs["generation"]), theirs(dirs["generation"])
+@pytest.mark.parametrize("kind", ["generation", "kimi-generation"])
+def test_generation_blocks_give_transformers_ids_and_assistant_masks(dirs, kind):
+    """Token offsets from HF tokenizers (tokenizer.json) and from tiktoken (tiktoken.model) alike."""
+    tokenizer, reference = ours(dirs[kind]), theirs(dirs[kind])
     for messages in CONVERSATIONS:
         expected = reference.apply_chat_template(messages, tokenize=True, return_dict=True,
                                                  return_assistant_tokens_mask=True)

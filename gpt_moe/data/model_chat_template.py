@@ -68,6 +68,7 @@ class ModelChatTemplate:
         self.sha256 = hashlib.sha256(text.encode()).hexdigest()
         self.marks_generation = GENERATION_TAG.search(JINJA_COMMENT.sub("", text)) is not None
         self.where = f"chat template of {tokenizer.name}"
+        self._end_of_turn: set[int] | None = None  # found once, by rendering a probe reply
 
     # -- rendering
     def render_text(self, messages: Sequence[dict], add_generation_prompt: bool) -> tuple[str, Spans]:
@@ -144,11 +145,13 @@ class ModelChatTemplate:
 
     def end_of_turn_ids(self) -> set[int]:
         """The special tokens that close an assistant turn (the last trained token of a probe reply, when special)."""
-        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
-        ids, mask = self.render(messages)
-        trained = [token for token, m in zip(ids, mask) if m]
-        special = {self.tokenizer.encode_single_token(t) for t in self.tokenizer.special_tokens_set}
-        return {trained[-1]} if trained and trained[-1] in special else set()
+        if self._end_of_turn is None:
+            messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+            ids, mask = self.render(messages)
+            trained = [token for token, m in zip(ids, mask) if m]
+            special = {self.tokenizer.encode_single_token(t) for t in self.tokenizer.special_tokens_set}
+            self._end_of_turn = {trained[-1]} if trained and trained[-1] in special else set()
+        return set(self._end_of_turn)
 
     def fit(self, messages: Sequence[dict], max_tokens: int) -> tuple[list[int], int, bool]:
         """(generation prompt ids in at most `max_tokens`, oldest messages dropped, whether the one message left was

@@ -58,7 +58,7 @@ class PublishedTokenizer:
     BOS/EOS, its document prefix and its chat template (`chat`, None when the model has none)."""
 
     def __init__(self, name: str, backend: Any, config: dict, template: str | None):
-        self.name, self.config = name, config
+        self.name = name
         self.backend = backend  # _TokenizersBackend or _TiktokenBackend
         self.n_vocab: int = backend.n_vocab
         self.special_tokens_set: set[str] = set(backend.special)
