@@ -3,7 +3,8 @@ the tokenizer of a model (`--tokenizer-from`: copied as is).
 
     enc = build_tokenizer("bpe:4096", corpus, sample_chars=1 << 25)
     base = tokenizer_from("runs/tiny")      # data dir, run dir, checkpoints/step_N or export; hash checked
-    info = base.copy_to(out)                # the same file, the same sha256
+    base = tokenizer_from("DeepSeek-V3")    # a transformers directory: the model's own tokenizer files
+    info = base.copy_to(out)                # the same files, the same sha256
 
 `bpe:N` trains on the first `sample_chars` characters; when they support fewer than N tokens the
 tokenizer is named `bpe:M` after its real size M (with a warning), so that a name never overstates
@@ -34,11 +35,13 @@ from data_prep.encode import pieces
 from data_prep.sources import Corpus
 from gpt_moe.atomic import write_atomic
 from gpt_moe.checkpoint.model_dir import locate, read_tokenizer_record
-from gpt_moe.data.chat_template import special_id
+from gpt_moe.data.chat_template import model_template, special_id
 from gpt_moe.data.manifest import MANIFEST_FILE, Manifest
+from gpt_moe.data.published_tokenizer import read_published
 from gpt_moe.data.tokenizer import (CHAT_TOKENS, ENDOFTEXT, TOKENIZER_FILE, TokenizerInfo, bpe_encoding,
                                     load_saved_tokenizer, load_tokenizer, mergeable_ranks, parse_tokenizer_spec,
                                     train_bpe)
+from gpt_moe.data.tokenizer_format import Tokenizer, copy_tokenizer_files
 from gpt_moe.errors import CheckpointError, DataError, GptMoeError
 
 log = logging.getLogger(__name__)
@@ -66,46 +69,55 @@ def build_tokenizer(spec: str, corpus: Corpus, sample_chars: int) -> tiktoken.En
 
 # ------------------------------------------------------------------------------------------ --tokenizer-from
 TOKENIZER_FROM_HINT = ("expected a prepared data directory (manifest.json), a training run or checkpoints/step_N "
-                       "(tokenizer_info.json) or an export (gpt_moe.json), each with its tokenizer file")
+                       "(tokenizer_info.json), an export (gpt_moe.json), each with its tokenizer file, or a "
+                       "transformers model directory with its tokenizer (tokenizer.json or tiktoken.model)")
 
 
 @dataclass(frozen=True)
 class BaseTokenizer:
-    """The tokenizer of a model or dataset: its record, its file's bytes (hash checked) and the Encoding."""
+    """The tokenizer of a model or dataset: its record, the directory holding its files (hashes checked) and the
+    tokenizer (ours: a tiktoken Encoding; a published model's own: `PublishedTokenizer`)."""
 
     info: TokenizerInfo
-    data: bytes
-    encoding: tiktoken.Encoding
+    directory: Path
+    encoding: Tokenizer
     where: str  # "--tokenizer-from PATH" (the directory its record came from, for messages)
 
     def copy_to(self, out: Path) -> TokenizerInfo:
-        """Write the same file into `out` (atomically); its record, naming the file there."""
-        write_atomic(Path(out) / TOKENIZER_FILE, self.data)
+        """Write the same files into `out` (atomically, unchanged); its record, naming the files there."""
+        if self.info.published:
+            copy_tokenizer_files(self.info, self.directory, Path(out))
+            return self.info
+        write_atomic(Path(out) / TOKENIZER_FILE, (self.directory / self.info.file).read_bytes())
         return dataclasses.replace(self.info, file=TOKENIZER_FILE)
 
 
 def _tokenizer_record(path: Path, where: str) -> tuple[TokenizerInfo, Path]:
-    """(the tokenizer record, the directory holding its file) of a data directory or of a model
-    (`gpt_moe.checkpoint.model_dir.locate`: a run, a checkpoint tag or an export)."""
+    """(the tokenizer record, the directory holding its files) of a data directory, of a model
+    (`gpt_moe.checkpoint.model_dir.locate`: a run, a checkpoint tag, an export or a transformers directory) or of a
+    directory holding a published tokenizer's files alone."""
     if (path / MANIFEST_FILE).is_file():
         return Manifest.load(path).tokenizer, path
     try:
         directory, kind = locate(path)
         record = read_tokenizer_record(directory, kind)
     except CheckpointError:
-        record = None
+        directory, kind, record = path, None, None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{where}: {path} is unreadable ({type(e).__name__}: {e}); {TOKENIZER_FROM_HINT}") from None
+    if kind is None and (found := read_published(path)) is not None:
+        record = found[1]
     if record is None:
-        raise DataError(f"{where}: no tokenizer record here; {TOKENIZER_FROM_HINT} (a transformers directory has "
-                        "none: pass the data directory or checkpoint the model was trained with)")
+        note = (" (this transformers directory ships no tokenizer: add the model's tokenizer files, or pass the data "
+                "directory or checkpoint the model was trained with)" if kind == "transformers" else "")
+        raise DataError(f"{where}: no tokenizer record here; {TOKENIZER_FROM_HINT}{note}")
     return record, directory
 
 
 def tokenizer_from(path: str | Path) -> BaseTokenizer:
     """The tokenizer of a prepared data directory, a training checkpoint (a run directory: its newest complete
-    checkpoint; or a checkpoints/step_N tag) or an export; DataError (one line) when there is none or its file
-    does not match its record."""
+    checkpoint; or a checkpoints/step_N tag), an export or a transformers model directory (its own tokenizer files);
+    DataError (one line) when there is none or its files do not match its record."""
     path, where = Path(path), f"--tokenizer-from {path}"
     if not path.is_dir():
         raise DataError(f"{where}: no such directory; {TOKENIZER_FROM_HINT}")
@@ -114,11 +126,20 @@ def tokenizer_from(path: str | Path) -> BaseTokenizer:
         encoding = load_saved_tokenizer(info, directory)
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
-    return BaseTokenizer(info, (directory / info.file).read_bytes(), encoding, where)
+    return BaseTokenizer(info, directory, encoding, where)
 
 
-def require_chat_markers(encoding: tiktoken.Encoding, where: str) -> None:
-    """DataError (one line, naming `where`) unless the tokenizer has `<|endoftext|>` and every chat marker."""
+def require_chat_format(encoding: Tokenizer, where: str) -> None:
+    """DataError (one line, naming `where`) unless conversations can be rendered: ours needs `<|endoftext|>` and
+    every chat marker; a published model its own chat template, proved on a probe conversation (the loss mask from
+    `{% generation %}`, or prefixes that are stable)."""
+    try:
+        template = model_template(encoding)
+        if template is not None:
+            template.check()
+            return
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
     for token in (ENDOFTEXT, *CHAT_TOKENS):
         try:
             special_id(encoding, token)

@@ -17,7 +17,6 @@ all but "too_long", which the pipeline finds once the conversation is rendered i
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from data_prep.builtin_chat import BuiltinChatSource
 from data_prep.sources import _JSON_KINDS, CHAT_BUILTIN, HubDataset, Row, SourceList, _describe_files, _expand
-from gpt_moe.data.chat_template import JINJA_TEMPLATE, ROLE_MARKERS
+from gpt_moe.data.chat_template import ROLE_MARKERS
 from gpt_moe.errors import DataError, first_line
 
 BAD_ROW_KINDS: dict[str, str] = {
@@ -286,8 +285,3 @@ def skipped_report(counts: dict[str, int], first: dict[str, list[str]], shown: i
             rows = "; ".join(first.get(kind, [])[:shown]) + ("; ..." if counts[kind] > shown else "")
             parts.append(f"{counts[kind]} {label} ({rows})")
     return ", ".join(parts)
-
-
-def template_sha256() -> str:
-    """The identity of the chat template the conversations are rendered with: sha256 of its Jinja form."""
-    return hashlib.sha256(JINJA_TEMPLATE.encode()).hexdigest()

@@ -9,7 +9,8 @@ are in flight, so memory stays bounded and the output does not depend on N.
 
 Chat data (`ParallelEncoder(..., chat=True)`) sends conversations instead of text: each is rendered by
 `gpt_moe.data.chat_template.render_conversation` into ids and the loss mask, whole (a conversation is never
-cut).
+cut). The tokenizer is ours (tiktoken) or a published model's own (`gpt_moe.data.published_tokenizer`: HF
+`tokenizers` or tiktoken; its chat template through Jinja).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 
 from gpt_moe.data.chat_template import render_conversation
 from gpt_moe.data.tokenizer import TokenizerInfo, load_saved_tokenizer
+from gpt_moe.data.tokenizer_format import Tokenizer
 
 MAX_PIECE_CHARS = 1 << 20
 BATCH_CHARS = 1 << 19
@@ -103,14 +104,14 @@ def batches(stream: Iterable, batch_chars: int = BATCH_CHARS) -> Iterator[list]:
         yield batch
 
 
-def encode_texts(enc: tiktoken.Encoding, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def encode_texts(enc: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of all texts concatenated ([total] of `dtype`) and per-text counts ([len(texts)] int64)."""
     encoded = [enc.encode_ordinary(text) for text in texts]
     lengths = np.array([len(tokens) for tokens in encoded], dtype=np.int64)
     return np.fromiter(chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum())), lengths
 
 
-def render_conversations(enc: tiktoken.Encoding, conversations: list, dtype: np.dtype
+def render_conversations(enc: Tokenizer, conversations: list, dtype: np.dtype
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ids of the conversations concatenated ([total] of `dtype`), per-conversation counts ([n] int64) and the
     loss masks concatenated ([total] uint8), by `gpt_moe.data.chat_template.render_conversation`; a None (a bad row)
@@ -125,8 +126,8 @@ def render_conversations(enc: tiktoken.Encoding, conversations: list, dtype: np.
 
 
 @lru_cache(maxsize=2)
-def _cached_encoding(directory: str, info_json: str) -> tiktoken.Encoding:
-    """One Encoding per worker process, rebuilt from the saved tokenizer file (hash checked)."""
+def _cached_encoding(directory: str, info_json: str) -> Tokenizer:
+    """One tokenizer per worker process, rebuilt from the saved tokenizer files (hashes checked)."""
     return load_saved_tokenizer(TokenizerInfo.from_dict(json.loads(info_json)), Path(directory))
 
 
@@ -155,9 +156,10 @@ class ParallelEncoder:
 
     def __enter__(self) -> ParallelEncoder:
         if self.workers > 1:
-            # On Linux, fork: workers start in milliseconds and inherit the Encoding built here
-            # (spawn costs ~0.3 s of imports per worker). They run only tiktoken and numpy, so a
-            # thread pool left in the parent by BPE training (HF tokenizers) does not concern them.
+            # On Linux, fork: workers start in milliseconds and inherit the tokenizer built here
+            # (spawn costs ~0.3 s of imports per worker). They encode one text at a time (tiktoken, or
+            # HF tokenizers' single-text encode, which never starts its thread pool), so a thread pool
+            # left in the parent by BPE training (HF tokenizers) does not concern them.
             _cached_encoding(*self.args[:2])
             method = "fork" if sys.platform == "linux" else "spawn"
             self.pool = multiprocessing.get_context(method).Pool(self.workers)

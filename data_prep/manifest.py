@@ -24,17 +24,18 @@ from data_prep.shards import SHARD_FILE
 from gpt_moe.atomic import TEMP_NAME, write_atomic
 from gpt_moe.data.manifest import (MANIFEST_FILE, PROGRESS_FILE, SPLITS, ChatInfo, ChatSplit, Manifest, ShardInfo,
                                    SplitInfo, sha256_file)
+from gpt_moe.data.published_tokenizer import MODEL_TOKENIZER_FILES
 from gpt_moe.data.tokenizer import TOKENIZER_FILE, TokenizerInfo
 from gpt_moe.data.verify import RECORD_FILE
 from gpt_moe.errors import DataError
 
 log = logging.getLogger(__name__)
 
-_OUR_TEMPORARY_FILES = {TOKENIZER_FILE, PROGRESS_FILE, MANIFEST_FILE, RECORD_FILE}
+_OUR_TEMPORARY_FILES = {TOKENIZER_FILE, *MODEL_TOKENIZER_FILES, PROGRESS_FILE, MANIFEST_FILE, RECORD_FILE}
 
 
 def _is_ours(name: str) -> bool:
-    """A shard, or the temporary file of a shard, the tokenizer, the progress record, the manifest or the
+    """A shard, or the temporary file of a shard, a tokenizer file, the progress record, the manifest or the
     verification record."""
     temp = TEMP_NAME.match(name)
     final = temp["name"] if temp else name
@@ -184,7 +185,7 @@ class Progress:
         return ChatInfo(template_sha256=str(self.chat_template), max_seq_len=int(self.args["max_seq_len"]),
                         splits=splits, skipped={kind: skipped.counts.get(kind, 0) for kind in BAD_ROW_KINDS},
                         skipped_first={kind: list(skipped.first[kind]) for kind in BAD_ROW_KINDS
-                                       if kind in skipped.first})
+                                       if kind in skipped.first}, ends_marked=self.tokenizer.published)
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ def check_tokenizer(out: Path, recorded: TokenizerInfo, requested: TokenizerInfo
 
 
 def check_template(out: Path, recorded: str | None, requested: str | None) -> None:
-    """Refuse to resume chat data rendered with another chat template (gpt_moe.data.chat_template changed since)."""
+    """Refuse to resume chat data rendered with another chat template (ours changed since, or the model's own)."""
     if requested is not None and recorded != requested:
         raise DataError(f"{out} holds conversations rendered with another chat template (sha256 "
                         f"{str(recorded)[:12]}..., now {requested[:12]}...); hint: delete {out} and prepare it again")

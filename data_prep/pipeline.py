@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.build_tokenizer import BaseTokenizer, build_tokenizer, require_chat_markers, tokenizer_from
-from data_prep.chat_rows import (ChatCorpus, ChatPiece, bad_row_error, chat_pieces, open_chat_corpus, skipped_report,
-                                 template_sha256)
+from data_prep.build_tokenizer import BaseTokenizer, build_tokenizer, require_chat_format, tokenizer_from
+from data_prep.chat_rows import ChatCorpus, ChatPiece, bad_row_error, chat_pieces, open_chat_corpus, skipped_report
 from data_prep.encode import ParallelEncoder, Piece, batches, pieces
 from data_prep.lock import output_lock
 from data_prep.manifest import (OutputState, PartRecord, Progress, SkippedRows, SplitCount, check_ownership,
@@ -37,8 +36,9 @@ from data_prep.manifest import (OutputState, PartRecord, Progress, SkippedRows, 
 from data_prep.shards import SHARD_NAME, ShardWriter, is_val, mask_name, part_number
 from data_prep.sources import Corpus, open_corpus
 from gpt_moe.atomic import fsync_dir, write_atomic
-from gpt_moe.data.manifest import (DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, MANIFEST_FILE, PROGRESS_FILE, SPLITS,
-                                   Manifest, ShardInfo, dtype_for_vocab, sha256_file)
+from gpt_moe.data.chat_template import template_sha256
+from gpt_moe.data.manifest import (CONVERSATION_END, DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, MANIFEST_FILE,
+                                   PROGRESS_FILE, SPLITS, Manifest, ShardInfo, dtype_for_vocab, sha256_file)
 from gpt_moe.data.tokenizer import load_saved_tokenizer, parse_tokenizer_spec, save_tokenizer, tokenizer_info
 from gpt_moe.data.verify import check_data
 from gpt_moe.dir_lock import DirectoryLock
@@ -186,6 +186,9 @@ class _PartWriter:
         self.total = last.tokens if last else 0
         self.dtype = np.dtype(progress.dtype).newbyteorder("<")
         self.eot = np.array([progress.tokenizer.eot_id], dtype=self.dtype)
+        self.prefix = np.array(progress.tokenizer.document_prefix, dtype=self.dtype)  # a published model's BOS
+        # a published model's template may close turns with its EOS: the end-of-text closing a conversation is marked
+        self.conversation_end = CONVERSATION_END if progress.tokenizer.published else 0
         self.limit = config.max_tokens if config.max_tokens is not None else float("inf")
         self.writers: dict[str, ShardWriter] = {}
         self.part_tokens = 0
@@ -198,6 +201,8 @@ class _PartWriter:
                 return False
         else:
             split = "val" if is_val(piece.doc, self.config.val_fraction) else "train"
+            if len(self.prefix) and self.counts[split].last_doc != piece.doc:  # the document's first piece
+                tokens = np.concatenate([self.prefix, tokens])
             if piece.last:
                 tokens = np.concatenate([tokens, self.eot])
             room = self.limit - self.total
@@ -224,7 +229,8 @@ class _PartWriter:
             return True
         conversations = self.counts["train"].documents + self.counts["val"].documents
         split = piece.split or ("val" if is_val(conversations, self.config.val_fraction) else "train")
-        tokens, mask = np.concatenate([tokens, self.eot]), np.concatenate([mask, np.zeros(1, mask.dtype)])
+        tokens = np.concatenate([tokens, self.eot])
+        mask = np.concatenate([mask, np.full(1, self.conversation_end, mask.dtype)])
         if len(tokens) > self.limit - self.total:
             return False  # a conversation is never cut
         self._write(split, piece.doc, tokens, mask)
@@ -245,7 +251,7 @@ class _PartWriter:
             count.documents += 1
             count.last_doc = doc
         count.tokens += len(tokens)
-        count.trained_tokens += 0 if mask is None else int(mask.sum())
+        count.trained_tokens += 0 if mask is None else int((mask == 1).sum())
         self.total += len(tokens)
         self.part_tokens += len(tokens)
 
@@ -306,8 +312,15 @@ def _base_tokenizer(config: PrepareConfig) -> BaseTokenizer | None:
         return None
     base = tokenizer_from(config.tokenizer_from)
     if config.chat:
-        require_chat_markers(base.encoding, base.where)
+        require_chat_format(base.encoding, base.where)
     return base
+
+
+def _template_sha256(config: PrepareConfig, base: BaseTokenizer | None) -> str | None:
+    """Chat data: the identity of the template its conversations are rendered with (ours, or the base model's own)."""
+    if not config.chat:
+        return None
+    return template_sha256(base.encoding if base is not None else None)
 
 
 def _check_identity(out: Path, state: OutputState, config: PrepareConfig, base: BaseTokenizer | None) -> None:
@@ -320,7 +333,7 @@ def _check_identity(out: Path, state: OutputState, config: PrepareConfig, base: 
     if config.chat:
         template = (state.manifest.chat.template_sha256 if state.manifest is not None and state.manifest.chat
                     else state.progress.chat_template if state.progress is not None else None)
-        check_template(out, template, template_sha256())
+        check_template(out, template, _template_sha256(config, base))
 
 
 def _stream(config: PrepareConfig, corpus: Corpus | ChatCorpus) -> Iterator[Piece | ChatPiece]:
@@ -343,9 +356,9 @@ def _check_finished(out: Path, config: PrepareConfig, corpus: Corpus | ChatCorpu
         log.warning("%s: %s", out / name, problem)
     lock.require_writable()
     remove_stale_files(out, _shard_files(manifest))
-    if manifest.tokenizer.file in damaged:
+    if set(manifest.tokenizer.file_hashes()) & set(damaged):
         _rebuild_tokenizer(out, config, corpus, manifest, base)
-    shards = frozenset(damaged) - {manifest.tokenizer.file}
+    shards = frozenset(damaged) - set(manifest.tokenizer.file_hashes())
     if shards:
         _rebuild_shards(out, config, corpus, manifest, shards)
     still = _damaged_files(out, manifest)
@@ -358,14 +371,13 @@ def _check_finished(out: Path, config: PrepareConfig, corpus: Corpus | ChatCorpu
 
 
 def _damaged_files(out: Path, manifest: Manifest) -> dict[str, str]:
-    """File name -> what is wrong with it, for every shard and the tokenizer file of a finished directory."""
+    """File name -> what is wrong with it, for every shard and the tokenizer files of a finished directory."""
     damaged = {problem.file: problem.problem for problem in check_data(out, manifest, "first").problems}
-    tokenizer = out / manifest.tokenizer.file
-    if not tokenizer.is_file():
-        damaged[tokenizer.name] = "missing"
-    elif (digest := sha256_file(tokenizer)) != manifest.tokenizer.sha256:
-        damaged[tokenizer.name] = (f"sha256 {digest[:12]}... differs from the manifest's "
-                                   f"{manifest.tokenizer.sha256[:12]}...")
+    for name, recorded in manifest.tokenizer.file_hashes().items():
+        if not (out / name).is_file():
+            damaged[name] = "missing"
+        elif (digest := sha256_file(out / name)) != recorded:
+            damaged[name] = f"sha256 {digest[:12]}... differs from the manifest's {recorded[:12]}..."
     return damaged
 
 
@@ -421,7 +433,7 @@ def _prepare_into(out: Path, config: PrepareConfig, corpus: Corpus | ChatCorpus,
             build_tokenizer(str(config.tokenizer_spec), corpus, config.bpe_sample_chars), out)
         progress = Progress(created_at=created_at(), source=corpus.description, args=config.output_args(),
                             tokenizer=info, dtype=dtype_for_vocab(info.n_vocab).name,
-                            chat_template=template_sha256() if config.chat else None)
+                            chat_template=_template_sha256(config, base))
         progress.save(out)
     else:
         load_saved_tokenizer(progress.tokenizer, out)  # refuses a tokenizer file that changed

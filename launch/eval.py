@@ -3,9 +3,10 @@
     python launch/eval.py CHECKPOINT [--data data/chat-builtin] [--items 300] [--max-new-tokens 64]
 
 Prints the mean loss over the assistant tokens of the held-out split, the share of greedy replies that end
-with <|end|> within the token limit, and exact-match accuracy on the in-context questions (the user pastes a
-function and asks for its name or its parameters). CHECKPOINT: a run, a checkpoints/step_* directory or an
-export; it must use the data's tokenizer. The logic is in gpt_moe/serve/chat_eval.py.
+with <|end|> (a published model's end of turn) within the token limit, and exact-match accuracy on the in-context
+questions (the user pastes a function and asks for its name or its parameters). CHECKPOINT: a run, a
+checkpoints/step_* directory, an export or a transformers model directory with its tokenizer; it must use the data's
+tokenizer (prepare the data with --tokenizer-from CHECKPOINT). The logic is in gpt_moe/serve/chat_eval.py.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(result))
         return
     print(f"{loaded.source}: held-out assistant-token loss {loss:.3f}; {result['replies']} greedy replies: "
-          f"{result['ended_with_end']:.1%} end with <|end|> within {args.max_new_tokens} tokens; exact match on "
+          f"{result['ended_with_end']:.1%} end their turn within {args.max_new_tokens} tokens; exact match on "
           f"in-context questions ({', '.join(in_context)}) {result['exact_match_in_context']:.1%}")
     for kind, rate in result["exact_match"].items():
         print(f"  {kind:>12}: {stats.asked[kind]:4d} asked, exact {rate:.1%}")

@@ -6,7 +6,9 @@
 
 PROMPT comes from the argument or, when absent, from stdin; only the generated text is printed.
 Plain mode continues the prompt as a document (stops at <|endoftext|>); chat mode wraps it as a user
-turn of the chat template and prints the assistant's reply (stops at <|end|>). The default follows the
+turn of the chat template and prints the assistant's reply (stops at <|end|>). A model with a published
+model's tokenizer (a transformers directory, or fine-tuned from one) uses that model's own chat template, BOS,
+end-of-turn and EOS tokens. The default follows the
 checkpoint (chat for a model fine-tuned on conversations); --chat / --no-chat choose. --speculative drafts
 with the model's MTP block and verifies with the main model (same tokens greedily, same distribution when
 sampling) and prints the draft acceptance on stderr. Without --checkpoint: the newest complete checkpoint under
@@ -30,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = SamplingConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
-    parser.add_argument("--checkpoint", help="run, checkpoints/step_* or exported directory "
+    parser.add_argument("--checkpoint", help="run, checkpoints/step_*, exported or transformers model directory "
                                              "(default: the newest complete checkpoint under runs/)")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")

@@ -12,6 +12,9 @@ module writes; `gpt_moe.checkpoint.model_dir` and `gpt_moe.checkpoint.loading` r
                                           chat template), so AutoTokenizer.from_pretrained(OUT_DIR) works too
         README.md                         a model card with the training figures
 
+A model fine-tuned from a published checkpoint keeps that model's own tokenizer files and chat template, copied
+unchanged (tokenizer.json or tiktoken.model, tokenizer_config.json, ...) instead of the three tokenizer files above.
+
 `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads it with no missing or
 unexpected keys, because the parameter names are already transformers'; `AutoTokenizer` loads the
 tokenizer. The directory is built beside OUT_DIR and published whole (`gpt_moe.atomic.publish_dir`).
@@ -20,7 +23,6 @@ tokenizer. The directory is built beside OUT_DIR and published whole (`gpt_moe.a
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from gpt_moe.checkpoint.model_dir import EXPORT_RECORD_FILE, HF_CONFIG_FILE, MTP
 from gpt_moe.checkpoint.records import TrainingFacts
 from gpt_moe.data.chat_template import JINJA_TEMPLATE
 from gpt_moe.data.tokenizer import TokenizerInfo, hf_tokenizer_config, hf_tokenizer_json
+from gpt_moe.data.tokenizer_format import copy_tokenizer_files
 from gpt_moe.errors import CheckpointError
 from gpt_moe.model.config import ModelConfig, to_hf_config
 from gpt_moe.model.model import mtp_prefix
@@ -65,15 +68,22 @@ def export(loaded: LoadedModel, out_dir: str | Path, dtype: torch.dtype = torch.
     partial = partial_dir(out_dir)
     _write_weights(loaded.model, partial, dtype)
     hf.update({"torch_dtype": str(dtype).removeprefix("torch."), "eos_token_id": info.eot_id,
-               "bos_token_id": None, "pad_token_id": None})
+               "bos_token_id": info.document_prefix[0] if info.document_prefix else None, "pad_token_id": None})
     (partial / HF_CONFIG_FILE).write_text(json.dumps(hf, indent=1))
     ours = {"model_config": config.to_dict(), "tokenizer": info.to_dict(), "training": loaded.training.to_dict()}
     (partial / EXPORT_RECORD_FILE).write_text(json.dumps(ours, indent=1))
-    shutil.copyfile(loaded.source / info.file, partial / info.file)
-    (partial / "tokenizer.json").write_text(hf_tokenizer_json(loaded.tokenizer))
-    (partial / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(JINJA_TEMPLATE), indent=1))
+    _write_tokenizer(loaded, partial)
     (partial / "README.md").write_text(model_card(config, loaded.training, info, dtype))
     return publish_dir(partial, out_dir)
+
+
+def _write_tokenizer(loaded: LoadedModel, directory: Path) -> None:
+    """A published model's own tokenizer files, unchanged; ours as the tiktoken file plus its transformers form."""
+    info = loaded.tokenizer_info
+    copy_tokenizer_files(info, loaded.source, directory)
+    if not info.published:
+        (directory / "tokenizer.json").write_text(hf_tokenizer_json(loaded.tokenizer))
+        (directory / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(JINJA_TEMPLATE), indent=1))
 
 
 def _write_weights(model: torch.nn.Module, directory: Path, dtype: torch.dtype) -> None:
@@ -149,7 +159,7 @@ def model_card(config: ModelConfig, training: TrainingFacts, tokenizer: Tokenize
         f"| experts | {config.n_routed_experts} routed (top-{config.num_experts_per_tok}), "
         f"{config.n_shared_experts} shared |",
         f"| weights | {str(dtype).removeprefix('torch.')} (trained in {trained}; the balancing biases fp32) |",
-        f"| tokenizer | {tokenizer.name} ({tokenizer.n_vocab} tokens, tiktoken file `{tokenizer.file}`) |",
+        f"| tokenizer | {tokenizer.describe()} |",
         f"| training step / tokens | {training.step if training.step is not None else '?'} / "
         f"{training.tokens_seen:,} |" if training.tokens_seen is not None else "| training | unknown |",
         f"| validation loss | {training.val_loss:.4f} |" if training.has_val_loss else "| validation loss | - |",
@@ -158,7 +168,7 @@ def model_card(config: ModelConfig, training: TrainingFacts, tokenizer: Tokenize
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained('.')  # logits match gpt-moe's",
-        "tokenizer = AutoTokenizer.from_pretrained('.')  # ids match the tiktoken file's; chat template included",
+        "tokenizer = AutoTokenizer.from_pretrained('.')  # the ids gpt-moe trained on; chat template included",
         "```",
         "",
         "The MTP block is in `mtp.safetensors`; gpt-moe's `load_for_inference` reads everything back.",

@@ -8,14 +8,15 @@ A user may give
     runs/<run>/checkpoints/step_N         a checkpoint tag (DeepSpeed's files, COMPLETE, model config, tokenizer)
     OUT (launch/reshard.py)               a layout-free checkpoint: one file per parameter, run_state.pt, COMPLETE
     OUT (launch/export.py)                a gpt-moe export: config.json, safetensors, gpt_moe.json, tokenizer files
-    a transformers directory              config.json (model_type deepseek_v3 or deepseek_v2) and safetensors (FP8
-                                          block-scaled included), no tokenizer of ours
+    a transformers directory              config.json (model_type deepseek_v3 or deepseek_v2), safetensors (FP8
+                                          block-scaled included), and the model's own tokenizer files when it ships
+                                          them (tokenizer.json or tiktoken.model, ...)
 
     directory = ModelDirectory.open("runs/tiny")
     directory.kind       # "checkpoint" | "layout-free" | "export" | "transformers"
     directory.path       # where the weights are (the newest tag of a run)
     directory.config     # ModelConfig
-    directory.tokenizer  # TokenizerInfo, None for a transformers directory
+    directory.tokenizer  # TokenizerInfo; for a transformers directory its own tokenizer's (None if it has none)
     directory.training   # TrainingFacts (step, validation loss, chat, precision, ...; empty when unknown)
     directory.record     # the CheckpointRecord of a checkpoint (None for exports)
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from gpt_moe.checkpoint.records import (COMPLETE, MODEL_CONFIG_FILE, TAG_PREFIX, TOKENIZER_INFO_FILE, CheckpointRecord,
                                         TrainingFacts, newest_complete, read_record)
+from gpt_moe.data.published_tokenizer import read_published
 from gpt_moe.data.tokenizer import TokenizerInfo
 from gpt_moe.errors import CheckpointError, GptMoeError, first_line
 from gpt_moe.model.config import ModelConfig, from_hf_config
@@ -63,9 +65,11 @@ def locate(path: str | Path) -> tuple[Path, str]:
 
 
 def read_tokenizer_record(directory: Path, kind: str) -> TokenizerInfo | None:
-    """The tokenizer record of a located directory (None for a transformers directory, which has none of ours)."""
+    """The tokenizer record of a located directory; for a transformers directory the record of the tokenizer files it
+    ships (`gpt_moe.data.published_tokenizer`), None when it ships none."""
     if kind == "transformers":
-        return None
+        found = read_published(directory)
+        return None if found is None else found[1]
     if kind == "export":
         return TokenizerInfo.from_dict(_json(directory / EXPORT_RECORD_FILE)["tokenizer"],
                                        str(directory / EXPORT_RECORD_FILE))
@@ -109,7 +113,7 @@ class ModelDirectory:
             return cls(directory, kind, config, tokenizer, TrainingFacts.from_dict(ours.get("training", {})))
         if kind == "transformers":
             config = from_hf_config(_json(directory / HF_CONFIG_FILE), directory.name, str(directory / HF_CONFIG_FILE))
-            return cls(directory, kind, config, None, TrainingFacts())
+            return cls(directory, kind, config, tokenizer, TrainingFacts())
         if not (directory / MODEL_CONFIG_FILE).is_file():
             raise CheckpointError(f"{directory}: {MODEL_CONFIG_FILE} is missing; this checkpoint was not written by "
                                   "gpt-moe's trainer")

@@ -4,7 +4,7 @@ records a checkpoint holds besides DeepSpeed's tensors. Torch-free (`data_prep -
     runs/<run>/checkpoints/
         step_00000100/              DeepSpeed files (model states, ZeRO optimizer shards, expert files)
             client_rank00000.pt     our per-rank state (RNG states), written by each rank
-            model_config.json       the model, and the tokenizer (tokenizer_info.json + its file): what inference
+            model_config.json       the model, and the tokenizer (tokenizer_info.json + its files): what inference
             tokenizer_info.json     needs besides the weights
             COMPLETE                `CheckpointRecord` as JSON, written by rank 0 after every rank finished writing
         latest                      DeepSpeed's pointer, written before the save is complete: never trusted alone
@@ -29,6 +29,7 @@ from typing import Any
 
 from gpt_moe.atomic import write_atomic
 from gpt_moe.data.tokenizer import TokenizerInfo
+from gpt_moe.data.tokenizer_format import copy_tokenizer_files
 from gpt_moe.dir_lock import DirectoryLock
 from gpt_moe.errors import CheckpointError, ConfigError, first_line
 from gpt_moe.model.config import ModelConfig
@@ -278,7 +279,8 @@ def describe_save_failure(err: BaseException, checkpoint_dir: Path) -> str:
 
 
 def save_inference_files(tag_dir: Path, model_config: ModelConfig, tokenizer: TokenizerInfo, data_dir: Path) -> None:
-    """What a checkpoint needs besides DeepSpeed's files to be used alone: model config and tokenizer."""
+    """What a checkpoint needs besides DeepSpeed's files to be used alone: model config and tokenizer (its record and
+    its files, copied unchanged from the data directory: a published model's own files stay the model's)."""
     write_atomic(tag_dir / MODEL_CONFIG_FILE, json.dumps(model_config.to_dict(), indent=1))
     write_atomic(tag_dir / TOKENIZER_INFO_FILE, json.dumps(tokenizer.to_dict(), indent=1))
-    write_atomic(tag_dir / tokenizer.file, (Path(data_dir) / tokenizer.file).read_bytes())
+    copy_tokenizer_files(tokenizer, Path(data_dir), tag_dir)

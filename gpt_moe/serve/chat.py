@@ -24,16 +24,15 @@ import torch
 from gpt_moe.checkpoint.loading import LoadedModel, load_for_inference
 from gpt_moe.checkpoint.model_dir import TRAIN_HINT
 from gpt_moe.checkpoint.records import RUNS_DIR, newest_under
-from gpt_moe.data.chat_template import (ChatPrompt, continuation_prompt, fit_chat, prompt_budget, reply_stop_ids,
-                                        special_id)
-from gpt_moe.data.tokenizer import ENDOFTEXT
+from gpt_moe.data.chat_template import (ChatPrompt, continuation_prompt, end_of_text_id, fit_chat, prompt_budget,
+                                        reply_stop_ids)
 from gpt_moe.errors import CheckpointError
 from gpt_moe.model.model import DeepSeekForCausalLM
 from gpt_moe.model.moe import MoE
 from gpt_moe.serve.generate import DecodeStats, SamplingConfig, TextStream, generate_ids
 
 if TYPE_CHECKING:
-    from tiktoken import Encoding
+    from gpt_moe.data.tokenizer_format import Tokenizer
 
 # ---------------------------------------------------------------------------------------- routing
 
@@ -94,7 +93,7 @@ class ReplyStream:
     interleave token by token and an abandoned reply holds nothing.
     """
 
-    def __init__(self, model: DeepSeekForCausalLM, tokenizer: Encoding, prompt: ChatPrompt, sampling: SamplingConfig,
+    def __init__(self, model: DeepSeekForCausalLM, tokenizer: Tokenizer, prompt: ChatPrompt, sampling: SamplingConfig,
                  lock: threading.Lock | None = None, stop_ids: set[int] | None = None) -> None:
         if sampling.vocab_limit is None:  # the model may have more embedding rows than its tokenizer has tokens
             sampling = dataclasses.replace(sampling, vocab_limit=tokenizer.n_vocab)
@@ -175,7 +174,7 @@ class ReplyStream:
         return int(next_ids[0]), {i: ids[0, self.stats.predictor].tolist() for i, ids in self._forward_routing.items()}
 
 
-def generate_reply(model: DeepSeekForCausalLM, tokenizer: Encoding, messages: Sequence[dict[str, str]],
+def generate_reply(model: DeepSeekForCausalLM, tokenizer: Tokenizer, messages: Sequence[dict[str, str]],
                    sampling: SamplingConfig, lock: threading.Lock | None = None) -> ReplyStream:
     """A `ReplyStream` for the conversation, its prompt fitted into the model's context
     (`max_position_embeddings - max_new_tokens` tokens)."""
@@ -183,13 +182,13 @@ def generate_reply(model: DeepSeekForCausalLM, tokenizer: Encoding, messages: Se
     return ReplyStream(model, tokenizer, prompt, sampling, lock)
 
 
-def generate_continuation(model: DeepSeekForCausalLM, tokenizer: Encoding, text: str, sampling: SamplingConfig,
+def generate_continuation(model: DeepSeekForCausalLM, tokenizer: Tokenizer, text: str, sampling: SamplingConfig,
                           lock: threading.Lock | None = None) -> ReplyStream:
     """What a base model is good for: a `ReplyStream` continuing `text` as a document (no role markers; the end
-    of an overlong text is kept), ending at `<|endoftext|>`."""
+    of an overlong text is kept), ending at `<|endoftext|>` (a published model's EOS)."""
     prompt = continuation_prompt(tokenizer, text, prompt_budget(model.config.max_position_embeddings,
                                                                 sampling.max_new_tokens))
-    return ReplyStream(model, tokenizer, prompt, sampling, lock, stop_ids={special_id(tokenizer, ENDOFTEXT)})
+    return ReplyStream(model, tokenizer, prompt, sampling, lock, stop_ids={end_of_text_id(tokenizer)})
 
 
 # ----------------------------------------------------------------- shared by app.py and sample.py

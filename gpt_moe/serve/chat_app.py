@@ -155,12 +155,13 @@ class ChatApp:
     """One loaded model served to many requests. `respond` is the request handler."""
 
     def __init__(self, loaded: LoadedModel, max_new_tokens: int = MAX_NEW_TOKENS,
-                 max_message_chars: int = MAX_MESSAGE_CHARS) -> None:
+                 max_message_chars: int = MAX_MESSAGE_CHARS, chat: bool | None = None) -> None:
         self.loaded = loaded
         self.max_new_tokens = min(max_new_tokens, loaded.model.config.max_position_embeddings // 2)
         self.max_message_chars = max_message_chars
         self.lock = threading.Lock()
-        self.chat = loaded.training.chat  # a base model continues the typed text instead
+        # a base model continues the typed text instead; `chat` overrides (a published model's directory says neither)
+        self.chat = loaded.training.chat if chat is None else chat
         self.has_mtp = loaded.model.model.mtp_layer is not None  # speculative decoding needs the MTP block
 
     def respond(self, message: str, history: list[dict[str, Any]] | None, temperature: float = Settings.temperature,
@@ -330,8 +331,12 @@ def build_demo(app: ChatApp) -> gr.Blocks:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="app.py", description="Chat with a gpt-moe checkpoint in the browser.")
-    parser.add_argument("--checkpoint", help="run directory, checkpoints/step_* directory or exported directory "
+    parser.add_argument("--checkpoint", help="run directory, checkpoints/step_* directory, exported directory or a "
+                                             "transformers model directory with its tokenizer "
                                              "(default: the newest complete checkpoint under --runs-dir)")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="reply through the chat template (the model's own for a published model); --no-chat: "
+                             "continue the text; default: chat for a model fine-tuned on conversations")
     parser.add_argument("--runs-dir", default=RUNS_DIR, help=f"where to look for checkpoints (default: {RUNS_DIR})")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> None:
     loaded = load_chat_model(args.checkpoint, args.runs_dir)
-    app = ChatApp(loaded, max_new_tokens=max(1, args.max_new_tokens))
+    app = ChatApp(loaded, max_new_tokens=max(1, args.max_new_tokens), chat=args.chat)
     demo = build_demo(app)
     demo.queue(default_concurrency_limit=max(1, args.concurrency), max_size=max(1, args.queue_size))
     print(f"serving {loaded.source} ({loaded.model.config.name}) on http://{args.host}:{args.port}", flush=True)

@@ -4,8 +4,9 @@
     reply_statistics(model, tokenizer, items, max_new_tokens)   # greedy replies to held-out questions
 
 `items` are (messages ending with a user question, reference answer, kind) triples, for example
-`data_prep.builtin_chat.heldout_eval_items()`. A reply "ends" when the model writes `<|end|>` within the token
-limit; it is "exact" when its text, stripped, equals the reference answer. Both are counted per kind.
+`data_prep.builtin_chat.heldout_eval_items()`. A reply "ends" when the model writes `<|end|>` (a published model's
+end of turn) within the token limit; it is "exact" when its text, stripped, equals the reference answer. Both are
+counted per kind.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import numpy as np
 import torch
 
 from gpt_moe.data.chat_batches import PackedRows
-from gpt_moe.data.chat_template import special_id
+from gpt_moe.data.chat_template import end_of_turn_ids
 from gpt_moe.data.shards import TokenShards
-from gpt_moe.data.tokenizer import END
 from gpt_moe.model.model import DeepSeekForCausalLM
 from gpt_moe.serve.chat import generate_reply
 from gpt_moe.serve.generate import SamplingConfig
@@ -44,7 +44,8 @@ def held_out_loss(model: DeepSeekForCausalLM, shards: TokenShards, seq_len: int 
 
 @dataclass
 class ReplyStatistics:
-    """Counts per question kind: asked, replies that ended with <|end|>, replies equal to the reference."""
+    """Counts per question kind: asked, replies that ended with <|end|> (the end of a turn), replies equal to the
+    reference."""
 
     asked: Counter = field(default_factory=Counter)
     ended: Counter = field(default_factory=Counter)
@@ -62,12 +63,12 @@ def reply_statistics(model: DeepSeekForCausalLM, tokenizer, items: Iterable[tupl
                      max_new_tokens: int = 64) -> ReplyStatistics:
     """Greedy replies to each item's messages, through the app's own reply loop (`generate_reply`)."""
     stats, greedy = ReplyStatistics(), SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    end = special_id(tokenizer, END)
+    ends = end_of_turn_ids(tokenizer)
     for messages, answer, kind in items:
         reply = generate_reply(model, tokenizer, messages, greedy)
         text = "".join(reply)
         stats.asked[kind] += 1
-        stats.ended[kind] += reply.finish_reason == "stop" and reply.token_ids[-1] == end
+        stats.ended[kind] += reply.finish_reason == "stop" and reply.token_ids[-1] in ends
         stats.exact[kind] += text.strip() == answer.strip()
         if len(stats.examples) < 3:
             stats.examples.append((messages[-1]["content"], text, answer))

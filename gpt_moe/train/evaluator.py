@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from gpt_moe.data.chat_batches import ChatValBatches, PackedBatch
-from gpt_moe.data.chat_template import format_chat
+from gpt_moe.data.chat_template import continuation_prompt, format_chat
 from gpt_moe.data.shards import ValBatches
-from gpt_moe.data.tokenizer import ASSISTANT
 from gpt_moe.model.mtp_acceptance import mtp_agreement
 from gpt_moe.train.engine import Distributed
 
@@ -100,13 +99,15 @@ class Evaluator:
     def sample_text(self) -> str:
         """Greedy continuation of a fixed prompt, or for a chat run the reply to a fixed question."""
         tokenizer = self.tokenizer
-        if self.chat:  # a reply through the chat template
+        if self.chat:  # a reply through the chat template (the model's own, for a published model): the reply shown
             prompt = format_chat(tokenizer, [{"role": "user", "content": SAMPLE_QUESTION}])
-        else:
-            prompt = tokenizer.encode_ordinary(SAMPLE_PROMPT)
+            shown = len(prompt)
+        else:  # the prompt's text and its continuation (a published model's BOS first, not shown)
+            prompt = continuation_prompt(tokenizer, SAMPLE_PROMPT, 1 << 20).ids
+            shown = len(prompt) - len(tokenizer.encode_ordinary(SAMPLE_PROMPT))
         self.engine.eval()
         ids = greedy_uncached(self.engine.module, torch.tensor([prompt], device=self.device), self.sample_tokens,
                               vocab_limit=tokenizer.n_vocab)
         self.engine.train()
-        text = tokenizer.decode(ids[0].tolist())
-        return f"{SAMPLE_QUESTION} -> {text.split(ASSISTANT, 1)[-1]}" if self.chat else text
+        text = tokenizer.decode(ids[0, shown:].tolist())
+        return f"{SAMPLE_QUESTION} -> {text}" if self.chat else text
