@@ -6,7 +6,8 @@
   `fixtures/published/` (DeepSeek-V3's by default);
 - `kimi_dir`: a Moonlight / Kimi-style `tiktoken.model` with its special tokens in `tokenizer_config.json`'s
   `added_tokens_decoder`, optionally the tokenizer module whose `pat_str` gives the split pattern;
-- `with_deepseek_model`: a random tiny `deepseek_v3` model's config and safetensors beside them (transformers).
+- `with_deepseek_model`: a random tiny `deepseek_v3` or `deepseek_v2` model's config and safetensors beside them
+  (transformers, `hf_dirs`).
 """
 
 from __future__ import annotations
@@ -97,17 +98,12 @@ def kimi_dir(out: Path, module: bool = False, vocab_size: int = 1000, template: 
     return out
 
 
-def with_deepseek_model(directory: Path, vocab_size: int, seed: int = 0) -> Path:
-    """Write a random tiny transformers DeepseekV3ForCausalLM (config.json + safetensors) into `directory`."""
-    import torch
-    import transformers
+def with_deepseek_model(directory: Path, vocab_size: int, seed: int = 0, model_type: str = "deepseek_v3") -> Path:
+    """Write a random tiny transformers model into `directory` (config.json and safetensors with one tensor per
+    routed expert, as the releases store them): DeepSeek-V3-like (sigmoid routing with a bias, groups, q-LoRA) or,
+    for `deepseek_v2`, DeepSeek-V2-Lite-like (softmax routing, no q-LoRA)."""
+    from hf_dirs import V2_LITE_LIKE, V3_LIKE, save_directory, transformers_model
 
-    config = transformers.DeepseekV3Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
-        n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=512, rope_interleave=True,
-        tie_word_embeddings=False, num_nextn_predict_layers=0)
-    torch.manual_seed(seed)
-    transformers.DeepseekV3ForCausalLM(config).save_pretrained(directory, save_original_format=False)
-    return directory
+    shape = {"deepseek_v3": dict(V3_LIKE, num_nextn_predict_layers=0), "deepseek_v2": V2_LITE_LIKE}[model_type]
+    model = transformers_model(model_type, seed, **{**shape, "vocab_size": vocab_size, "max_position_embeddings": 512})
+    return save_directory(model, directory)

@@ -7,12 +7,14 @@ and copied to /tmp/gpt_moe_app.png.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,13 +67,13 @@ def long_message(tiny_checkpoint) -> str:
     pytest.fail(f"none of {CANDIDATES} gets a greedy reply of {LONG_TOKENS} tokens from the test model")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
+@contextlib.contextmanager
+def serving(checkpoint: Path, log_path: Path, *args: str) -> Iterator[dict]:
+    """`python app.py --checkpoint CHECKPOINT ARGS` on a free port of 127.0.0.1, up and answering, for the block."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("app") / "app.log"
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, str(APP), "--checkpoint", str(tiny_checkpoint), "--port",
-                                    str(port), "--concurrency", "2"], stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, str(APP), "--checkpoint", str(checkpoint), "--port", str(port),
+                                    *args], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
     try:
@@ -97,8 +99,9 @@ def server(tiny_checkpoint, tmp_path_factory):
             process.wait()
 
 
-@pytest.fixture(scope="module")
-def page(server):
+@contextlib.contextmanager
+def browsing(url: str):
+    """A headless Chromium page on the app at `url`, its message box ready."""
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's chromium (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
@@ -108,11 +111,23 @@ def page(server):
         try:
             page = browser.new_page(viewport={"width": 1360, "height": 1400})
             page.set_default_timeout(30_000)
-            page.goto(server["url"], wait_until="domcontentloaded")
+            page.goto(url, wait_until="domcontentloaded")
             page.locator("#message textarea").wait_for()
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    with serving(tiny_checkpoint, tmp_path_factory.mktemp("app") / "app.log", "--concurrency", "2") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with browsing(server["url"]) as page:
+        yield page
 
 
 WATCH_REPLY = """() => {

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from gpt_moe.checkpoint.export import export
 from gpt_moe.checkpoint.loading import LoadedModel, load_for_inference
@@ -14,7 +15,6 @@ from gpt_moe.data.tokenizer import save_tokenizer, train_bpe
 from gpt_moe.errors import CheckpointError
 from gpt_moe.model.model import DeepSeekForCausalLM
 
-transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -16,7 +16,6 @@ from gpt_moe.checkpoint.loading import load_model, open_weights
 from gpt_moe.checkpoint.model_dir import ModelDirectory
 from gpt_moe.errors import CheckpointError
 
-pytest.importorskip("transformers")
 E4M3_HALF_ULP = 2.0 ** -4  # 3 mantissa bits: half the spacing of normal numbers, relative to the value
 E4M3_SUBNORMAL_HALF_ULP = 2.0 ** -10  # below 2^-6 the spacing is 2^-9, absolute
 

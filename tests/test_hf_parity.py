@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+import transformers
 
 from gpt_moe.model.config import from_hf_config, to_hf_config
 from gpt_moe.model.model import DeepSeekForCausalLM
-
-transformers = pytest.importorskip("transformers")  # a test extra; CI installs it
 
 
 def hf_model(config):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from gpt_moe.checkpoint.export import export
 from gpt_moe.checkpoint.loading import LoadedModel, load_for_inference
@@ -30,7 +31,6 @@ from tests.published import EOS, FIXTURES, deepseek_dir, kimi_dir, with_deepseek
 from tests.test_data_prep import ROOT, assert_one_line_error, run_cli
 from tests.test_published_tokenizer import CONVERSATIONS, apply, prefix_mask, texts
 
-transformers = pytest.importorskip("transformers")
 MODEL_VOCAB = 1280  # the model's embedding rows: more than the tokenizer's ids, as DeepSeek-V3's 129280 > 128815
 CHATS = [c for c in CONVERSATIONS if c[-1]["role"] == "assistant"]
 

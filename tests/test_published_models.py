@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from hf_dirs import V2_LIKE, V2_LITE_LIKE, V3_LIKE, edit_config, mtp_tensors, save_directory, transformers_model
 
 from gpt_moe.checkpoint.export import export
@@ -23,7 +24,6 @@ from gpt_moe.errors import CheckpointError, ConfigError
 from gpt_moe.model.config import from_hf_config
 from gpt_moe.model.model import DeepSeekForCausalLM
 
-transformers = pytest.importorskip("transformers")
 KINDS = {"v2_lite_like": ("deepseek_v2", V2_LITE_LIKE), "v2_like": ("deepseek_v2", V2_LIKE),
          "v3_like": ("deepseek_v3", V3_LIKE)}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import tiktoken
+import transformers
 
 from gpt_moe.data.chat_template import (end_of_text_id, end_of_turn_ids, fit_chat, format_chat, render_conversation,
                                         reply_stop_ids, template_sha256)
@@ -22,10 +23,7 @@ from gpt_moe.data.published_tokenizer import (TRANSFORMERS_TIKTOKEN_PATTERN, Pub
 from gpt_moe.data.tokenizer import load_saved_tokenizer
 from gpt_moe.data.tokenizer_format import TokenizerInfo
 from gpt_moe.errors import DataError
-from tests.published import (ASSISTANT, BOS, EOS, FIXTURES, KIMI_SPECIAL, UNICODE, USER, corpus, deepseek_dir,
-                             kimi_dir)
-
-transformers = pytest.importorskip("transformers")
+from tests.published import ASSISTANT, BOS, EOS, FIXTURES, KIMI_SPECIAL, UNICODE, USER, corpus, deepseek_dir, kimi_dir
 
 MARKER_TEXTS = [
     f"{USER}hi{ASSISTANT}", f"{BOS}text{EOS}", "<think>reasoning</think>answer", "<|im_start|>user\nx<|im_end|>",

@@ -15,7 +15,8 @@ from hf_dirs import SMALL_LIKE, V2_LIKE, V3_LIKE, mtp_tensors, save_directory, t
 from launching import REPO, train
 
 pytestmark = pytest.mark.multiprocess
-transformers = pytest.importorskip("transformers")
+import transformers
+
 SHORT = ["--seq-len", "64", "--micro-batch", "2", "--eval-interval", "1000", "--sample-tokens", "0",
          "--log-interval", "1"]
 
