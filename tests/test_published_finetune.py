@@ -33,7 +33,7 @@ def base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fine_tuned(base, fp32_zero2, tmp_path_factory) -> dict[str, Path]:
-    """Chat data from the model's own tokenizer and template; 2 ranks, EP=2, ZeRO-2, fp32, 4 steps of 2 rows; the export."""
+    """Chat data in its own tokenizer and template; 2 ranks, EP=2, ZeRO-2, fp32, 4 steps of 2 rows; the export."""
     from launching import train
 
     work = tmp_path_factory.mktemp("sft")
