@@ -222,15 +222,21 @@ def test_a_shard_altered_in_place_is_refused_before_step_1(prepared_data, tmp_pa
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step trained
 
 
-def test_token_ids_beyond_the_models_vocabulary_are_refused_before_step_1(prepared_data, small_config, tmp_path):
-    """The manifest's n_vocab lowered to 512 and a model of 512 tokens: ids up to 1023 would index past the
-    embedding (an IndexError at step 1, or only at the first evaluation with a larger model)."""
+def edited_down_vocabulary(prepared_data: Path, small_config, tmp_path: Path) -> tuple[Path, Path]:
+    """(a copy of the data whose manifest says n_vocab 512, a model config of 512 tokens): the data's ids go to 1023."""
     data = copy_of(prepared_data, tmp_path)
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["tokenizer"]["n_vocab"] = 512
     (data / "manifest.json").write_text(json.dumps(manifest))
     model = tmp_path / "model.json"
     model.write_text(json.dumps(small_config.replace(vocab_size=512).to_dict()))
+    return data, model
+
+
+def test_token_ids_beyond_the_models_vocabulary_are_refused_before_step_1(prepared_data, small_config, tmp_path):
+    """The manifest's n_vocab lowered to 512 and a model of 512 tokens: ids up to 1023 would index past the
+    embedding (an IndexError at step 1, or only at the first evaluation with a larger model)."""
+    data, model = edited_down_vocabulary(prepared_data, small_config, tmp_path)
     result = run("launch/train.py", "--data", str(data), "--model", str(model), "--run-dir", str(tmp_path / "run"),
                  "--max-steps", "2", *TINY_RUN)
     assert_one_line_error(result, "token id")
@@ -266,12 +272,7 @@ def test_an_error_after_the_process_group_started_exits_2_every_time(prepared_da
     """The edited-down n_vocab of the test above, on 2 ranks, ten times: every rank refuses in one line and the
     launcher exits 2; none aborts with "terminate called without an active exception" (exit 134, seen in 1 of 4 such
     runs before every rank took its process group down itself)."""
-    data = copy_of(prepared_data, tmp_path)
-    manifest = json.loads((data / "manifest.json").read_text())
-    manifest["tokenizer"]["n_vocab"] = 512
-    (data / "manifest.json").write_text(json.dumps(manifest))
-    model = tmp_path / "model.json"
-    model.write_text(json.dumps(small_config.replace(vocab_size=512).to_dict()))
+    data, model = edited_down_vocabulary(prepared_data, small_config, tmp_path)
     from launching import train
 
     for attempt in range(10):

@@ -53,6 +53,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def prepare_chat_data(model_dir: Path, work: Path) -> Path:
+    """`python -m data_prep --format chat --tokenizer-from MODEL_DIR` on the test conversations (x4): WORK/chat."""
+    rows = write_jsonl(work / "chats.jsonl", [{"messages": m} for m in CHATS * 4])
+    prepared = run_cli("--format", "chat", "--source", str(rows), "--tokenizer-from", str(model_dir),
+                       "--val-fraction", "0.25", "--out", str(work / "chat"))
+    assert prepared.returncode == 0, prepared.stderr
+    return work / "chat"
+
+
 def tokenizer_bytes(directory: Path) -> dict[str, bytes]:
     found = read_published(directory)
     assert found is not None
@@ -212,11 +221,7 @@ def test_a_model_fine_tuned_from_a_transformers_directory_keeps_its_tokenizer(hf
     the sampler chats with it through the model's template, and its export gives AutoTokenizer the same ids."""
     from launching import train
 
-    rows = write_jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in CHATS * 4])
-    data = tmp_path / "chat"
-    prepared = run_cli("--format", "chat", "--source", str(rows), "--tokenizer-from", str(hf_dir), "--val-fraction",
-                       "0.25", "--out", str(data))
-    assert prepared.returncode == 0, prepared.stderr
+    data = prepare_chat_data(hf_dir, tmp_path)
     run_dir = tmp_path / "sft"
     train("--deepspeed", str(fp32_zero2), "--init-from", str(hf_dir), "--data", str(data), "--run-dir", str(run_dir),
           "--max-steps", "2", "--save-interval", "2", "--seq-len", "128", "--micro-batch", "2", "--eval-interval",

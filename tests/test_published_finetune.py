@@ -17,8 +17,8 @@ import transformers
 
 from tests.published import deepseek_dir, with_deepseek_model
 from tests.test_app_browser import REPLY_DONE, bot_text, browsing, send, serving, set_number
-from tests.test_data_prep import ROOT, run_cli
-from tests.test_published_tokenizer import CONVERSATIONS
+from tests.test_data_prep import ROOT
+from tests.test_published_data import prepare_chat_data
 
 MODEL_VOCAB = 1280  # embedding rows beyond the tokenizer's ids, as DeepSeek-V2-Lite's 102400 > its tokenizer's
 PROMPT = "How do I reverse a list in Python?"
@@ -37,13 +37,7 @@ def fine_tuned(base, fp32_zero2, tmp_path_factory) -> dict[str, Path]:
     from launching import train
 
     work = tmp_path_factory.mktemp("sft")
-    chats = [{"messages": m} for m in CONVERSATIONS if m[-1]["role"] == "assistant"] * 4
-    rows = work / "chats.jsonl"
-    rows.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in chats), encoding="utf-8")
-    data = work / "chat"
-    prepared = run_cli("--format", "chat", "--source", str(rows), "--tokenizer-from", str(base), "--val-fraction",
-                       "0.25", "--out", str(data))
-    assert prepared.returncode == 0, prepared.stderr
+    data = prepare_chat_data(base, work)
     run_dir = work / "run"
     train("--deepspeed", str(fp32_zero2), "--init-from", str(base), "--data", str(data), "--run-dir", str(run_dir),
           "--ep-size", "2", "--max-steps", "4", "--lr", "1e-3", "--warmup-steps", "0", "--save-interval", "4",
