@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from gpt_moe.checkpoint.loading import every_rank_writes, load_weights, open_weights
 from gpt_moe.checkpoint.weights import check_weights
-from gpt_moe.errors import CheckpointError, GptMoeError
+from gpt_moe.errors import CheckpointError, ConfigError, GptMoeError
 from gpt_moe.model.model import DeepSeekForCausalLM, mtp_prefix
 from gpt_moe.model.moe import MoE
 from gpt_moe.train.config import lr_at
@@ -129,6 +129,15 @@ def start_distributed(zero_stage: int) -> Distributed:
         log.warning("TORCH_CUDA_ARCH_LIST=%s rewritten as %s for DeepSpeed's op builder", arch_list,
                     os.environ["TORCH_CUDA_ARCH_LIST"])
     return context
+
+
+def check_same_precision(plan: RunPlan, context: Distributed) -> None:
+    """Every rank decided bf16 "auto" the same way (each host measures for itself: `gpt_moe.train.dtype_choice`)."""
+    votes = int(context.all_reduce(torch.tensor([int(plan.bf16)])).item())
+    if votes not in (0, context.world):
+        raise ConfigError(f"bf16 \"auto\" chose bf16 on {votes} of {context.world} ranks and fp32 on the others "
+                          "(the hosts measured differently); set bf16.enabled to true or false in "
+                          f"{plan.train.deepspeed_config}")
 
 
 def end_distributed() -> None:

@@ -87,6 +87,13 @@ def cpu_computes_bf16_natively() -> bool:
     return cpu_has_native_bf16() and cpu_kernels_limit() is None
 
 
+def cpu_bf16_limit() -> str:
+    """Why this CPU's bf16 matmuls are emulated (for messages): no instructions, or the kernels held back."""
+    if not cpu_has_native_bf16():
+        return "no AVX512-BF16 or AMX instructions"
+    return cpu_kernels_limit() or "its bf16 instructions are available"
+
+
 def native_bf16(device_type: str, accelerator_supports_bf16: bool) -> bool:
     """Whether to train in bf16 when the config says "auto".
 

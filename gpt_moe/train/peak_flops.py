@@ -39,12 +39,13 @@ MEASURE_SECONDS = 1.0
 BATCH_SECONDS = 0.01  # a timed batch: short enough to fit between the time slices of other processes
 
 
-def cache_path() -> Path:
-    """Where measured peaks are kept: $GPT_MOE_CACHE_DIR, $XDG_CACHE_HOME/gpt-moe or ~/.cache/gpt-moe."""
+def cache_path(name: str = CACHE_FILE) -> Path:
+    """Where measurements of this machine are kept: $GPT_MOE_CACHE_DIR, $XDG_CACHE_HOME/gpt-moe or
+    ~/.cache/gpt-moe, file `name`."""
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]) / CACHE_FILE
+        return Path(os.environ[CACHE_ENV]) / name
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "gpt-moe" / CACHE_FILE
+    return Path(root) / "gpt-moe" / name
 
 
 def cpu_identity() -> tuple[str, str]:
@@ -70,13 +71,26 @@ def machine_key(dtype: torch.dtype, threads: int) -> str:
            f"{threads} threads"
 
 
-def read_cache() -> dict[str, dict]:
+def read_cache(name: str = CACHE_FILE) -> dict[str, dict]:
     """Every cached measurement by key ({} when the file is missing or unreadable: it is measured again)."""
     try:
-        data = json.loads(cache_path().read_text())
+        data = json.loads(cache_path(name).read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def write_cache_entry(name: str, key: str, entry: dict) -> str | None:
+    """Adds `entry` under `key` to the cache file `name`; None, or why it could not (an unwritable cache only
+    costs a measurement per run)."""
+    entries = read_cache(name)  # again: another host sharing the home directory may have written meanwhile
+    entries[key] = entry
+    try:
+        cache_path(name).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache_path(name), json.dumps(entries, indent=1, sort_keys=True))
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return None
 
 
 def cached_cpu_peak(dtype: torch.dtype, threads: int, emulated: bool) -> tuple[float, str]:
@@ -87,13 +101,10 @@ def cached_cpu_peak(dtype: torch.dtype, threads: int, emulated: bool) -> tuple[f
     if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0:
         return float(entry["flops"]), f"cached {cache_path()} [{key}]"
     peak, size = measure_matmul_peak(dtype, threads, emulated)
-    entries = read_cache()  # again: another host sharing the home directory may have written meanwhile
-    entries[key] = {"flops": peak, "matrix": size, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    try:
-        cache_path().parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cache_path(), json.dumps(entries, indent=1, sort_keys=True))
-    except OSError as err:  # an unwritable cache only costs a measurement per run
-        return peak, f"measured {size}x{size} matmuls [{key}] (not cached: {err.strerror})"
+    failed = write_cache_entry(CACHE_FILE, key, {"flops": peak, "matrix": size,
+                                                 "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if failed:
+        return peak, f"measured {size}x{size} matmuls [{key}] (not cached: {failed})"
     return peak, f"measured {size}x{size} matmuls [{key}], cached in {cache_path()}"
 
 

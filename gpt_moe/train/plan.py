@@ -30,7 +30,8 @@ from gpt_moe.model.recompute import MODES
 from gpt_moe.train.config import TrainConfig
 from gpt_moe.train.ds_config import (TrainingShape, load_ds_config, resolve_ds_config, validate_with_deepspeed,
                                      zero_stage)
-from gpt_moe.train.hardware import Hardware
+from gpt_moe.train.dtype_choice import choose_bf16_on_cpu
+from gpt_moe.train.hardware import Hardware, cpu_bf16_limit
 from gpt_moe.train.memory_plan import GIB, MemoryLayout, largest_micro_batch, training_memory
 
 
@@ -64,6 +65,7 @@ class RunPlan:
     init_from: ModelDirectory | None = None  # --init-from: the weights to start from
     device_type: str = "cuda"  # DeepSpeed's accelerator
     resume: ResumePlan | None = None  # None: the run starts at step 0
+    precision: str = ""  # why the run trains in bf16 or fp32 (the banner says it)
 
     @property
     def bf16(self) -> bool:
@@ -121,6 +123,7 @@ class RunPlan:
             f"world {self.world_size} rank(s), expert-parallel size {t.ep_size} "
             f"({model.n_routed_experts // t.ep_size} routed experts per rank per layer), "
             f"ZeRO stage {self.zero_stage}, bf16 {self.ds_config['bf16']['enabled']}",
+            f"precision: {self.precision}",
             describe(account(model, t.seq_len)),
             self.resume.describe(self.layout) if self.resume else "resume: nothing to resume, the run starts at step 0",
             *self.memory_lines(),
@@ -165,13 +168,33 @@ def _plan(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware:
     shape = TrainingShape(cfg.micro_batch, cfg.grad_accum, world_size, cfg.lr, cfg.weight_decay, cfg.clip,
                           hardware.bf16_supported, model.hidden_size, explicit, bf16_native=hardware.bf16_native,
                           device_type=hardware.device_type)
-    ds_config, shape = resolve_ds_config(raw_ds, shape, source=cfg.deepspeed_config)
+    ds_config, shape, precision = resolve_precision(raw_ds, shape, model, cfg)
     validate_with_deepspeed(ds_config, cfg.deepspeed_config)
     train = dataclasses.replace(cfg, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum, clip=shape.clip,
                                 lr=shape.lr, weight_decay=shape.weight_decay)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(RUNS_DIR) / (model.name + ("-sft" if base else ""))
     return RunPlan(train, model, ds_config, world_size, zero_stage(ds_config), run_dir, prepare_default_data, base,
-                   hardware.device_type)
+                   hardware.device_type, precision=precision)
+
+
+def resolve_precision(raw_ds: dict[str, Any], shape: TrainingShape, model: ModelConfig,
+                      cfg: TrainConfig) -> tuple[dict[str, Any], TrainingShape, str]:
+    """`resolve_ds_config` with bf16 "auto" decided by speed on a CPU with native bf16 (`dtype_choice`): the
+    resolved config, the shape, and why the run trains in the precision it does."""
+    ds_config, resolved = resolve_ds_config(raw_ds, shape, source=cfg.deepspeed_config)
+    bf16 = bool(ds_config["bf16"]["enabled"])
+    if raw_ds.get("bf16", {}).get("enabled", "auto") != "auto":
+        return ds_config, resolved, f"{'bf16' if bf16 else 'fp32'}: bf16.enabled {bf16} in {cfg.deepspeed_config}"
+    if shape.device_type != "cpu":
+        why = "the device supports bf16" if bf16 else "the device does not support bf16"
+        return ds_config, resolved, f"auto: {'bf16' if bf16 else 'fp32'}, {why}"
+    if not bf16:
+        return ds_config, resolved, f"auto: fp32, this CPU emulates bf16 ({cpu_bf16_limit()})"
+    choice = choose_bf16_on_cpu(model, ds_config, cfg.seq_len, resolved.micro_batch)
+    if not choice.bf16:
+        ds_config, resolved = resolve_ds_config(raw_ds, dataclasses.replace(shape, bf16_native=False),
+                                                source=cfg.deepspeed_config)
+    return ds_config, resolved, choice.why
 
 
 def keep_global_batch(plan: RunPlan, resume: ResumePlan, cfg: TrainConfig, explicit: frozenset[str],

@@ -34,7 +34,7 @@ from gpt_moe.errors import DataError, GptMoeError
 from gpt_moe.model.moe import update_bias
 from gpt_moe.train.checkpointer import Checkpointer, open_resume_source
 from gpt_moe.train.config import FaultInjection
-from gpt_moe.train.engine import build_engine, build_model, start_distributed
+from gpt_moe.train.engine import build_engine, build_model, check_same_precision, start_distributed
 from gpt_moe.train.evaluator import Evaluator, model_inputs
 from gpt_moe.train.hardware import release_freed_memory
 from gpt_moe.train.monitor import LOSS_NAMES, TrainingMonitor
@@ -63,6 +63,7 @@ class Trainer:
         self.plan, self.cfg, self.faults = plan, plan.train, faults
         self.resume_source = open_resume_source(plan.resume)  # before anything starts: a refusal costs nothing
         self.context = context = start_distributed(plan.zero_stage)
+        check_same_precision(plan, context)
         # one run per run directory: a second run is refused here, before it writes anything
         self.run_lock = context.on_rank0(lambda: run_directory_lock(plan.run_dir).acquire())
         if plan.prepare_default_data:
