@@ -2,11 +2,12 @@
 
     python launch/eval.py CHECKPOINT [--data data/chat-builtin] [--items 300] [--max-new-tokens 64]
 
-Prints the mean loss over the assistant tokens of the held-out split, the share of greedy replies that end
-with <|end|> (a published model's end of turn) within the token limit, and exact-match accuracy on the in-context
-questions (the user pastes a function and asks for its name or its parameters). CHECKPOINT: a run, a
-checkpoints/step_* directory, an export or a transformers model directory with its tokenizer; it must use the data's
-tokenizer (prepare the data with --tokenizer-from CHECKPOINT). The logic is in gpt_moe/serve/chat_eval.py.
+Prints the mean loss over the assistant tokens of the held-out split (nats per token and bits per byte), the share
+of greedy replies that end with <|end|> (a published model's end of turn) within the token limit, and exact-match
+accuracy on the in-context questions (the user pastes a function and asks for its name or its parameters).
+CHECKPOINT: a run, a checkpoints/step_* directory, an export or a transformers model directory with its tokenizer;
+it must use the data's tokenizer (prepare the data with --tokenizer-from CHECKPOINT). The logic is in
+gpt_moe/serve/chat_eval.py.
 """
 
 from __future__ import annotations
@@ -60,21 +61,23 @@ def evaluate(args: argparse.Namespace) -> None:
     check(args)
     loaded = load_for_inference(args.checkpoint)
     shards = held_out_data(args, loaded)
-    loss, left_out = held_out_loss(loaded.model, shards, seq_len=loaded.model.config.max_position_embeddings)
-    if left_out:
-        print(f"{left_out} held-out conversations are longer than the model's context "
+    held_out = held_out_loss(loaded.model, shards, seq_len=loaded.model.config.max_position_embeddings)
+    if held_out.left_out:
+        print(f"{held_out.left_out} held-out conversations are longer than the model's context "
               f"({loaded.model.config.max_position_embeddings} tokens) and left out of the loss", file=sys.stderr)
     items = list(itertools.islice(heldout_eval_items(KNOWLEDGE_KINDS + IN_CONTEXT_KINDS), args.items))
     stats = reply_statistics(loaded.model, loaded.tokenizer, items, args.max_new_tokens)
     in_context = [k for k in EVAL_KINDS if k in IN_CONTEXT_KINDS]
-    result = {"checkpoint": str(loaded.source), "held_out_assistant_loss": loss,
+    result = {"checkpoint": str(loaded.source), "held_out_assistant_loss": held_out.loss,
+              "held_out_assistant_bpb": held_out.bits_per_byte,
               "replies": sum(stats.asked.values()), "ended_with_end": stats.rate(stats.ended),
               "exact_match_in_context": stats.rate(stats.exact, in_context),
               "exact_match": {kind: stats.rate(stats.exact, [kind]) for kind in sorted(stats.asked)}}
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{loaded.source}: held-out assistant-token loss {loss:.3f}; {result['replies']} greedy replies: "
+    print(f"{loaded.source}: held-out assistant-token loss {held_out.loss:.3f} ({held_out.bits_per_byte:.3f} bits "
+          f"per byte); {result['replies']} greedy replies: "
           f"{result['ended_with_end']:.1%} end their turn within {args.max_new_tokens} tokens; exact match on "
           f"in-context questions ({', '.join(in_context)}) {result['exact_match_in_context']:.1%}")
     for kind, rate in result["exact_match"].items():

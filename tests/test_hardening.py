@@ -302,7 +302,8 @@ def test_a_second_run_on_the_same_run_dir_is_refused_while_the_first_runs(prepar
     assert_one_line_error(second, f"--run-dir {run_dir} is in use by another training run (pid {first.pid} on ")
     assert "launch/train.py" in second.stderr and "--max-steps 120" in second.stderr  # its command
     assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in records if "train/loss" in record]  # not the evaluations' lines
     assert steps == list(range(1, 121))
     assert json.loads((run_dir / "train_config.json").read_text())["lr"] == 3e-3  # the first run's, not 1e-4
     assert lock.read_text() == ""  # released when the first run ended
