@@ -3,15 +3,11 @@ loop over positions of full-logit forwards, with special tokens and masked-out p
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS, shrunk_tiny
+from conftest import CORPUS, prepare_chat, shrunk_tiny
 
 from gpt_moe.checkpoint.loading import load_for_inference
 from gpt_moe.data.bits_per_byte import bits_per_byte, nats_and_bytes, token_byte_lengths
@@ -21,9 +17,6 @@ from gpt_moe.data.tokenizer import END, ENDOFTEXT, train_bpe
 from gpt_moe.model.loss import IGNORE_INDEX
 from gpt_moe.model.model import DeepSeekForCausalLM
 from gpt_moe.serve.chat_eval import held_out_loss
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 @torch.no_grad()
 def naive_bits_per_byte(model, tokenizer, model_inputs: dict) -> tuple[float, float, int]:
@@ -77,14 +70,8 @@ def test_bits_per_byte_equals_a_naive_per_token_loop_leaving_out_special_and_mas
 
 def test_held_out_bits_per_byte_of_conversations_equal_the_naive_loop(tiny_checkpoint, tmp_path):
     """`launch/eval.py`'s held-out figures: only assistant tokens count, and of those <|end|> adds no bytes."""
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
-                                                     {"role": "assistant", "content": f"It is {2 * i}. 🙂"}]}) + "\n"
-                            for i in range(40)))
-    data = tmp_path / "chat"
-    subprocess.run([sys.executable, "-m", "data_prep", "--format", "chat", "--source", str(rows), "--tokenizer-from",
-                    str(tiny_checkpoint), "--val-fraction", "0.2", "--out", str(data), "--no-progress"],
-                   cwd=REPO_ROOT, check=True, capture_output=True)
+    data = prepare_chat(tiny_checkpoint, tmp_path / "chat", [(f"What is {i} + {i}?", f"It is {2 * i}. 🙂")
+                                                              for i in range(40)], val_fraction=0.2)
     loaded, shards = load_for_inference(tiny_checkpoint), TokenShards(data)
     result = held_out_loss(loaded.model, shards, seq_len=128, batch=3)
     packed = PackedRows(shards, "val", 128, leave_out_longer=True)
