@@ -24,7 +24,8 @@ from itertools import chain
 from pathlib import Path
 
 from data_prep.builtin_chat import BuiltinChatSource
-from data_prep.sources import _JSON_KINDS, CHAT_BUILTIN, HubDataset, Row, SourceList, _describe_files, _expand
+from data_prep.sources import (_JSON_KINDS, CHAT_BUILTIN, HubDataset, Row, SourceList, _describe_files, _expand,
+                               refuse_evaluation_data)
 from gpt_moe.data.chat_template import ROLE_MARKERS
 from gpt_moe.errors import DataError, first_line
 
@@ -189,6 +190,7 @@ def open_chat_corpus(specs: Iterable[str]) -> ChatCorpus:
     """Resolve `--source` values of chat data; DataError naming the first one that is not a chat source."""
     parts: list = []
     for spec in specs:
+        refuse_evaluation_data(spec)
         if spec == CHAT_BUILTIN:
             parts.append(BuiltinChatSource.discover())
         elif spec == "builtin":
@@ -199,6 +201,7 @@ def open_chat_corpus(specs: Iterable[str]) -> ChatCorpus:
             files = _expand(str(Path(spec).expanduser()))
             if not files:
                 raise DataError(f"unknown source {spec!r}: no such file, directory or glob match; {CHAT_SOURCE_HINT}")
+            refuse_evaluation_data(spec, files)
             parts.extend(_file_parts(spec, files))
     if not parts:
         raise DataError(f"no --source given; {CHAT_SOURCE_HINT}")

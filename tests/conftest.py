@@ -79,6 +79,19 @@ def make_tiny_export(out_dir: Path, seed: int = 3, **changes) -> Path:
     return export(loaded, out_dir, dtype=torch.float32)
 
 
+def prepare_chat(tokenizer_from: Path, out: Path, pairs: list[tuple[str, str]], val_fraction: float) -> Path:
+    """(user, assistant) pairs as one-turn conversations prepared by data_prep in the tokenizer of `tokenizer_from`
+    into `out` (with the rows file beside it)."""
+    rows = out.parent / f"{out.name}.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": user},
+                                                     {"role": "assistant", "content": reply}]}) + "\n"
+                            for user, reply in pairs))
+    subprocess.run([sys.executable, "-m", "data_prep", "--format", "chat", "--source", str(rows), "--tokenizer-from",
+                    str(tokenizer_from), "--val-fraction", str(val_fraction), "--out", str(out), "--no-progress"],
+                   cwd=Path(__file__).resolve().parent.parent, check=True, capture_output=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_export(tmp_path_factory.mktemp("chat") / "tiny_export")

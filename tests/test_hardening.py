@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import prepare_chat
 
 from gpt_moe.checkpoint.records import RUN_LOCK_FILE
 
@@ -302,7 +303,8 @@ def test_a_second_run_on_the_same_run_dir_is_refused_while_the_first_runs(prepar
     assert_one_line_error(second, f"--run-dir {run_dir} is in use by another training run (pid {first.pid} on ")
     assert "launch/train.py" in second.stderr and "--max-steps 120" in second.stderr  # its command
     assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in records if "train/loss" in record]  # not the evaluations' lines
     assert steps == list(range(1, 121))
     assert json.loads((run_dir / "train_config.json").read_text())["lr"] == 3e-3  # the first run's, not 1e-4
     assert lock.read_text() == ""  # released when the first run ended
@@ -351,14 +353,8 @@ def test_eval_checks_its_options_first_and_prepares_the_default_data(tiny_checkp
 
 
 def test_eval_takes_a_validation_split_smaller_than_one_batch(tiny_checkpoint, tmp_path):
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
-                                                     {"role": "assistant", "content": f"answer {i}"}]}) + "\n"
-                            for i in range(20)))
-    data = tmp_path / "chat"
-    subprocess.run([sys.executable, "-m", "data_prep", "--format", "chat", "--source", str(rows), "--tokenizer-from",
-                    str(tiny_checkpoint), "--val-fraction", "0.1", "--out", str(data), "--no-progress"], cwd=REPO,
-                   check=True, capture_output=True)
+    data = prepare_chat(tiny_checkpoint, tmp_path / "chat", [(f"question {i}", f"answer {i}") for i in range(20)],
+                        val_fraction=0.1)
     result = run("launch/eval.py", str(tiny_checkpoint), "--data", str(data), "--items", "2", "--max-new-tokens",
                  "4", "--json")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -270,6 +270,29 @@ def test_single_rank_without_launcher_learns_beyond_unigram(prepared_data, tmp_p
     val_loss, entropy = summary(run)["val_loss"], unigram_entropy_nats(prepared_data)
     assert val_loss < entropy - 0.8, (val_loss, entropy)
     assert (run / "tensorboard").is_dir() and any((run / "tensorboard").iterdir())
+    assert_bits_per_byte_recomputed(run, prepared_data, seq_len=128, micro_batch=8, eval_batches=4)
+
+
+def assert_bits_per_byte_recomputed(run: Path, data: Path, seq_len: int, micro_batch: int, eval_batches: int) -> None:
+    """The run's last validation bits per byte (summary.json, the COMPLETE record, metrics.jsonl) equal a naive loop
+    over the same validation windows with the saved weights (`tests/test_bits_per_byte.py`)."""
+    from test_bits_per_byte import naive_bits_per_byte
+
+    from gpt_moe.checkpoint.loading import load_for_inference
+    from gpt_moe.checkpoint.records import newest_complete, read_record
+    from gpt_moe.data.shards import TokenShards, ValBatches
+
+    tag = newest_complete(run / "checkpoints")
+    loaded, record = load_for_inference(tag), read_record(tag)
+    nats, count_bytes = 0.0, 0
+    for inputs, labels in ValBatches(TokenShards(data), seq_len, micro_batch, eval_batches):
+        n, b, _ = naive_bits_per_byte(loaded.model, loaded.tokenizer, {"input_ids": inputs, "labels": labels})
+        nats, count_bytes = nats + n, count_bytes + b
+    evaluations = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [e["val/bpb"] for e in evaluations if "val/bpb" in e]
+    rel = 2e-2 if record.layout.bf16 else 1e-4  # trained (and evaluated) in bf16 where the CPU has it natively
+    assert summary(run)["val_bpb"] == record.val_bpb == logged[-1]
+    assert record.val_bpb == pytest.approx(nats / (math.log(2) * count_bytes), rel=rel)
 
 
 def test_dry_run_prints_configs_counts_and_memory(prepared_data):

@@ -162,7 +162,8 @@ def model_card(config: ModelConfig, training: TrainingFacts, tokenizer: Tokenize
         f"| tokenizer | {tokenizer.describe()} |",
         f"| training step / tokens | {training.step if training.step is not None else '?'} / "
         f"{training.tokens_seen:,} |" if training.tokens_seen is not None else "| training | unknown |",
-        f"| validation loss | {training.val_loss:.4f} |" if training.has_val_loss else "| validation loss | - |",
+        f"| validation loss | {training.val_loss:.4f} nats/token{training.bpb_text} |" if training.has_val_loss
+        else "| validation loss | - |",
         f"| KV cache per token (bf16) | {a.kv_cache_bytes_per_token:,} B |",
         "",
         "```python",

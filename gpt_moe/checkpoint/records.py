@@ -92,6 +92,7 @@ class TrainingFacts:
     bf16: bool | None = None  # trained in bf16 (None: unknown)
     model: str | None = None
     init_from: str | None = None
+    val_bpb: float | None = None  # validation bits per byte (`gpt_moe.data.bits_per_byte`)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingFacts:
@@ -106,6 +107,11 @@ class TrainingFacts:
     @property
     def has_val_loss(self) -> bool:
         return isinstance(self.val_loss, (int, float)) and math.isfinite(self.val_loss)
+
+    @property
+    def bpb_text(self) -> str:
+        """", 1.2345 bits/byte" when the validation bits per byte are known, else ""."""
+        return f", {self.val_bpb:.4f} bits/byte" if self.val_bpb is not None else ""
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ class CheckpointRecord:
     completed_at: float | None = None
     format: str | None = None
     source: str | None = None
+    val_bpb: float | None = None  # None in records written before it was recorded
 
     REQUIRED = ("step", "world_size", "ep_size", "zero_stage")
 
@@ -137,7 +144,7 @@ class CheckpointRecord:
     @property
     def facts(self) -> TrainingFacts:
         return TrainingFacts(self.step, self.tokens_seen, self.val_loss, self.chat, self.mtp_acceptance,
-                             self.layout.bf16, self.model, self.init_from)
+                             self.layout.bf16, self.model, self.init_from, self.val_bpb)
 
     def to_json(self) -> str:
         data = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.layout.world_size,
@@ -145,7 +152,7 @@ class CheckpointRecord:
                 "expert_ranges": None if self.expert_ranges is None else [list(r) if r else None
                                                                           for r in self.expert_ranges],
                 "zero_stage": self.layout.zero_stage, "bf16": self.layout.bf16, "val_loss": self.val_loss,
-                "model": self.model, "chat": self.chat, "mtp_acceptance": self.mtp_acceptance,
+                "val_bpb": self.val_bpb, "model": self.model, "chat": self.chat, "mtp_acceptance": self.mtp_acceptance,
                 "init_from": self.init_from, "completed_at": self.completed_at}
         if self.format is not None:
             data.update({"format": self.format, "source": self.source})
@@ -166,7 +173,8 @@ class CheckpointRecord:
                        None if ranges is None else tuple(tuple(map(int, r)) if r else None for r in ranges),
                        float(data.get("val_loss", float("nan"))), data.get("model"), bool(data.get("chat", False)),
                        data.get("mtp_acceptance"), data.get("init_from"), data.get("completed_at"),
-                       data.get("format"), data.get("source"))
+                       data.get("format"), data.get("source"),
+                       None if data.get("val_bpb") is None else float(data["val_bpb"]))
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{where}: malformed record ({first_line(err)}); the checkpoint is damaged, "
                                   "resume from an earlier one") from None

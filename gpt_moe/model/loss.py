@@ -38,6 +38,30 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return loss_and_gradients(hidden, weight, labels, want_grads=False)[0]
 
 
+def chunk_tokens(tokens: int, vocab: int, hidden_size: int) -> int:
+    """Tokens per chunk of the head: about as many logits as the hidden states have numbers, at least
+    MIN_CHUNK_TOKENS."""
+    return max(MIN_CHUNK_TOKENS, math.ceil(tokens / max(1, vocab // hidden_size)))
+
+
+@torch.no_grad()
+def token_nats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each position, chunk by chunk, without gradients (bits per byte, per-item scores).
+
+    hidden: [..., hidden_size]; weight: [vocab, hidden_size]; labels: [...] int64 -> [...] fp32
+    -log softmax(hidden @ weight^T)[label] in nats, 0 where labels == -100."""
+    shape, hidden, labels = labels.shape, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    valid = labels != IGNORE_INDEX
+    targets = labels.masked_fill(~valid, 0)
+    nats = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    chunk = chunk_tokens(labels.numel(), weight.shape[0], hidden.shape[1])
+    for start in range(0, labels.numel(), chunk):
+        rows = slice(start, start + chunk)
+        log_probs = torch.log_softmax((hidden[rows] @ weight.t()).float(), dim=-1)  # [chunk, vocab]
+        nats[rows] = -log_probs.gather(1, targets[rows, None]).squeeze(1) * valid[rows]
+    return nats.reshape(shape)
+
+
 def loss_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, want_grads: bool,
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """hidden: [tokens, hidden_size]; weight: [vocab, hidden_size]; labels: [tokens] -> (mean loss fp32,
@@ -50,7 +74,7 @@ def loss_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if want_grads else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads else None
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    chunk = max(MIN_CHUNK_TOKENS, math.ceil(tokens / max(1, vocab // hidden.shape[1])))
+    chunk = chunk_tokens(tokens, vocab, hidden.shape[1])
     for start in range(0, tokens, chunk):
         rows = slice(start, min(start + chunk, tokens))
         log_probs = torch.log_softmax((hidden[rows] @ weight.t()).float(), dim=-1)  # [chunk, vocab]

@@ -19,7 +19,7 @@ from torch import nn
 
 from gpt_moe.model.attention import ExpandedCache, LatentCache, MultiHeadLatentAttention
 from gpt_moe.model.config import ModelConfig
-from gpt_moe.model.loss import IGNORE_INDEX, linear_cross_entropy
+from gpt_moe.model.loss import IGNORE_INDEX, linear_cross_entropy, token_nats
 from gpt_moe.model.moe import MLP, ExpertParallelism, Experts, MoE, TopkRouter
 from gpt_moe.model.norm import RMSNorm
 from gpt_moe.model.recompute import MODES, checkpointed
@@ -42,6 +42,7 @@ class ModelOutput:
     mtp_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # sequence-wise balance loss, weighted, summed over MoE layers
     z_loss: torch.Tensor | None = None  # router z-loss, weighted, summed over MoE layers
+    token_nats: torch.Tensor | None = None  # [batch, seq] fp32 cross-entropy per position (0 where ignored)
 
 
 class DecoderLayer(nn.Module):
@@ -89,15 +90,19 @@ class DecoderLayer(nn.Module):
 
 class LMHead(nn.Linear):
     """The output projection (`lm_head`). hidden: [..., hidden] -> logits [..., vocab]; with labels [...],
-    the mean cross-entropy instead, computed chunk by chunk without materialising the logits
-    (`gpt_moe.model.loss`). Being the module's forward, it runs inside DeepSpeed's ZeRO-3 parameter hooks."""
+    the mean cross-entropy instead (per position [...] with `per_token`), computed chunk by chunk without
+    materialising the logits (`gpt_moe.model.loss`). Being the module's forward, it runs inside DeepSpeed's ZeRO-3
+    parameter hooks."""
 
     def __init__(self, hidden_size: int, vocab_size: int) -> None:
         super().__init__(hidden_size, vocab_size, bias=False)
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
+                per_token: bool = False) -> torch.Tensor:
         if labels is None:
             return super().forward(hidden)
+        if per_token:
+            return token_nats(hidden, self.weight, labels)
         return linear_cross_entropy(hidden, self.weight, labels)
 
 
@@ -227,8 +232,10 @@ class DeepSeekForCausalLM(nn.Module):
         return x, cos, sin, packed_causal_mask(segment_ids) if segment_ids is not None else None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> ModelOutput:
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                per_token_nats: bool = False) -> ModelOutput:
         """input_ids, labels: [batch, seq] (labels[t] is the token after input_ids[t]; -100 ignored).
+        `per_token_nats` (evaluation, no gradients): also each position's loss as `token_nats` [batch, seq].
 
         Packed rows (fine-tuning): position_ids [batch, seq] restart at 0 with each conversation and
         segment_ids [batch, seq] number the conversations of a row; attention never crosses from one
@@ -244,7 +251,12 @@ class DeepSeekForCausalLM(nn.Module):
         if labels is None:
             return ModelOutput(logits=self.lm_head(hidden))
 
-        lm_loss = self.lm_head(hidden, labels=labels)
+        nats = None
+        if per_token_nats:
+            nats = self.lm_head(hidden, labels=labels, per_token=True)
+            lm_loss = nats.sum() / (labels != IGNORE_INDEX).sum()  # NaN when every label is ignored
+        else:
+            lm_loss = self.lm_head(hidden, labels=labels)
         loss = lm_loss
         mtp_loss = None
         mtp = self.model.mtp_layer
@@ -264,7 +276,7 @@ class DeepSeekForCausalLM(nn.Module):
             if extra is not None:
                 loss = loss + extra
         return ModelOutput(logits=None, loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, aux_loss=aux_loss,
-                           z_loss=z_loss)
+                           z_loss=z_loss, token_nats=nats)
 
     # ------------------------------------------------------------------ incremental decoding
     def new_cache(self, batch: int, capacity: int, kind: str = "latent") -> list[LatentCache | ExpandedCache]:

@@ -66,7 +66,8 @@ def model_facts(loaded: LoadedModel) -> list[tuple[str, str]]:
                     f"{config.n_shared_experts} shared; {n_moe} of {config.num_hidden_layers} layers MoE"),
         ("training", f"step {training.step if training.step is not None else '?'}, "
                      f"{human(tokens) if tokens is not None else '?'} tokens"),
-        ("validation loss", f"{training.val_loss:.3f} (perplexity {math.exp(min(training.val_loss, 50)):.1f})"
+        ("validation loss", f"{training.val_loss:.3f} (perplexity {math.exp(min(training.val_loss, 50)):.1f}"
+                            f"{training.bpb_text})"
          if training.has_val_loss else "-"),
         ("MTP draft acceptance", mtp_fact(config, training.mtp_acceptance)),
         ("KV cache / token", f"{a.kv_cache_bytes_per_token:,} B (MLA latent, bf16); "

@@ -1,6 +1,6 @@
 """How well a model chats, on held-out conversations: assistant-token loss, replies that end, exact answers.
 
-    held_out_loss(model, shards)            # (mean loss over the assistant tokens of the "val" split, left out)
+    held_out_loss(model, shards)            # mean loss over the assistant tokens of the "val" split, bits per byte
     reply_statistics(model, tokenizer, items, max_new_tokens)   # greedy replies to held-out questions
 
 `items` are (messages ending with a user question, reference answer, kind) triples, for example
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from gpt_moe.data.bits_per_byte import bits_per_byte, nats_and_bytes, token_byte_lengths
 from gpt_moe.data.chat_batches import PackedRows
 from gpt_moe.data.chat_template import end_of_turn_ids
 from gpt_moe.data.shards import TokenShards
@@ -26,20 +27,27 @@ from gpt_moe.serve.chat import generate_reply
 from gpt_moe.serve.generate import SamplingConfig
 
 
+@dataclass(frozen=True)
+class HeldOutLoss:
+    loss: float  # nats per trained token
+    bits_per_byte: float  # of the same tokens, special tokens left out (`gpt_moe.data.bits_per_byte`)
+    left_out: int  # conversations longer than the context
+
+
 @torch.no_grad()
-def held_out_loss(model: DeepSeekForCausalLM, shards: TokenShards, seq_len: int = 512,
-                  batch: int = 8) -> tuple[float, int]:
-    """(mean cross-entropy over every trained token of the validation split, conversations left out): conversations
+def held_out_loss(model: DeepSeekForCausalLM, shards: TokenShards, seq_len: int = 512, batch: int = 8) -> HeldOutLoss:
+    """Mean cross-entropy over every trained token of the validation split and its bits per byte: conversations
     packed as in training, `batch` rows at a time, every row however few there are; those longer than `seq_len`
     (the model's context) are left out and counted."""
-    packed, total, count = PackedRows(shards, "val", seq_len, leave_out_longer=True), 0.0, 0
+    packed = PackedRows(shards, "val", seq_len, leave_out_longer=True)
+    lengths = token_byte_lengths(shards.tokenizer(), model.config.vocab_size)
+    total = torch.zeros(4, dtype=torch.float64)  # nats, tokens; nats of text tokens, their bytes
     for start in range(0, len(packed), batch):
         rows = packed.batch(np.arange(start, min(start + batch, len(packed))))
-        trained = rows.trained_tokens()[0]
-        if trained:
-            total += model(**rows.model_inputs()).lm_loss.item() * trained
-            count += trained
-    return total / max(count, 1), packed.left_out
+        nats = model(**rows.model_inputs(), per_token_nats=True).token_nats
+        counted = torch.tensor([nats.double().sum().item(), rows.trained_tokens()[0]], dtype=torch.float64)
+        total += torch.cat([counted, nats_and_bytes(nats, rows.labels, lengths)])
+    return HeldOutLoss((total[0] / total[1].clamp(min=1)).item(), bits_per_byte(total[2:]), packed.left_out)
 
 
 @dataclass

@@ -55,8 +55,10 @@ class Checkpointer:
         self.plan, self.context, self.engine, self.faults = plan, context, engine, faults
         self.tokenizer, self.data_dir, self.expert_ranges = tokenizer, data_dir, expert_ranges
 
-    def save(self, client: ClientState, val_loss: float, mtp_acceptance: float | None, chat: bool) -> Path:
-        """Writes the checkpoint of `client.step` on every rank and marks it complete; returns its tag directory."""
+    def save(self, client: ClientState, val_loss: float, val_bpb: float | None, mtp_acceptance: float | None,
+             chat: bool) -> Path:
+        """Writes the checkpoint of `client.step` on every rank and marks it complete, with the last evaluation's
+        figures in its record; returns its tag directory."""
         tag_dir = self.plan.checkpoint_dir / tag_for_step(client.step)
         failure: BaseException | None = None
         try:
@@ -77,7 +79,7 @@ class Checkpointer:
             ranges = tuple(tuple(r) if r else None for r in self.expert_ranges)
             write_record(tag_dir, CheckpointRecord(
                 client.step, plan.layout, client.tokens_seen, ranges, val_loss, plan.model.name, chat, mtp_acceptance,
-                str(plan.init_from.path) if plan.init_from else None))
+                str(plan.init_from.path) if plan.init_from else None, val_bpb=val_bpb))
             prune(self.plan.checkpoint_dir, self.plan.train.keep_last)
         dist.barrier()
         return tag_dir

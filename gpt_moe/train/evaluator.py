@@ -1,10 +1,11 @@
-"""Evaluation inside a training run: validation loss, the MTP block's draft acceptance, and a text sample.
+"""Evaluation inside a training run: validation loss and bits per byte, the MTP block's draft acceptance, and a
+text sample.
 
 Every rank calls each of these together: the experts and ZeRO-3's parameter shards live on several ranks, so the
 model only runs with all of them. Nothing here changes the model or the data position.
 
     evaluator = Evaluator(engine, val_batches, chat, tokenizer, context, sample_tokens)
-    result = evaluator.evaluate()      # Evaluation(val_loss, mtp_acceptance, sample)
+    result = evaluator.evaluate()      # Evaluation(val_loss, val_bpb, mtp_acceptance, sample)
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt_moe.data.bits_per_byte import bits_per_byte, nats_and_bytes, token_byte_lengths
 from gpt_moe.data.chat_batches import ChatValBatches, PackedBatch
 from gpt_moe.data.chat_template import continuation_prompt, format_chat
 from gpt_moe.data.shards import ValBatches
+from gpt_moe.model.loss import IGNORE_INDEX
 from gpt_moe.model.mtp_acceptance import mtp_agreement
 from gpt_moe.train.engine import Distributed
 
@@ -48,6 +51,7 @@ def greedy_uncached(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
 @dataclass(frozen=True)
 class Evaluation:
     val_loss: float | None  # None without a validation split (NaN: no token counted)
+    val_bpb: float | None  # bits per byte of the same tokens (`gpt_moe.data.bits_per_byte`), None as val_loss
     mtp_acceptance: float | None  # None without an MTP block or without a validation split
     sample: str | None  # None when --sample-tokens is 0
 
@@ -60,26 +64,28 @@ class Evaluator:
         self.engine, self.val_batches, self.chat = engine, val_batches, chat
         self.tokenizer, self.context, self.sample_tokens = tokenizer, context, sample_tokens
         self.device = context.device
+        self.byte_lengths = token_byte_lengths(tokenizer, engine.module.config.vocab_size).to(self.device)
 
     def evaluate(self) -> Evaluation:
-        val_loss, acceptance = None, None
+        val_loss, val_bpb, acceptance = None, None, None
         if self.val_batches is not None:
-            val_loss, acceptance = self.validation_loss(), self.mtp_acceptance()
-        return Evaluation(val_loss, acceptance, self.sample_text() if self.sample_tokens else None)
+            (val_loss, val_bpb), acceptance = self.validation_loss(), self.mtp_acceptance()
+        return Evaluation(val_loss, val_bpb, acceptance, self.sample_text() if self.sample_tokens else None)
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
-        """Validation LM loss: the mean over batches, or for chat data over trained tokens."""
+    def validation_loss(self) -> tuple[float, float]:
+        """(validation LM loss: the mean over every target token, for chat data every trained token; bits per byte
+        of the text tokens among them), over all ranks."""
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(4, dtype=torch.float64)  # nats, tokens; nats of text tokens, their bytes
         for batch in self.val_batches:
-            out = self.engine(**model_inputs(batch, self.device))
-            weight = batch.trained_tokens()[0] if self.chat else 1
-            if weight:
-                total += torch.tensor([out.lm_loss.item() * weight, weight], dtype=torch.float64)
+            inputs = model_inputs(batch, self.device)
+            nats, labels = self.engine(**inputs, per_token_nats=True).token_nats, inputs["labels"]
+            counted = torch.stack([nats.double().sum(), (labels != IGNORE_INDEX).sum().double()]).cpu()
+            total += torch.cat([counted, nats_and_bytes(nats, labels, self.byte_lengths)])
         self.engine.train()
         total = self.context.all_reduce(total).cpu()
-        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        return (total[0] / total[1]).item() if total[1] > 0 else float("nan"), bits_per_byte(total[2:])
 
     @torch.no_grad()
     def mtp_acceptance(self) -> float | None:

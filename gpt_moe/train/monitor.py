@@ -3,7 +3,8 @@ closing `summary.json`.
 
 Per log window (`--log-interval` steps): the mean losses over ranks, learning rate, gradient norm, tokens/s and MFU
 (`gpt_moe.train.metrics`), memory, and per MoE layer the load spread and health (`gpt_moe.train.moe_health`) with
-the collapse warning. Per evaluation: validation loss and perplexity, the MTP draft acceptance and a text sample.
+the collapse warning. Per evaluation: validation loss, perplexity and bits per byte, the MTP draft acceptance and a
+text sample (TensorBoard; the figures also as one `metrics.jsonl` line, told apart by its `val/loss` key).
 Rank 0 writes; every rank joins the collectives (the monitor calls them on all ranks in the same order).
 """
 
@@ -183,16 +184,22 @@ class TrainingMonitor:
 
     # ------------------------------------------------------------------ evaluations and the end
     def evaluation(self, step: int, result: Evaluation, bar) -> None:
+        scalars: dict[str, float] = {}
         if result.val_loss is not None:
             ppl = math.exp(min(result.val_loss, 50))
-            self.writer.add_scalar("val/loss", result.val_loss, step)
-            self.writer.add_scalar("val/ppl", ppl, step)
+            scalars.update({"val/loss": result.val_loss, "val/ppl": ppl, "val/bpb": result.val_bpb})
             if self.context.is_rank0:
-                bar.write(f"step {step}: val loss {result.val_loss:.4f} (ppl {ppl:.1f})")
+                bar.write(f"step {step}: val loss {result.val_loss:.4f} (ppl {ppl:.1f}, {result.val_bpb:.4f} bits "
+                          "per byte)")
         if result.mtp_acceptance is not None:
-            self.writer.add_scalar("eval/mtp_acceptance", result.mtp_acceptance, step)
+            scalars["eval/mtp_acceptance"] = result.mtp_acceptance
             if self.context.is_rank0:
                 bar.write(f"step {step}: MTP draft acceptance {result.mtp_acceptance:.1%}")
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        if scalars and self.context.is_rank0:
+            with open(self.plan.run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
         if result.sample is not None:
             self.writer.add_text("sample", result.sample, step)
         self.throughput.restart()  # keep evaluation out of the throughput window
@@ -202,17 +209,17 @@ class TrainingMonitor:
         self.throughput.restart()
 
     def summary(self, counters: dict[str, Any], val_loss: float, expert_ranges: list[list[int] | None],
-                init_report: InitReport | None = None) -> dict:
-        """runs/<run>/summary.json: per-logged-step scalars, the final validation loss, the layout, each rank's peak
-        memory, and with --init-from what reading the weights cost each rank (`init_from`: bytes read, the memory
-        of building and loading the model). counters: step, tokens_seen, skipped_steps."""
+                init_report: InitReport | None = None, val_bpb: float | None = None) -> dict:
+        """runs/<run>/summary.json: per-logged-step scalars, the final validation loss and bits per byte, the layout,
+        each rank's peak memory, and with --init-from what reading the weights cost each rank (`init_from`: bytes
+        read, the memory of building and loading the model). counters: step, tokens_seen, skipped_steps."""
         self.writer.flush()
         peak = peak_memory_gib(self.context.device)
         if init_report is not None and init_report.process_peak_before_gib is not None:
             peak = max(peak, init_report.process_peak_before_gib)  # the load's memory window reset the peak mark
         peaks: list[Any] = [0.0] * self.context.world
         dist.all_gather_object(peaks, peak)
-        result = {**counters, "val_loss": val_loss, "peak_memory_gib": peaks,
+        result = {**counters, "val_loss": val_loss, "val_bpb": val_bpb, "peak_memory_gib": peaks,
                   "layout": {**dataclasses.asdict(self.plan.layout), "expert_ranges": expert_ranges},
                   "history": self.history}
         if init_report is not None:

@@ -83,7 +83,7 @@ class Trainer:
         self.moe_layers = self.engine.module.moe_layers()
         self.expert_ranges = self._gather_expert_ranges()
         self.progress = Progress()
-        self.val_loss, self.mtp_acceptance = float("nan"), None  # of the last evaluation
+        self.val_loss, self.val_bpb, self.mtp_acceptance = float("nan"), None, None  # of the last evaluation
         self.evaluator = Evaluator(self.engine, val_batches, self.chat, self.shards.tokenizer(), context,
                                    self.cfg.sample_tokens)
         self.checkpointer = Checkpointer(plan, context, self.engine, self.shards.manifest.tokenizer,
@@ -250,7 +250,7 @@ class Trainer:
     def _evaluate(self, bar) -> None:
         result = self.evaluator.evaluate()
         if result.val_loss is not None:
-            self.val_loss, self.mtp_acceptance = result.val_loss, result.mtp_acceptance
+            self.val_loss, self.val_bpb, self.mtp_acceptance = result.val_loss, result.val_bpb, result.mtp_acceptance
         self.monitor.evaluation(self.progress.step, result, bar)
 
     def _skipped_step(self, bar) -> None:
@@ -271,12 +271,12 @@ class Trainer:
         client = ClientState(p.step, p.tokens_seen, self.loader.state_dict(), p.trained_tokens, p.bad_steps_total,
                              asdict(self.cfg), plan.model.to_dict(), plan.ds_config,
                              self.shards.manifest.tokenizer.to_dict(), self.context.world, self.cfg.ep_size)
-        return self.checkpointer.save(client, self.val_loss, self.mtp_acceptance, self.chat)
+        return self.checkpointer.save(client, self.val_loss, self.val_bpb, self.mtp_acceptance, self.chat)
 
     def _summary(self) -> dict[str, Any]:
         counters = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
                     "skipped_steps": self.progress.bad_steps_total}
-        return self.monitor.summary(counters, self.val_loss, self.expert_ranges, self.init_report)
+        return self.monitor.summary(counters, self.val_loss, self.expert_ranges, self.init_report, self.val_bpb)
 
     def close(self) -> None:
         """Flush the logs and take the process group down on every rank together. Leaving it to
