@@ -1,8 +1,11 @@
 """Benchmarks, each measured side by side in one run: python launch/bench.py NAME [options].
 
-    moe   our MoE layer vs a dense SwiGLU of equal activated size vs transformers' DeepseekV3MoE
-    data  data_prep tokens/s with 1 and 2 workers vs raw tiktoken, and peak memory
-    sft   packed chat fine-tuning vs pretraining tokens/s at the same row shape, and the padding of the rows
+    moe      our MoE layer vs a dense SwiGLU of equal activated size vs transformers' DeepseekV3MoE
+    train    a training step: ours vs transformers' DeepseekV3ForCausalLM under the same DeepSpeed config
+    profile  where one training step's time goes, by part, in fp32 and bf16
+    decode   latent-cache decoding vs no cache and per-head K/V; self-speculative decoding
+    data     data_prep tokens/s with 1 and 2 workers vs raw tiktoken, and peak memory
+    sft      packed chat fine-tuning vs pretraining tokens/s at the same row shape, and the padding of the rows
 
 Each NAME is launch/bench_NAME.py with a main(argv) function.
 """

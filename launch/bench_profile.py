@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from bench_train import plan_for, training_step
+from bench_train import plan_for
 
 FORWARD_PARTS = {"MultiHeadLatentAttention": "attention", "TopkRouter": "router", "Experts": "routed experts",
                  "MoE": "dispatch", "MLP": "dense FFN + shared experts", "RMSNorm": "norms", "LMHead": "head + loss"}

@@ -29,6 +29,26 @@ def test_benchmark_runs_and_prints_its_ratios(args, expected):
         assert text in result.stdout, result.stdout[-2000:]
 
 
+def test_the_profile_accounts_for_the_whole_step():
+    """`bench.py profile`: every part named, and the parts (casts are "of which") add up to the profiled step."""
+    result = subprocess.run([sys.executable, "launch/bench.py", "profile", "--seq-len", "32", "--micro-batch", "2",
+                             "--steps", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[-5].replace(".", "").isdigit():
+            rows[line[:44].strip()] = (float(fields[-5]), float(fields[-3]))
+    for part in ("attention", "router", "routed experts", "dispatch", "head + loss", "optimizer step",
+                 "backward: grouped matmul", "of which casts (aten::_to_copy)"):
+        assert part in rows, result.stdout
+    step = rows.pop("step (forward + backward + optimizer)")
+    rows.pop("of which casts (aten::_to_copy)")
+    for column in (0, 1):
+        assert sum(r[column] for r in rows.values()) == pytest.approx(step[column], rel=0.01, abs=0.3)
+    assert "bf16 step speed over fp32:" in result.stdout
+
+
 def test_sft_benchmark_runs_and_prints_its_ratio(prepared_data, tmp_path):
     chat = tmp_path / "chat"
     subprocess.run([sys.executable, "-m", "data_prep", "--format", "chat", "--source", "builtin-chat",
