@@ -384,19 +384,25 @@ def test_checkpointing_under_ep2_zero3_matches_keeping_activations(prepared_data
     """2 ranks, EP=2, ZeRO-3, fp32, tiny (MoE + MTP): `full` (recomputed layers replay their routing; the
     all-to-all repeats with the same split sizes) and `selective` (recomputation inside each rank's local expert
     computation) give the per-step losses, clipped gradient norms and per-expert token counts (the bias update's
-    input) of the run that keeps every activation; the dry-run memory estimate is printed per mode."""
+    input) of the run that keeps every activation. `--compile` with `full` (compiled layers inside the checkpoint; routing
+    and counters eager between compiled parts) gives them too, within the rounding of fused kernels (losses agree to
+    ~1e-6 relative after 3 steps; 1e-5 leaves room, a wrong gradient moves them by 1e-2)."""
     ds = variant(tmp_path, ZERO3, bf16={"enabled": False})
-    runs = {mode: tmp_path / mode for mode in ("none", "full", "selective")}
+    runs = {mode: tmp_path / mode for mode in ("none", "full", "selective", "full+compile")}
     for mode, run_dir in runs.items():
+        flags = ["--activation-checkpointing", "full", "--compile"] if mode == "full+compile" else \
+            ["--activation-checkpointing", mode]
         launch("--data", str(prepared_data), "--run-dir", str(run_dir), "--ep-size", "2", "--deepspeed", str(ds),
-               "--activation-checkpointing", mode, "--max-steps", "3", "--save-interval", "100", *COMMON)
+               *flags, "--max-steps", "3", "--save-interval", "100", *COMMON)
     reference = summary(runs["none"])["history"]
-    for mode in ("full", "selective"):
+    for mode in ("full", "selective", "full+compile"):
         history = summary(runs[mode])["history"]
         assert [h["step"] for h in history] == [h["step"] for h in reference] == [1, 2, 3]
         for ours, theirs in zip(history, reference):
             for key in ("train/loss", "train/lm_loss", "train/mtp_loss", "train/grad_norm"):
-                assert ours[key] == pytest.approx(theirs[key], rel=0, abs=1e-6), (mode, ours["step"], key)
+                expected = pytest.approx(theirs[key], rel=1e-5, abs=0) if "compile" in mode else \
+                    pytest.approx(theirs[key], rel=0, abs=1e-6)
+                assert ours[key] == expected, (mode, ours["step"], key)
             assert ours["expert_loads"] == theirs["expert_loads"], (mode, ours["step"])
 
 

@@ -60,11 +60,14 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
     checkpoint_activations = False  # full checkpointing: keep the input, recompute the layer in backward
+    compiled_forward = None  # `torch.compile(self.forward)`, set by `DeepSeekForCausalLM.compile_layers`
 
-    def run(self, fn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """fn(x, cos, sin, attn_mask=attn_mask), where fn is this layer's __call__ or forward; recomputed in
-        the backward pass under full checkpointing (`gpt_moe.model.recompute`)."""
+        """The layer on whole sequences (training and evaluation; decoding calls it with a cache): compiled when
+        `compile_layers` compiled it and the model is training, recomputed in the backward pass under full
+        checkpointing (`gpt_moe.model.recompute`; the recomputation runs the same compiled graphs)."""
+        fn = self.compiled_forward if self.compiled_forward is not None and self.training else self
         if self.checkpoint_activations and self.training:
             return checkpointed(self, fn, x, cos, sin, None, None, attn_mask)
         return fn(x, cos, sin, attn_mask=attn_mask)
@@ -135,7 +138,7 @@ class MultiTokenPredictionLayer(DecoderLayer):
         if cache is not None:  # decoding: no gradients, nothing to recompute
             x, losses = self.forward(x, cos, sin, cache=cache, attn_mask=attn_mask)
         else:
-            x, losses = self.run(self.forward, x, cos, sin, attn_mask)
+            x, losses = self.run(x, cos, sin, attn_mask)
         return self.shared_head.norm(x), losses
 
 
@@ -218,6 +221,15 @@ class DeepSeekForCausalLM(nn.Module):
             if isinstance(module, (MLP, Experts)):
                 module.checkpoint_activations = mode == "selective"
 
+    def compile_layers(self) -> None:
+        """Regional `torch.compile` (as torchtitan compiles each transformer block): every decoder layer and the MTP
+        block compiled on its own, for training forwards and their backward. Layers of one kind share their graphs
+        (parameters are graph inputs), so compiling costs one dense layer, one MoE layer and the MTP block rather
+        than the whole depth; the rest of the model (embeddings, head and loss, decoding) stays eager. Under expert
+        parallelism the exchange of rows between ranks runs eagerly between compiled parts."""
+        for layer in self.model.layers:
+            layer.compiled_forward = torch.compile(layer.forward, dynamic=False)
+
     # ------------------------------------------------------------------ forward
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
               segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
@@ -245,7 +257,7 @@ class DeepSeekForCausalLM(nn.Module):
         x, cos, sin, mask = self.embed(input_ids, position_ids, segment_ids)
         router_losses: list[dict[str, torch.Tensor]] = []
         for layer in self.model.main_layers:
-            x, losses = layer.run(layer, x, cos, sin, mask)
+            x, losses = layer.run(x, cos, sin, mask)
             router_losses.append(losses)
         hidden = self.model.norm(x)
         if labels is None:

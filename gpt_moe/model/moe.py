@@ -106,6 +106,8 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     gradient buffer instead of a full-size one per expert).
     """
     if _has_grouped_mm(x, weight):
+        if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+            return grouped_mm_fp32(x, weight, offsets)
         return torch._grouped_mm(x, weight, offs=offsets)
     ends = offsets.tolist()
     starts = [0] + ends[:-1]
@@ -124,6 +126,38 @@ def _has_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     return x.device.type == "cpu"
+
+
+@torch.library.custom_op("gpt_moe::grouped_mm_fp32", mutates_args=())
+def grouped_mm_fp32(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm` as an operator `torch.compile` treats as opaque: torch's shape function for it accepts
+    only bf16 (torch 2.13), while its CPU kernel also multiplies fp32. x: [rows, in], weight: [experts, in, out]
+    -> [rows, out]; or, as the weight gradient needs, x: [in, rows], weight: [rows, out] -> [experts, in, out]."""
+    return torch._grouped_mm(x, weight, offs=offsets)
+
+
+@grouped_mm_fp32.register_fake
+def _grouped_mm_fp32_shape(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if weight.dim() == 3:
+        return x.new_empty(x.shape[0], weight.shape[-1])
+    return x.new_empty(offsets.shape[0], x.shape[0], weight.shape[-1])
+
+
+def _grouped_mm_fp32_setup(ctx, inputs, output) -> None:
+    x, weight, offsets = inputs
+    ctx.save_for_backward(x, weight, offsets)
+
+
+def _grouped_mm_fp32_backward(ctx, grad: torch.Tensor):
+    """The forward's two products transposed: dx = grad . W_e^T per row block, dW_e = x_e^T . grad_e."""
+    x, weight, offsets = ctx.saved_tensors
+    grad = grad.contiguous()  # an expanded gradient (stride 0) breaks the kernel's stride rule
+    grad_x = grouped_mm_fp32(grad, weight.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+    grad_w = grouped_mm_fp32(x.t(), grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+grouped_mm_fp32.register_autograd(_grouped_mm_fp32_backward, setup_context=_grouped_mm_fp32_setup)
 
 
 class Experts(nn.Module, Recomputable):
@@ -155,8 +189,7 @@ class Experts(nn.Module, Recomputable):
 
         The weight scales the activation before the down projection (linear, so the same result),
         which is cheaper than scaling the output when moe_intermediate_size < hidden_size."""
-        if self.training and not self.recomputing:
-            self.rows_since_log += counts.sum()
+        self._count_rows(counts)
         offsets = counts.cumsum(0).to(torch.int32)
         if self.checkpoint_activations and self.training:
             return checkpointed(self, self._swiglu, x, offsets, row_weights)
@@ -164,10 +197,25 @@ class Experts(nn.Module, Recomputable):
 
     checkpoint_activations = False  # selective checkpointing: recompute the grouped SwiGLU in backward
 
+    @torch.compiler.disable  # eager under --compile: see `MoE.route`
+    def _count_rows(self, counts: torch.Tensor) -> None:
+        if self.training and not self.recomputing:
+            self.rows_since_log += counts.sum()
+
     def _swiglu(self, x: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
         gate_up = grouped_matmul(x, self.gate_up_proj.transpose(1, 2), offsets)
-        hidden = WeightedSwiGLU.apply(gate_up, row_weights.to(x.dtype))
+        hidden = weighted_swiglu(gate_up, row_weights.to(x.dtype))
         return grouped_matmul(hidden, self.down_proj.transpose(1, 2), offsets)
+
+
+def weighted_swiglu(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up * weight for gate_up = [gate | up]: [rows, 2*I], weight: [rows, 1] -> [rows, I]. Eager runs
+    `WeightedSwiGLU`; under `torch.compile` the plain expression, which inductor fuses (forward and backward) and
+    whose saved tensors it chooses itself."""
+    if torch.compiler.is_compiling():
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up * weight
+    return WeightedSwiGLU.apply(gate_up, weight)
 
 
 class WeightedSwiGLU(torch.autograd.Function):
@@ -249,13 +297,7 @@ class MoE(nn.Module, Recomputable):
         b, s, h = x.shape
         k = self.config.num_experts_per_tok
         flat = x.reshape(b * s, h)
-        replay = self.saved_expert_ids if self.recomputing else None
-        expert_ids, weights, scores, logits = self.gate(flat, replay)
-        if self.save_routing and self.training and not self.recomputing:
-            self.saved_expert_ids = expert_ids  # full checkpointing: the recomputation replays this routing
-        if self.record_routing:
-            self.last_expert_ids = expert_ids.view(b, s, k).detach()  # [batch, seq, k] global expert ids
-
+        expert_ids, weights, scores, logits = self.route(flat, b, s)
         assignments = expert_ids.flatten()  # [tokens*k]; assignment j belongs to token j // k
         counts = torch.zeros(self.config.n_routed_experts, device=x.device).index_add_(
             0, assignments, torch.ones_like(assignments, dtype=torch.float32))
@@ -271,13 +313,34 @@ class MoE(nn.Module, Recomputable):
         out = CombineRows.apply(out_rows, rank, order, k).view(b, s, h)
         if self.config.n_shared_experts:
             out = out + self.shared_experts(x)
-        with torch.no_grad():
-            self.tokens_per_expert.copy_(counts)
-            if self.training and not self.recomputing:  # a recomputation counts nothing twice
-                self.load_since_update += counts
-                self.routing_since_log[0] += router_entropy(scores).sum()
-                self.routing_since_log[1] += b * s
+        self.count(counts, scores)
         return out, self.router_losses(scores, expert_ids, logits, b, s)
+
+    # `route` and `count` read and write this module's state (the routing a recomputation replays, the counters it
+    # must not add to twice): under --compile they run eagerly between compiled parts, so the compiled graphs never
+    # depend on that state and a recomputation runs the very graphs (and saves the tensors) its first pass ran.
+    @torch.compiler.disable
+    def route(self, flat: torch.Tensor, b: int, s: int) -> tuple[torch.Tensor, ...]:
+        """The router on flat: [b*s, hidden] (`TopkRouter.forward`), replaying the first pass's choice when
+        recomputing under full checkpointing."""
+        replay = self.saved_expert_ids if self.recomputing else None
+        expert_ids, weights, scores, logits = self.gate(flat, replay)
+        if self.save_routing and self.training and not self.recomputing:
+            self.saved_expert_ids = expert_ids  # full checkpointing: the recomputation replays this routing
+        if self.record_routing:
+            self.last_expert_ids = expert_ids.view(b, s, -1).detach()  # [batch, seq, k] global expert ids
+        return expert_ids, weights, scores, logits
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def count(self, counts: torch.Tensor, scores: torch.Tensor) -> None:
+        """This forward's routed assignments per expert (counts: [experts]) into the balancing and health counters;
+        a recomputation counts nothing twice. scores: [tokens, experts]."""
+        self.tokens_per_expert.copy_(counts)
+        if self.training and not self.recomputing:
+            self.load_since_update += counts
+            self.routing_since_log[0] += router_entropy(scores).sum()
+            self.routing_since_log[1] += scores.shape[0]
 
     def router_losses(self, scores: torch.Tensor, expert_ids: torch.Tensor, logits: torch.Tensor, b: int,
                       s: int) -> dict[str, torch.Tensor]:

@@ -57,6 +57,10 @@ def checkpointed(module: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
     `Recomputable` inside `module` meanwhile. Plain fn(*args) when gradients are off (evaluation)."""
     if not torch.is_grad_enabled():
         return fn(*args)
+    if torch.compiler.is_compiling():
+        # compiled (`--compile`): the region joins the graph, whose backward recomputes it without running this
+        # Python again, so no module is told it is recomputing and no counter can count twice
+        return checkpoint(fn, *args, use_reentrant=False)
     flagged = [m for m in module.modules() if isinstance(m, Recomputable)]
     return checkpoint(fn, *args, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _recomputing(flagged)))

@@ -78,6 +78,8 @@ class TrainConfig:
     activation_checkpointing: str = option("none", "none, full (recompute each decoder layer in backward; MoE "
                                                    "routing replayed) or selective (recompute the SwiGLU "
                                                    "feed-forwards only); see gpt_moe/model/recompute.py")
+    compile: bool = option(False, "regional torch.compile: each decoder layer and the MTP block compiled for "
+                                  "training (inductor: C++ on CPU, Triton on CUDA); the first step also compiles")
     memory_per_rank: str = option("", "with --dry-run: memory of one rank (e.g. 80GB, 24GiB): print the largest "
                                       "micro-batch that fits per checkpointing mode, or what to change")
     dry_run: bool = option(False, "resolve and print both configs, parameter counts and a memory estimate, then exit")

@@ -168,6 +168,8 @@ def build_model(plan: RunPlan, context: Distributed) -> tuple[DeepSeekForCausalL
         release_freed_memory()  # the whole parameters zero.Init replaced by partitions (small: 3.5 -> 1.9 GiB)
     report = load_init_weights(model, plan, context, window) if plan.init_from is not None else None
     model.set_activation_checkpointing(plan.train.activation_checkpointing)
+    if plan.train.compile:
+        model.compile_layers()
     if plan.train.freeze_router:
         for _, moe in model.moe_layers():
             moe.gate.weight.requires_grad_(False)  # the bias is a buffer: the balancing update leaves it alone

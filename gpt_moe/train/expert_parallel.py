@@ -120,6 +120,7 @@ class ExpertParallel:
             "ds_zero_partition_group_name": self.group_name,
             "ds_zero_partition_process_group": groups._get_expert_data_parallel_group(self.group_name)})
 
+    @torch.compiler.disable  # the split sizes are read on the host: runs eagerly between compiled parts
     def run_experts(self, experts: Experts, rows: torch.Tensor, counts: torch.Tensor,
                     row_weights: torch.Tensor) -> torch.Tensor:
         """rows: [n, hidden] sorted by global expert; counts: [E] rows per global expert;

@@ -124,6 +124,8 @@ class RunPlan:
             f"({model.n_routed_experts // t.ep_size} routed experts per rank per layer), "
             f"ZeRO stage {self.zero_stage}, bf16 {self.ds_config['bf16']['enabled']}",
             f"precision: {self.precision}",
+            "compile: " + ("each decoder layer and the MTP block (torch.compile); the first step includes compiling"
+                           if t.compile else "off (eager; --compile compiles each decoder layer)"),
             describe(account(model, t.seq_len)),
             self.resume.describe(self.layout) if self.resume else "resume: nothing to resume, the run starts at step 0",
             *self.memory_lines(),

@@ -221,10 +221,14 @@ class Trainer:
 
     def _loop(self, bar) -> None:
         progress, tokens_per_step = self.progress, self.plan.tokens_per_step
+        first_step = progress.step + 1
         while progress.step < self.plan.last_step:
             step_start = time.perf_counter()
             skipped_before = self.engine.skipped_steps
             losses = self.train_step()
+            if self.cfg.compile and progress.step + 1 == first_step and self.context.is_rank0:
+                bar.write(f"--compile: the first step took {time.perf_counter() - step_start:.1f}s, compiling "
+                          "included")
             applied = self.engine.skipped_steps == skipped_before
             loads = self.update_balancing(applied)
             progress.step += 1
