@@ -151,3 +151,22 @@ def test_the_documented_command_line_runs_a_local_task(tiny_checkpoint, tmp_path
     assert 0.0 <= results["results"]["gm_mc"]["acc,none"] <= 1.0
     assert 0.0 <= results["results"]["gm_gen"]["exact_match,none"] <= 1.0
     assert results["n-samples"]["gm_mc"] == {"original": 4, "effective": 2}
+
+
+@pytest.mark.parametrize("source", ["export", "published"])
+def test_chat_rendering_equals_transformers_apply_chat_template(source, tiny_checkpoint, published):
+    """What lm-eval asks of a chat backend: the conversation as text, with a generation prompt or with the final
+    assistant message left open (a prefilled answer), as transformers renders the same directory's template."""
+    import transformers
+
+    directory = {"export": tiny_checkpoint, "published": published}[source]
+    lm = GptMoeLM(checkpoint=str(directory), device="cpu")
+    theirs = transformers.AutoTokenizer.from_pretrained(directory)
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2 + 3 = ?"}]
+    prefilled = [*messages, {"role": "assistant", "content": "The answer is"}]
+    assert lm.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False,
+                                                                          add_generation_prompt=True)
+    assert lm.apply_chat_template(prefilled, add_generation_prompt=False) == theirs.apply_chat_template(
+        prefilled, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    assert lm.tok_encode(lm.apply_chat_template(prefilled, False)) == theirs.encode(
+        theirs.apply_chat_template(prefilled, tokenize=False, continue_final_message=True), add_special_tokens=False)
