@@ -1,5 +1,5 @@
-"""Shared fixtures: a micro model config that keeps every architectural feature, a prepared corpus, and an
-exported checkpoint for the chat, sampler and app tests."""
+"""Shared fixtures: a micro model config that keeps every architectural feature, a prepared corpus, a few-step
+training run, and an exported checkpoint for the chat, sampler and app tests."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import train
 
 from gpt_moe.checkpoint.export import export
 from gpt_moe.checkpoint.loading import LoadedModel
@@ -47,6 +48,17 @@ def prepared_data(tmp_path_factory):
                     "--max-tokens", "600000", "--val-fraction", "0.1", "--out", str(out), "--no-progress"],
                    check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def base_run(prepared_data, fp32_zero2, tmp_path_factory) -> Path:
+    """A pretrained `tiny` (4 fp32 ZeRO-2 steps on one rank on the small built-in corpus, checkpoint at step 4):
+    the model the fine-tuning and lm-eval tests start from (tests that use it are marked multiprocess)."""
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    train("--deepspeed", str(fp32_zero2), "--data", str(prepared_data), "--run-dir", str(run_dir), "--max-steps", "4",
+          "--seq-len", "64", "--micro-batch", "4", "--save-interval", "4", "--eval-interval", "1000",
+          "--sample-tokens", "0", ranks=0)
+    return run_dir
 
 
 @pytest.fixture(scope="session")

@@ -28,16 +28,6 @@ def history(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def base_run(prepared_data, fp32_zero2, tmp_path_factory) -> Path:
-    """A pretrained `tiny` (a few steps on the small built-in corpus): the model to fine-tune."""
-    run_dir = tmp_path_factory.mktemp("base") / "run"
-    run("--deepspeed", str(fp32_zero2), "--data", str(prepared_data), "--run-dir", str(run_dir), "--max-steps", "4",
-        "--seq-len", "64", "--micro-batch", "4", "--save-interval", "4", "--eval-interval", "1000",
-        "--sample-tokens", "0")
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def chat_data(prepared_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("chat") / "chat-builtin"
     subprocess.run([sys.executable, "-m", "data_prep", "--format", "chat", "--source", "builtin-chat",
