@@ -96,7 +96,8 @@ def evaluate_routing(args: argparse.Namespace) -> None:
 
 def evaluate_humaneval(args: argparse.Namespace) -> None:
     from gpt_moe.checkpoint.loading import load_for_inference
-    from gpt_moe.serve.humaneval import PassAtK, canonical_bits_per_byte, pass_at_k, read_problems
+    from gpt_moe.data.humaneval import canonical_bits_per_byte, read_problems
+    from gpt_moe.serve.humaneval import PassAtK, pass_at_k
     from gpt_moe.serve.sandbox import SandboxLimits
 
     check(args)
