@@ -43,14 +43,19 @@ class ValidationTotals:
     loads: torch.Tensor  # int64 [main MoE layers, routed experts]: (token, slot) assignments of the counted tokens
 
     def map(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> ValidationTotals:
-        return ValidationTotals(reduce(self.sums).cpu(), reduce(self.loads).cpu())
+        return ValidationTotals(reduce(self.sums).cpu(), reduce(self.loads).cpu() if self.loads.numel() else self.loads)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Of the text tokens counted (NaN when none)."""
+        return bits_per_byte(self.sums[2:4])
 
     def figures(self) -> dict[str, float]:
         """val_loss (the mean over every counted token: every target of text, every trained token of chat data;
         NaN when none), val_bpb (of the text tokens among them), and where end-of-turn tokens were counted
         chat_end_prob (the mean probability the model gives to ending the turn where the reference ends it)."""
         s = self.sums
-        figures = {"val_loss": (s[0] / s[1]).item() if s[1] > 0 else float("nan"), "val_bpb": bits_per_byte(s[2:4])}
+        figures = {"val_loss": (s[0] / s[1]).item() if s[1] > 0 else float("nan"), "val_bpb": self.bits_per_byte}
         if s[5] > 0:
             figures["chat_end_prob"] = (s[4] / s[5]).item()
         return figures

@@ -24,10 +24,10 @@ import torch
 
 from gpt_moe.atomic import write_atomic
 from gpt_moe.checkpoint.evaluation import Evaluation
-from gpt_moe.data.bits_per_byte import bits_per_byte, token_byte_lengths
+from gpt_moe.data.bits_per_byte import token_byte_lengths
 from gpt_moe.data.chat_batches import ChatValBatches
 from gpt_moe.data.chat_template import continuation_prompt, end_of_turn_ids, format_chat
-from gpt_moe.data.humaneval import solution_totals, suite_problems
+from gpt_moe.data.humaneval import solution_batches, suite_problems
 from gpt_moe.data.shards import ValBatches
 from gpt_moe.data.validation import ValidationTotals, acceptance, mtp_counts, validation_totals
 from gpt_moe.errors import CheckpointError
@@ -68,18 +68,20 @@ class Evaluator:
     missing or the tokenizer cannot encode it)."""
 
     def __init__(self, engine, val_batches: ValBatches | ChatValBatches | None, chat: bool, tokenizer,
-                 context: Distributed, sample_tokens: int, suite: bool = False) -> None:
+                 context: Distributed, sample_tokens: int, suite: bool = False, tokens_per_batch: int = 4096) -> None:
         self.engine, self.val_batches, self.chat = engine, val_batches, chat
         self.tokenizer, self.context, self.sample_tokens = tokenizer, context, sample_tokens
         self.device = context.device
         self.byte_lengths = token_byte_lengths(tokenizer, engine.module.config.vocab_size).to(self.device)
         self.main_moe = engine.module.moe_layers(include_mtp=False)
         self.end_ids = sorted(end_of_turn_ids(tokenizer)) if chat else []
-        self.problems: list[dict] = []
+        self.problems, self.problem_batches = [], []
         if suite:
             self.problems, why_not = suite_problems(tokenizer)
             if why_not and context.is_rank0:
                 log.warning("HumanEval is left out of the evaluations: %s", why_not)
+            self.problem_batches, _ = solution_batches(tokenizer, self.problems,
+                                                       engine.module.config.max_position_embeddings, tokens_per_batch)
 
     def evaluate(self, step: int, validation_only: bool = False) -> EvaluationResult:
         """Every figure of this run at `step` (with `validation_only`, the validation pass alone)."""
@@ -114,17 +116,16 @@ class Evaluator:
         return acceptance(self.context.all_reduce(mtp_counts(self.engine.module, self.val_batches, self.device)).cpu())
 
     def humaneval(self) -> dict[str, float]:
-        """Bits per byte of the subset's canonical solutions: rank r scores problems r, r + world, ...; a rank with
-        fewer runs as many forwards as the busiest all the same (not counted), since every forward needs every
-        rank."""
-        world = self.context.world
-        mine = self.problems[self.context.rank::world]
-        extra = self.problems[:math.ceil(len(self.problems) / world) - len(mine)]
-        scoring = (self.byte_lengths, self.engine.module.config.max_position_embeddings, self.device)
-        totals = solution_totals(self.engine, self.tokenizer, mine, *scoring)
-        solution_totals(self.engine, self.tokenizer, extra, *scoring)  # not counted
-        totals = self.context.all_reduce(totals).cpu()
-        return {"humaneval_bpb": bits_per_byte(totals[:2]), "humaneval_problems": float(len(self.problems))}
+        """Bits per byte of the subset's canonical solutions (packed a few to a row, rows as many to a batch as a
+        training micro-batch holds): rank r scores batches r, r + world, ...; a rank with fewer runs as many
+        forwards as the busiest all the same (not counted), since every forward needs every rank."""
+        batches, world = self.problem_batches, self.context.world
+        mine = batches[self.context.rank::world]
+        totals = validation_totals(self.engine, mine, self.device, self.byte_lengths)
+        validation_totals(self.engine, batches[:math.ceil(len(batches) / world) - len(mine)], self.device,
+                          self.byte_lengths)  # not counted
+        totals = totals.map(self.context.all_reduce)
+        return {"humaneval_bpb": totals.bits_per_byte, "humaneval_problems": float(len(self.problems))}
 
     @torch.no_grad()
     def sample_text(self) -> str:

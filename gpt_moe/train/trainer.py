@@ -89,7 +89,7 @@ class Trainer:
         self.evaluation: Evaluation | None = None  # the last one
         self.parent: ParentRouting | None = None  # rank 0 of an --init-from run: what it drifts from
         self.evaluator = Evaluator(self.engine, val_batches, self.chat, self.shards.tokenizer(), context,
-                                   self.cfg.sample_tokens, suite=plan.eval_suite)
+                                   self.cfg.sample_tokens, plan.eval_suite, self.cfg.micro_batch * self.cfg.seq_len)
         self.checkpointer = Checkpointer(plan, context, self.engine, self.shards.manifest.tokenizer,
                                          self.shards.directory, self.expert_ranges, faults)
         self.monitor = TrainingMonitor(plan, context, self.moe_layers, self.chat)
