@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=300, help="held-out questions to answer (default 300)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--chat", action="store_true", help="the held-out chat figures in detail (instead of the table)")
+    parser.add_argument("--chat", action="store_true",
+                        help="the held-out chat figures in detail (instead of the table)")
     humaneval = parser.add_argument_group("HumanEval (instead of the table)")
     humaneval.add_argument("--humaneval", action="store_true", help="canonical solutions' bits per byte; pass@k")
     humaneval.add_argument("--problems", type=int, default=164, help="the first N problems (default all 164)")

@@ -289,7 +289,7 @@ def assert_bits_per_byte_recomputed(run: Path, data: Path, seq_len: int, micro_b
         n, b, _ = naive_bits_per_byte(loaded.model, loaded.tokenizer, {"input_ids": inputs, "labels": labels})
         nats, count_bytes = nats + n, count_bytes + b
     evaluations = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    logged = [e["val/bpb"] for e in evaluations if "val/bpb" in e]
+    logged = [e["eval/val_bpb"] for e in evaluations if "eval/val_bpb" in e]
     rel = 2e-2 if record.layout.bf16 else 1e-4  # trained (and evaluated) in bf16 where the CPU has it natively
     assert summary(run)["val_bpb"] == record.val_bpb == logged[-1]
     assert record.val_bpb == pytest.approx(nats / (math.log(2) * count_bytes), rel=rel)

@@ -185,13 +185,16 @@ def evaluation_section(training: TrainingFacts) -> list[str]:
     evaluation = training.evaluation
     if evaluation is None:
         return []
-    this = f"this model (step {evaluation.step})" if evaluation.step is not None else "this model"
-    columns = [(f"before fine-tuning ({training.init_from or 'the parent'})", evaluation.parent)] \
-        if evaluation.parent is not None else []
+    step = f" (step {evaluation.step})" if evaluation.step is not None else ""
+    parent = evaluation.parent
+    columns = [("before fine-tuning", parent), (f"after{step}", evaluation)] if parent else [(f"this model{step}",
+                                                                                            evaluation)]
     return ["", "## Evaluation", "",
             "The training run's last evaluation (`python launch/eval.py CHECKPOINT` computes the same figures for any "
             "checkpoint). Validation figures are on the run's own validation split (for chat data its assistant "
             "tokens); HumanEval is OpenAI's, scored teacher-forced, never trained on."
-            + (" The routing drift compares this model's expert loads with its parent's on the same tokens."
+            + (f" Before fine-tuning: the parent ({training.init_from or 'its --init-from weights'}) evaluated on the "
+               "same data before the first step." if parent else "")
+            + (" The routing drift compares the expert loads of this model and its parent on the same tokens."
                if evaluation.drift else ""),
-            "", figure_table([*columns, (this, evaluation)], markdown=True)]
+            "", figure_table(columns, markdown=True)]

@@ -41,7 +41,8 @@ def held_out_loss(model: DeepSeekForCausalLM, shards: TokenShards, seq_len: int 
     at a time, every row however few there are; those longer than `seq_len` (the model's context) are left out and
     counted."""
     packed = PackedRows(shards, "val", seq_len, leave_out_longer=True)
-    batches = (packed.batch(np.arange(start, min(start + batch, len(packed)))) for start in range(0, len(packed), batch))
+    batches = (packed.batch(np.arange(start, min(start + batch, len(packed))))
+               for start in range(0, len(packed), batch))
     lengths = token_byte_lengths(shards.tokenizer(), model.config.vocab_size)
     figures = validation_totals(model, batches, model.lm_head.weight.device, lengths).figures()
     return HeldOutLoss(figures["val_loss"], figures["val_bpb"], packed.left_out)
