@@ -201,7 +201,10 @@ class TrainingMonitor:
             with open(self.plan.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
             for line in evaluation_lines(step, evaluation, seconds):
-                bar.write(line) if bar is not None else print(line, flush=True)
+                if bar is not None:
+                    bar.write(line)
+                else:
+                    print(line, flush=True)
         if sample is not None:
             self.writer.add_text("sample", sample, step)
         if self.throughput is not None:
