@@ -194,27 +194,19 @@ def evaluate_chat(args: argparse.Namespace) -> None:
         print(f"  Q: {question[-120:]!r}\n     reply {reply!r}, reference {answer!r}")
 
 
-def suite_data(args: argparse.Namespace, models: list):
-    """The table's validation data (`ValidationData`): --data, else the first model's run's (then the second's),
-    else None."""
-    from gpt_moe.serve.eval_suite import run_validation_data, validation_data
-
-    if args.data:
-        return validation_data(args.data[-1])
-    return next((found for found in map(run_validation_data, models) if found is not None), None)
-
-
 def evaluate_suite(args: argparse.Namespace) -> None:
     """The evaluation table of one checkpoint, or of two side by side (--compare)."""
     from gpt_moe.checkpoint.evaluation import Evaluation, figure_table
     from gpt_moe.checkpoint.loading import load_for_inference
     from gpt_moe.data.humaneval import SUITE_PROBLEMS
     from gpt_moe.serve.chat_eval import chat_figures
-    from gpt_moe.serve.eval_suite import suite_evaluation
+    from gpt_moe.serve.eval_suite import run_validation_data, suite_evaluation, validation_data
 
     check(args)
+    data = validation_data(args.data[-1]) if args.data else None  # before any model: a wrong path costs nothing
     models = [load_for_inference(path) for path in (args.compare or [args.checkpoint])]
-    data = suite_data(args, models)
+    if data is None:  # the first model's run's, then the second's
+        data = next((found for found in map(run_validation_data, models) if found is not None), None)
     full = args.suite == "full"
     chat = full and any(m.training.chat for m in models)  # then the held-out chat figures of both
     evaluations = []

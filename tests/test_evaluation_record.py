@@ -118,3 +118,26 @@ def test_the_parent_file_round_trips_and_the_drift_is_the_js_of_the_loads(tmp_pa
     other_tokens = EvaluationResult(Evaluation({}, 7), tuned_loads * 2, None)  # a resume on another layout
     assert back.compare(other_tokens, model).drift == ()
     assert ParentRouting.load(tmp_path / "missing") is None
+
+
+def test_eval_full_suite_of_an_export_scores_all_problems_and_the_chat_figures(tiny_checkpoint, tmp_path):
+    """An export has no run directory: no validation figures unless --data; --suite full scores all 164 HumanEval
+    problems and, for a chat model, the held-out chat figures (data/chat-builtin prepared in its tokenizer)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, str(REPO / "launch" / "eval.py"), str(tiny_checkpoint), "--suite", "full", "--items",
+               "2", "--max-new-tokens", "4", "--json"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads(result.stdout.splitlines()[-1])
+    assert output["validation_data"] is None and output["checkpoints"] == [str(tiny_checkpoint)]
+    figures = output["evaluations"][0]["figures"]
+    assert figures["humaneval_problems"] == 164 and "val_loss" not in figures
+    assert {"held_out_assistant_loss", "held_out_assistant_bpb", "chat_replies_ended",
+            "chat_exact_in_context"} <= set(figures)
+    missing = subprocess.run(command[:3] + ["--data", str(tmp_path / "nowhere")], cwd=tmp_path, capture_output=True,
+                             text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith(f"error: {tmp_path / 'nowhere'}: no prepared data")
