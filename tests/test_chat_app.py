@@ -6,6 +6,7 @@ import gradio as gr
 import pytest
 import torch
 
+from gpt_moe.checkpoint.evaluation import Evaluation
 from gpt_moe.checkpoint.loading import load_for_inference
 from gpt_moe.serve.chat import RoutingRecord
 from gpt_moe.serve.chat_app import ChatApp, Settings, conversation, main, model_facts
@@ -119,7 +120,8 @@ def test_speculative_replies_are_plain_replies_with_the_same_routing_and_show_sp
 def test_model_facts_show_the_mtp_acceptance(app, tiny_checkpoint):
     assert dict(model_facts(app.loaded))["MTP draft acceptance"].startswith("- (not measured")
     loaded = load_for_inference(tiny_checkpoint)
-    loaded.training = dataclasses.replace(loaded.training, mtp_acceptance=0.4567)
+    evaluation = Evaluation({**loaded.training.evaluation.figures, "mtp_acceptance": 0.4567})
+    loaded.training = dataclasses.replace(loaded.training, evaluation=evaluation)
     assert dict(model_facts(loaded))["MTP draft acceptance"].startswith("45.7% on validation data")
 
 

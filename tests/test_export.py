@@ -29,7 +29,8 @@ def loaded(small_config, tmp_path):
     model = DeepSeekForCausalLM(config, seed=5).eval()
     for _, moe in model.moe_layers():
         moe.gate.e_score_correction_bias.normal_(0, 0.1)
-    return LoadedModel(model, tokenizer, info, source, TrainingFacts(step=7, tokens_seen=1234, val_loss=3.5))
+    training = TrainingFacts.from_dict({"step": 7, "tokens_seen": 1234, "val_loss": 3.5})
+    return LoadedModel(model, tokenizer, info, source, training)
 
 
 def test_export_loads_in_transformers_with_our_logits(loaded, tmp_path, caplog):

@@ -97,25 +97,67 @@ def test_chat_data_needs_init_from_and_the_base_models_tokenizer(base_run, chat_
     assert result.returncode == 2 and "prepare the data with --tokenizer-from" in result.stderr
 
 
-def mtp_acceptance_events(run_dir: Path) -> list[float]:
+def logged_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
-    return [e.value for e in events.Scalars("eval/mtp_acceptance")]
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_mtp_acceptance_is_evaluated_and_recorded_in_pretraining_and_fine_tuning(base_run, prepared_data, chat_data,
-                                                                                fp32_zero2, tmp_path):
-    """eval/mtp_acceptance reaches TensorBoard and the checkpoint's COMPLETE record, for both kinds of run."""
+def recomputed_drift(base_run: Path, tuned_run: Path, chat_data: Path) -> list:
+    """The routing drift of `tuned_run` from `base_run` on the validation batches the fine-tuning run read (one rank,
+    FINETUNE's shape), from the saved weights through `launch/eval.py --routing`'s functions."""
+    from gpt_moe.checkpoint.loading import load_for_inference
+    from gpt_moe.data.chat_batches import ChatValBatches
+    from gpt_moe.data.shards import TokenShards
+    from gpt_moe.model.loss import IGNORE_INDEX
+    from gpt_moe.serve.routing_drift import expert_loads, routing_drift
+
+    base, tuned = (load_for_inference(path).model for path in (base_run, tuned_run))
+    batches = ChatValBatches(TokenShards(chat_data), 256, 2, 2)
+    loads = [expert_loads(model, [(b.model_inputs(), b.labels != IGNORE_INDEX) for b in batches])
+             for model in (base, tuned)]
+    return routing_drift(base, tuned, *loads)
+
+
+def test_the_evaluation_suite_is_logged_recorded_and_repeated_by_eval_py(base_run, prepared_data, chat_data,
+                                                                         fp32_zero2, tmp_path):
+    """A pretraining and a fine-tuning run long enough for the suite (--eval-interval 2 of 2 steps): every figure
+    reaches TensorBoard as eval/<name> and the COMPLETE record; the fine-tuning run evaluates its parent before step 1
+    and records the routing drift from it, equal to the drift recomputed from the saved weights; `launch/eval.py
+    --compare` repeats both records' figures."""
     pre, sft = tmp_path / "pre", tmp_path / "sft"
     run("--deepspeed", str(fp32_zero2), "--data", str(prepared_data), "--run-dir", str(pre), "--max-steps", "2",
         "--seq-len", "64", "--micro-batch", "4", "--save-interval", "2", "--eval-interval", "2", "--eval-batches", "2",
         "--sample-tokens", "0")
     run("--deepspeed", str(fp32_zero2), "--init-from", str(base_run), "--data", str(chat_data), "--run-dir", str(sft),
         "--max-steps", "2", "--save-interval", "2", *FINETUNE, "--eval-interval", "2")
-    for run_dir in (pre, sft):
-        record = json.loads((run_dir / "checkpoints" / "step_00000002" / "COMPLETE").read_text())
-        logged = mtp_acceptance_events(run_dir)
-        assert len(logged) == 1 and 0.0 <= record["mtp_acceptance"] <= 1.0, run_dir
-        assert logged[0] == pytest.approx(record["mtp_acceptance"]), run_dir
+    records = {run_dir: json.loads((run_dir / "checkpoints" / "step_00000002" / "COMPLETE").read_text())["evaluation"]
+               for run_dir in (pre, sft)}
+    for run_dir, evaluation in records.items():
+        figures, logged = evaluation["figures"], logged_scalars(run_dir)
+        assert {"val_loss", "val_bpb", "mtp_acceptance", "humaneval_bpb"} <= set(figures), run_dir
+        assert figures["humaneval_problems"] == 32 and 0.0 <= figures["mtp_acceptance"] <= 1.0
+        for name, value in figures.items():
+            assert logged[f"eval/{name}"][-1] == (2, pytest.approx(value)), (run_dir, name)
+    parent, figures = records[sft]["parent"], records[sft]["figures"]
+    assert parent["step"] == 0 and 0.0 < figures["chat_end_prob"] < 1.0
+    assert parent["figures"]["humaneval_bpb"] != figures["humaneval_bpb"]  # the same problems, other weights
+    assert [step for step, _ in logged_scalars(sft)["eval/val_loss"]] == [0, 2]
+    expected = recomputed_drift(base_run, sft, chat_data)
+    assert [d["layer"] for d in records[sft]["drift"]] == [d.layer for d in expected] == [1, 2, 3]
+    for drift, again in zip(records[sft]["drift"], expected):
+        assert drift["js"] == pytest.approx(again.js, rel=1e-6, abs=1e-9)
+        assert drift["bias_max_move"] == pytest.approx(again.bias_max_move)
+        assert logged_scalars(sft)[f"eval/routing_js_layer{drift['layer']}"] == [(2, pytest.approx(drift["js"]))]
+
+    compared = subprocess.run([sys.executable, "launch/eval.py", "--compare", str(pre), str(sft), "--json"],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    result = json.loads(compared.stdout.splitlines()[-1])
+    assert result["validation_data"] == str(prepared_data)  # the first checkpoint's run's
+    again = [e["figures"] for e in result["evaluations"]]
+    for name, value in records[pre]["figures"].items():  # the same batches, weights and problems as the run's
+        assert again[0][name] == pytest.approx(value, rel=1e-5), name
+    assert again[1]["humaneval_bpb"] == pytest.approx(figures["humaneval_bpb"], rel=1e-5)

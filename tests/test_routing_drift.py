@@ -17,7 +17,8 @@ from PIL import Image
 from gpt_moe.checkpoint.export import export
 from gpt_moe.checkpoint.loading import LoadedModel, load_for_inference
 from gpt_moe.data.shards import TokenShards
-from gpt_moe.serve.routing_drift import expert_loads, js_divergence, routing_drift, token_batches
+from gpt_moe.model.routing_drift import js_divergence
+from gpt_moe.serve.routing_drift import expert_loads, routing_drift, token_batches
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -147,10 +147,13 @@ def test_ep2_equals_ep1_in_fp32(prepared_data, tmp_path):
 def test_zero3_ep2_equals_ep1_and_consolidates_without_deepspeed(prepared_data, tmp_path):
     """ZeRO-3 partitions experts over the ranks holding them: same losses and clipped norms as EP=1, and
     the checkpoints reassemble (weights_only, no DeepSpeed) into the same model; EP=1's reassembly
-    equals DeepSpeed's own zero_to_fp32. Tied embeddings exercise DeepSpeed's shared-parameter record."""
+    equals DeepSpeed's own zero_to_fp32. Tied embeddings exercise DeepSpeed's shared-parameter record. With the
+    evaluation suite on, the HumanEval figure the two ranks score together (an odd number of batches: one rank runs
+    an extra forward it does not count) is the one-process figure of the saved model."""
     ds = variant(tmp_path, ZERO3, bf16={"enabled": False})
     model = variant(tmp_path, TINY, name="tiny-tied", tie_word_embeddings=True)
-    runs = train_ep1_and_ep2(prepared_data, tmp_path, "--deepspeed", str(ds), "--model", str(model))
+    runs = train_ep1_and_ep2(prepared_data, tmp_path, "--deepspeed", str(ds), "--model", str(model),
+                             "--eval-suite", "on")
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -164,6 +167,22 @@ def test_zero3_ep2_equals_ep1_and_consolidates_without_deepspeed(prepared_data, 
     for key, value in reference.items():
         assert torch.equal(ours[key], value), key
     assert_same_model(runs)
+    assert_humaneval_recomputed(runs.values(), micro_batch=4, seq_len=64)
+
+
+def assert_humaneval_recomputed(runs, micro_batch: int, seq_len: int) -> None:
+    from gpt_moe.checkpoint.loading import load_for_inference
+    from gpt_moe.checkpoint.records import newest_complete, read_record
+    from gpt_moe.data.humaneval import SUITE_PROBLEMS, canonical_bits_per_byte, read_problems, solution_batches
+
+    for run in runs:
+        loaded, problems = load_for_inference(run), read_problems()[:SUITE_PROBLEMS]
+        in_loop, _ = solution_batches(loaded.tokenizer, problems, loaded.model.config.max_position_embeddings,
+                                      micro_batch * seq_len)
+        assert len(in_loop) % 2 == 1
+        expected = canonical_bits_per_byte(loaded.model, loaded.tokenizer, problems).bits_per_byte
+        recorded = read_record(newest_complete(run / "checkpoints")).evaluation.get("humaneval_bpb")
+        assert recorded == pytest.approx(expected, rel=1e-5), run
 
 
 def test_bf16_forced_with_expert_parallelism_trains(prepared_data, tmp_path, small_config):
@@ -289,7 +308,7 @@ def assert_bits_per_byte_recomputed(run: Path, data: Path, seq_len: int, micro_b
         n, b, _ = naive_bits_per_byte(loaded.model, loaded.tokenizer, {"input_ids": inputs, "labels": labels})
         nats, count_bytes = nats + n, count_bytes + b
     evaluations = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    logged = [e["val/bpb"] for e in evaluations if "val/bpb" in e]
+    logged = [e["eval/val_bpb"] for e in evaluations if "eval/val_bpb" in e]
     rel = 2e-2 if record.layout.bf16 else 1e-4  # trained (and evaluated) in bf16 where the CPU has it natively
     assert summary(run)["val_bpb"] == record.val_bpb == logged[-1]
     assert record.val_bpb == pytest.approx(nats / (math.log(2) * count_bytes), rel=rel)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from gpt_moe.atomic import partial_dir, publish_dir, unwritable_reason
+from gpt_moe.checkpoint.evaluation import figure_table
 from gpt_moe.checkpoint.loading import LoadedModel
 from gpt_moe.checkpoint.model_dir import EXPORT_RECORD_FILE, HF_CONFIG_FILE, MTP_FILE
 from gpt_moe.checkpoint.records import TrainingFacts
@@ -173,5 +174,27 @@ def model_card(config: ModelConfig, training: TrainingFacts, tokenizer: Tokenize
         "```",
         "",
         "The MTP block is in `mtp.safetensors`; gpt-moe's `load_for_inference` reads everything back.",
+        *evaluation_section(training),
     ]
     return "\n".join(lines) + "\n"
+
+
+def evaluation_section(training: TrainingFacts) -> list[str]:
+    """The model card's evaluation table: the run's last evaluation, beside its `--init-from` parent's figures on
+    the same data where the run measured them (`gpt_moe.checkpoint.evaluation`); nothing when not evaluated."""
+    evaluation = training.evaluation
+    if evaluation is None:
+        return []
+    step = f" (step {evaluation.step})" if evaluation.step is not None else ""
+    parent = evaluation.parent
+    columns = [("before fine-tuning", parent), (f"after{step}", evaluation)] if parent else [(f"this model{step}",
+                                                                                            evaluation)]
+    return ["", "## Evaluation", "",
+            "The training run's last evaluation (`python launch/eval.py CHECKPOINT` computes the same figures for any "
+            "checkpoint). Validation figures are on the run's own validation split (for chat data its assistant "
+            "tokens); HumanEval is OpenAI's, scored teacher-forced, never trained on."
+            + (f" Before fine-tuning: the parent ({training.init_from or 'its --init-from weights'}) evaluated on the "
+               "same data before the first step." if parent else "")
+            + (" The routing drift compares the expert loads of this model and its parent on the same tokens."
+               if evaluation.drift else ""),
+            "", figure_table(columns, markdown=True)]

@@ -110,7 +110,8 @@ class ModelDirectory:
         if kind == "export":
             ours = _json(directory / EXPORT_RECORD_FILE)
             config = ModelConfig.from_dict(ours["model_config"], str(directory / EXPORT_RECORD_FILE))
-            return cls(directory, kind, config, tokenizer, TrainingFacts.from_dict(ours.get("training", {})))
+            training = TrainingFacts.from_dict(ours.get("training", {}), f"{directory / EXPORT_RECORD_FILE}: training")
+            return cls(directory, kind, config, tokenizer, training)
         if kind == "transformers":
             config = from_hf_config(_json(directory / HF_CONFIG_FILE), directory.name, str(directory / HF_CONFIG_FILE))
             return cls(directory, kind, config, tokenizer, TrainingFacts())

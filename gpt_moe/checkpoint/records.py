@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt_moe.atomic import write_atomic
+from gpt_moe.checkpoint.evaluation import Evaluation
 from gpt_moe.data.tokenizer import TokenizerInfo
 from gpt_moe.data.tokenizer_format import copy_tokenizer_files
 from gpt_moe.dir_lock import DirectoryLock
@@ -79,34 +80,78 @@ class Layout:
         return f"{ranks} rank{'s' if ranks != 1 else ''}, EP {self.ep_size}, ZeRO-{self.zero_stage}, {precision}"
 
 
+HEADLINE_FIGURES = ("val_loss", "val_bpb", "mtp_acceptance")
+"""The figures records kept as keys of their own before the evaluation record existed: still written beside it, so
+older readers find them, and read from older records."""
+
+
+def evaluation_from(data: dict[str, Any], where: str) -> Evaluation | None:
+    """The evaluation of a record's (or a training section's) JSON object: its "evaluation", or for an older record
+    the headline figures it kept (None when it has none)."""
+    if data.get("evaluation") is not None:
+        return Evaluation.from_dict(data["evaluation"], where)
+    figures = {name: data[name] for name in HEADLINE_FIGURES if isinstance(data.get(name), (int, float))}
+    figures = {name: float(value) for name, value in figures.items() if math.isfinite(value)}
+    return Evaluation(figures, data.get("step")) if figures else None
+
+
+class HasEvaluation:
+    """The headline figures of a record's evaluation, as attributes (None where not evaluated)."""
+
+    evaluation: Evaluation | None
+
+    def figure(self, name: str) -> float | None:
+        return self.evaluation.get(name) if self.evaluation is not None else None
+
+    @property
+    def val_bpb(self) -> float | None:
+        """Validation bits per byte (`gpt_moe.data.bits_per_byte`)."""
+        return self.figure("val_bpb")
+
+    @property
+    def mtp_acceptance(self) -> float | None:
+        return self.figure("mtp_acceptance")
+
+    def headline(self) -> dict[str, float | None]:
+        """The headline figures as the flat keys records keep beside the evaluation."""
+        return {name: self.figure(name) for name in HEADLINE_FIGURES}
+
+
 @dataclass(frozen=True)
-class TrainingFacts:
+class TrainingFacts(HasEvaluation):
     """What is known of a model's training, as the app, the sampler and export show it: a checkpoint's record, or the
     `training` section of an export (whatever fields it has; None where unknown)."""
 
     step: int | None = None
     tokens_seen: int | None = None
-    val_loss: float | None = None
     chat: bool = False  # fine-tuned on conversations: the app and the sampler chat with it
-    mtp_acceptance: float | None = None
     bf16: bool | None = None  # trained in bf16 (None: unknown)
     model: str | None = None
     init_from: str | None = None
-    val_bpb: float | None = None  # validation bits per byte (`gpt_moe.data.bits_per_byte`)
+    evaluation: Evaluation | None = None  # the last evaluation of the run (`gpt_moe.checkpoint.evaluation`)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainingFacts:
+    def from_dict(cls, data: dict[str, Any], where: str = "training facts") -> TrainingFacts:
         """From an export's `training` section (a checkpoint record's JSON, or part of one); other keys ignored."""
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"evaluation"}
         values = {key: value for key, value in data.items() if key in fields and value is not None}
-        return cls(**{**values, "chat": bool(values.get("chat", False))})
+        return cls(**{**values, "chat": bool(values.get("chat", False))}, evaluation=evaluation_from(data, where))
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+        data = {key: value for key, value in dataclasses.asdict(self).items()
+                if value is not None and key != "evaluation"}
+        if self.evaluation is not None:
+            data.update({**{k: v for k, v in self.headline().items() if v is not None},
+                         "evaluation": self.evaluation.to_dict()})
+        return data
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.figure("val_loss")
 
     @property
     def has_val_loss(self) -> bool:
-        return isinstance(self.val_loss, (int, float)) and math.isfinite(self.val_loss)
+        return self.val_loss is not None
 
     @property
     def bpb_text(self) -> str:
@@ -115,25 +160,24 @@ class TrainingFacts:
 
 
 @dataclass(frozen=True)
-class CheckpointRecord:
+class CheckpointRecord(HasEvaluation):
     """A checkpoint tag's COMPLETE file: written by rank 0 once every rank has written its files (the tag exists for
     readers from then on), read by everything that uses a checkpoint. `expert_ranges[r]` is [first, end) of the
     routed experts rank r held (None for ranks without MoE layers, or in records written before it existed).
-    A layout-free conversion (`format` LAYOUT_FREE) keeps the source's record and names the `source` tag."""
+    A layout-free conversion (`format` LAYOUT_FREE) keeps the source's record and names the `source` tag.
+    `evaluation`: the run's last evaluation before the save (None when it has not evaluated yet)."""
 
     step: int
     layout: Layout
     tokens_seen: int = 0
     expert_ranges: tuple[tuple[int, int] | None, ...] | None = None
-    val_loss: float = float("nan")
     model: str | None = None
     chat: bool = False
-    mtp_acceptance: float | None = None
     init_from: str | None = None
     completed_at: float | None = None
     format: str | None = None
     source: str | None = None
-    val_bpb: float | None = None  # None in records written before it was recorded
+    evaluation: Evaluation | None = None
 
     REQUIRED = ("step", "world_size", "ep_size", "zero_stage")
 
@@ -142,18 +186,25 @@ class CheckpointRecord:
         return self.format == LAYOUT_FREE
 
     @property
+    def val_loss(self) -> float:
+        """The last validation loss; NaN when not evaluated."""
+        value = self.figure("val_loss")
+        return float("nan") if value is None else value
+
+    @property
     def facts(self) -> TrainingFacts:
-        return TrainingFacts(self.step, self.tokens_seen, self.val_loss, self.chat, self.mtp_acceptance,
-                             self.layout.bf16, self.model, self.init_from, self.val_bpb)
+        return TrainingFacts(self.step, self.tokens_seen, self.chat, self.layout.bf16, self.model, self.init_from,
+                             self.evaluation)
 
     def to_json(self) -> str:
         data = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.layout.world_size,
                 "ep_size": self.layout.ep_size,
                 "expert_ranges": None if self.expert_ranges is None else [list(r) if r else None
                                                                           for r in self.expert_ranges],
-                "zero_stage": self.layout.zero_stage, "bf16": self.layout.bf16, "val_loss": self.val_loss,
-                "val_bpb": self.val_bpb, "model": self.model, "chat": self.chat, "mtp_acceptance": self.mtp_acceptance,
-                "init_from": self.init_from, "completed_at": self.completed_at}
+                "zero_stage": self.layout.zero_stage, "bf16": self.layout.bf16, **self.headline(),
+                "val_loss": self.val_loss, "model": self.model, "chat": self.chat, "init_from": self.init_from,
+                "completed_at": self.completed_at,
+                "evaluation": self.evaluation.to_dict() if self.evaluation is not None else None}
         if self.format is not None:
             data.update({"format": self.format, "source": self.source})
         return json.dumps(data, indent=1)
@@ -171,10 +222,8 @@ class CheckpointRecord:
             ranges = data.get("expert_ranges")
             return cls(int(data["step"]), layout, int(data.get("tokens_seen", 0)),
                        None if ranges is None else tuple(tuple(map(int, r)) if r else None for r in ranges),
-                       float(data.get("val_loss", float("nan"))), data.get("model"), bool(data.get("chat", False)),
-                       data.get("mtp_acceptance"), data.get("init_from"), data.get("completed_at"),
-                       data.get("format"), data.get("source"),
-                       None if data.get("val_bpb") is None else float(data["val_bpb"]))
+                       data.get("model"), bool(data.get("chat", False)), data.get("init_from"),
+                       data.get("completed_at"), data.get("format"), data.get("source"), evaluation_from(data, where))
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{where}: malformed record ({first_line(err)}); the checkpoint is damaged, "
                                   "resume from an earlier one") from None

@@ -19,7 +19,7 @@ consumed; rank r of W with micro batch B reads rows g + r*B .. g + r*B + B - 1; 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +40,11 @@ class PackedBatch:
     position_ids: torch.Tensor
     segment_ids: torch.Tensor
 
+    @classmethod
+    def stack(cls, rows: Sequence[tuple[np.ndarray, ...]]) -> PackedBatch:
+        """The batch of rows, each (input ids, labels, positions, segment ids) as `fill_row` gives them."""
+        return cls(*(torch.from_numpy(np.stack(column)) for column in zip(*rows)))
+
     def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(*(t.to(device) for t in (self.input_ids, self.labels, self.position_ids,
                                                     self.segment_ids)))
@@ -55,6 +60,24 @@ class PackedBatch:
         trained = self.labels != IGNORE_INDEX
         same = self.segment_ids[:, 1:] == self.segment_ids[:, :-1]
         return int(trained.sum()), int((trained[:, 1:] & same).sum())
+
+
+def fill_row(pieces: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int) -> tuple[np.ndarray, ...]:
+    """(input ids, labels, positions, segment ids), each int64 [seq_len]: the pieces (inputs, labels of one sequence,
+    n positions each, n in all at most seq_len) one after the other, positions restarting at 0 and a segment each;
+    the rest is padding, a segment of its own with nothing trained."""
+    ids, labels = np.zeros(seq_len, np.int64), np.full(seq_len, IGNORE_INDEX, np.int64)
+    positions, segments = np.zeros(seq_len, np.int64), np.zeros(seq_len, np.int64)
+    at = 0
+    for segment, (inputs, targets) in enumerate(pieces):
+        n = len(inputs)
+        ids[at:at + n], labels[at:at + n] = inputs, targets
+        positions[at:at + n] = np.arange(n)
+        segments[at:at + n] = segment
+        at += n
+    segments[at:] = len(pieces)
+    positions[at:] = np.arange(seq_len - at)
+    return ids, labels, positions, segments
 
 
 def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -138,24 +161,14 @@ class PackedRows:
 
     def row(self, index: int) -> tuple[np.ndarray, ...]:
         """(input ids, labels, positions, segment ids), each int64 [seq_len], of packed row `index`."""
-        ids, labels = np.zeros(self.seq_len, np.int64), np.full(self.seq_len, IGNORE_INDEX, np.int64)
-        positions, segments = np.zeros(self.seq_len, np.int64), np.zeros(self.seq_len, np.int64)
-        at = 0
-        for segment, conversation in enumerate(self.rows[index]):
+        pieces = []
+        for conversation in self.rows[index]:
             tokens, mask = self.conversations.pieces(conversation)
-            n = len(tokens) - 1
-            ids[at:at + n] = tokens[:-1]
-            labels[at:at + n] = np.where(mask[1:] == 1, tokens[1:].astype(np.int64), IGNORE_INDEX)
-            positions[at:at + n] = np.arange(n)
-            segments[at:at + n] = segment
-            at += n
-        segments[at:] = len(self.rows[index])  # padding: a segment of its own, nothing trained
-        positions[at:] = np.arange(self.seq_len - at)
-        return ids, labels, positions, segments
+            pieces.append((tokens[:-1], np.where(mask[1:] == 1, tokens[1:].astype(np.int64), IGNORE_INDEX)))
+        return fill_row(pieces, self.seq_len)
 
     def batch(self, rows: np.ndarray) -> PackedBatch:
-        parts = [self.row(int(i)) for i in rows]
-        return PackedBatch(*(torch.from_numpy(np.stack(column)) for column in zip(*parts)))
+        return PackedBatch.stack([self.row(int(i)) for i in rows])
 
 
 class ChatBatches:

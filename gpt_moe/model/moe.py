@@ -18,7 +18,9 @@ sorted rows travel to the rank holding their expert and back (`expert_parallel.p
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -429,3 +431,27 @@ def update_bias(router: TopkRouter, load: torch.Tensor, rate: float) -> None:
     bias = router.e_score_correction_bias
     bias += rate * torch.sign(load.float().mean() - load.float()).to(bias.device)
 
+
+@contextlib.contextmanager
+def recording_routing(layers: Sequence[tuple[int, MoE]]) -> Iterator[None]:
+    """Turns `record_routing` on for the given MoE modules for the duration of the block: each forward keeps its
+    `last_expert_ids` [batch, seq, k] (the app's routing view, the routing drift's loads)."""
+    for _, moe in layers:
+        moe.record_routing, moe.last_expert_ids = True, None
+    try:
+        yield
+    finally:
+        for _, moe in layers:
+            moe.record_routing = False
+
+
+def recorded_loads(layers: Sequence[tuple[int, MoE]], counted: torch.Tensor) -> torch.Tensor:
+    """counted: [batch, seq] bool, the positions of the last recorded forward to count -> [layers, routed experts]
+    int64 on the CPU: each layer's (token, slot) assignments per expert at those positions."""
+    if not layers:
+        return torch.zeros((0, 0), dtype=torch.int64)
+    loads = []
+    for _, moe in layers:
+        chosen = moe.last_expert_ids[counted.to(moe.last_expert_ids.device)]  # [counted positions, k]
+        loads.append(torch.bincount(chosen.flatten(), minlength=moe.config.n_routed_experts).cpu())
+    return torch.stack(loads)

@@ -28,25 +28,13 @@ from gpt_moe.data.chat_template import (ChatPrompt, continuation_prompt, end_of_
                                         reply_stop_ids)
 from gpt_moe.errors import CheckpointError
 from gpt_moe.model.model import DeepSeekForCausalLM
-from gpt_moe.model.moe import MoE
+from gpt_moe.model.moe import recording_routing
 from gpt_moe.serve.generate import DecodeStats, SamplingConfig, TextStream, generate_ids
 
 if TYPE_CHECKING:
     from gpt_moe.data.tokenizer_format import Tokenizer
 
 # ---------------------------------------------------------------------------------------- routing
-
-
-@contextlib.contextmanager
-def recording_routing(layers: Sequence[tuple[int, MoE]]) -> Iterator[None]:
-    """Turns `record_routing` on for the given MoE modules for the duration of the block."""
-    for _, moe in layers:
-        moe.record_routing, moe.last_expert_ids = True, None
-    try:
-        yield
-    finally:
-        for _, moe in layers:
-            moe.record_routing = False
 
 
 @dataclass

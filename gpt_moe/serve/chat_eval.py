@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gpt_moe.data.bits_per_byte import bits_per_byte, nats_and_bytes, token_byte_lengths
+from gpt_moe.data.bits_per_byte import token_byte_lengths
 from gpt_moe.data.chat_batches import PackedRows
 from gpt_moe.data.chat_template import end_of_turn_ids
 from gpt_moe.data.shards import TokenShards
+from gpt_moe.data.validation import validation_totals
 from gpt_moe.model.model import DeepSeekForCausalLM
 from gpt_moe.serve.chat import generate_reply
 from gpt_moe.serve.generate import SamplingConfig
@@ -29,25 +30,22 @@ from gpt_moe.serve.generate import SamplingConfig
 
 @dataclass(frozen=True)
 class HeldOutLoss:
-    loss: float  # nats per trained token
+    loss: float  # nats per trained token (NaN: none)
     bits_per_byte: float  # of the same tokens, special tokens left out (`gpt_moe.data.bits_per_byte`)
     left_out: int  # conversations longer than the context
 
 
-@torch.no_grad()
 def held_out_loss(model: DeepSeekForCausalLM, shards: TokenShards, seq_len: int = 512, batch: int = 8) -> HeldOutLoss:
-    """Mean cross-entropy over every trained token of the validation split and its bits per byte: conversations
-    packed as in training, `batch` rows at a time, every row however few there are; those longer than `seq_len`
-    (the model's context) are left out and counted."""
+    """Mean cross-entropy over every trained token of the validation split and its bits per byte
+    (`gpt_moe.data.validation`, as a training run's validation): conversations packed as in training, `batch` rows
+    at a time, every row however few there are; those longer than `seq_len` (the model's context) are left out and
+    counted."""
     packed = PackedRows(shards, "val", seq_len, leave_out_longer=True)
+    batches = (packed.batch(np.arange(start, min(start + batch, len(packed))))
+               for start in range(0, len(packed), batch))
     lengths = token_byte_lengths(shards.tokenizer(), model.config.vocab_size)
-    total = torch.zeros(4, dtype=torch.float64)  # nats, tokens; nats of text tokens, their bytes
-    for start in range(0, len(packed), batch):
-        rows = packed.batch(np.arange(start, min(start + batch, len(packed))))
-        nats = model(**rows.model_inputs(), per_token_nats=True).token_nats
-        counted = torch.tensor([nats.double().sum().item(), rows.trained_tokens()[0]], dtype=torch.float64)
-        total += torch.cat([counted, nats_and_bytes(nats, rows.labels, lengths)])
-    return HeldOutLoss((total[0] / total[1].clamp(min=1)).item(), bits_per_byte(total[2:]), packed.left_out)
+    figures = validation_totals(model, batches, model.lm_head.weight.device, lengths).figures()
+    return HeldOutLoss(figures["val_loss"], figures["val_bpb"], packed.left_out)
 
 
 @dataclass
@@ -81,3 +79,10 @@ def reply_statistics(model: DeepSeekForCausalLM, tokenizer, items: Iterable[tupl
         if len(stats.examples) < 3:
             stats.examples.append((messages[-1]["content"], text, answer))
     return stats
+
+
+def chat_figures(held_out: HeldOutLoss, stats: ReplyStatistics, in_context_kinds: Iterable[str]) -> dict[str, float]:
+    """The chat figures of an evaluation record (`gpt_moe.checkpoint.evaluation.FIGURES`)."""
+    return {"held_out_assistant_loss": held_out.loss, "held_out_assistant_bpb": held_out.bits_per_byte,
+            "chat_replies_ended": stats.rate(stats.ended),
+            "chat_exact_in_context": stats.rate(stats.exact, in_context_kinds)}

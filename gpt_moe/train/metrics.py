@@ -74,7 +74,7 @@ def dashboard_layout(moe_layers: list[int]) -> dict[str, dict[str, list]]:
         return ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]
 
     layout = {
-        "loss": {"loss": chart("train/loss", "val/loss"),
+        "loss": {"loss": chart("train/loss", "eval/val_loss"),
                  "parts": chart("train/lm_loss", "train/mtp_loss", "train/aux_loss", "train/z_loss")},
         "optimisation": {"learning rate": chart("train/lr"), "gradient norm": chart("train/grad_norm"),
                          "skipped steps": chart("train/skipped_steps")},

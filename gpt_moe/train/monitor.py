@@ -3,8 +3,10 @@ closing `summary.json`.
 
 Per log window (`--log-interval` steps): the mean losses over ranks, learning rate, gradient norm, tokens/s and MFU
 (`gpt_moe.train.metrics`), memory, and per MoE layer the load spread and health (`gpt_moe.train.moe_health`) with
-the collapse warning. Per evaluation: validation loss, perplexity and bits per byte, the MTP draft acceptance and a
-text sample (TensorBoard; the figures also as one `metrics.jsonl` line, told apart by its `val/loss` key).
+the collapse warning. Per evaluation: its figures (`gpt_moe.checkpoint.evaluation`: validation loss, perplexity and
+bits per byte, HumanEval bits per byte, the MTP draft acceptance, a fine-tuning run's routing drift ...) as `eval/*`
+scalars, its seconds, and a text sample (TensorBoard; the scalars also as one `metrics.jsonl` line, told apart by
+its `eval/` keys). The summary adds how much of the run's time went to evaluations.
 Rank 0 writes; every rank joins the collectives (the monitor calls them on all ranks in the same order).
 """
 
@@ -24,7 +26,7 @@ from gpt_moe.atomic import write_atomic
 from gpt_moe.model.moe import MoE
 from gpt_moe.model.params import account
 from gpt_moe.train.engine import Distributed, InitReport
-from gpt_moe.train.evaluator import Evaluation
+from gpt_moe.checkpoint.evaluation import Evaluation
 from gpt_moe.train.hardware import device_peak_flops
 from gpt_moe.train.metrics import Throughput, dashboard_layout, expert_load_stats, make_writer
 from gpt_moe.train.moe_health import CollapseWatch, layer_health
@@ -66,6 +68,7 @@ class TrainingMonitor:
         self.collapse = CollapseWatch(plan.train.collapse_windows)
         self.bias_at_log: list[torch.Tensor] = []
         self.throughput: Throughput | None = None
+        self.evaluation_seconds = 0.0  # all evaluations of this process so far
 
     def start(self) -> None:
         """Before the first step: the dashboard layout, the balancing biases to measure drift from, the peak
@@ -183,35 +186,39 @@ class TrainingMonitor:
         return routing, torch.stack(gathered).cpu()
 
     # ------------------------------------------------------------------ evaluations and the end
-    def evaluation(self, step: int, result: Evaluation, bar) -> None:
-        scalars: dict[str, float] = {}
-        if result.val_loss is not None:
-            ppl = math.exp(min(result.val_loss, 50))
-            scalars.update({"val/loss": result.val_loss, "val/ppl": ppl, "val/bpb": result.val_bpb})
-            if self.context.is_rank0:
-                bar.write(f"step {step}: val loss {result.val_loss:.4f} (ppl {ppl:.1f}, {result.val_bpb:.4f} bits "
-                          "per byte)")
-        if result.mtp_acceptance is not None:
-            scalars["eval/mtp_acceptance"] = result.mtp_acceptance
-            if self.context.is_rank0:
-                bar.write(f"step {step}: MTP draft acceptance {result.mtp_acceptance:.1%}")
+    def evaluation(self, step: int, evaluation: Evaluation, sample: str | None, seconds: float, bar) -> None:
+        """An evaluation's scalars to TensorBoard and metrics.jsonl, its figures as a line on the bar (rank 0; printed
+        when there is no bar yet: a fine-tuning run's parent, at step 0)."""
+        self.evaluation_seconds += seconds
+        scalars = evaluation.scalars()
+        val_loss = evaluation.get("val_loss")
+        if val_loss is not None:
+            scalars["eval/val_ppl"] = math.exp(min(val_loss, 50))
+        scalars["perf/eval_seconds"] = seconds
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
-        if scalars and self.context.is_rank0:
+        if self.context.is_rank0:
             with open(self.plan.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
-        if result.sample is not None:
-            self.writer.add_text("sample", result.sample, step)
-        self.throughput.restart()  # keep evaluation out of the throughput window
+            for line in evaluation_lines(step, evaluation, seconds):
+                if bar is not None:
+                    bar.write(line)
+                else:
+                    print(line, flush=True)
+        if sample is not None:
+            self.writer.add_text("sample", sample, step)
+        if self.throughput is not None:
+            self.throughput.restart()  # keep evaluation out of the throughput window
 
     def restart_clock(self) -> None:
         """Keep a checkpoint save out of the throughput window."""
         self.throughput.restart()
 
-    def summary(self, counters: dict[str, Any], val_loss: float, expert_ranges: list[list[int] | None],
-                init_report: InitReport | None = None, val_bpb: float | None = None) -> dict:
-        """runs/<run>/summary.json: per-logged-step scalars, the final validation loss and bits per byte, the layout,
-        each rank's peak memory, and with --init-from what reading the weights cost each rank (`init_from`: bytes
+    def summary(self, counters: dict[str, Any], evaluation: Evaluation | None, expert_ranges: list[list[int] | None],
+                init_report: InitReport | None, seconds: float) -> dict:
+        """runs/<run>/summary.json: per-logged-step scalars, the last evaluation (its validation loss and bits per
+        byte also as keys of their own), the layout, each rank's peak memory, the run's seconds and the share the
+        evaluations took (`time`), and with --init-from what reading the weights cost each rank (`init_from`: bytes
         read, the memory of building and loading the model). counters: step, tokens_seen, skipped_steps."""
         self.writer.flush()
         peak = peak_memory_gib(self.context.device)
@@ -219,7 +226,13 @@ class TrainingMonitor:
             peak = max(peak, init_report.process_peak_before_gib)  # the load's memory window reset the peak mark
         peaks: list[Any] = [0.0] * self.context.world
         dist.all_gather_object(peaks, peak)
-        result = {**counters, "val_loss": val_loss, "val_bpb": val_bpb, "peak_memory_gib": peaks,
+        val_loss = evaluation.get("val_loss") if evaluation is not None else None
+        result = {**counters, "val_loss": float("nan") if val_loss is None else val_loss,
+                  "val_bpb": evaluation.get("val_bpb") if evaluation is not None else None,
+                  "evaluation": evaluation.to_dict() if evaluation is not None else None,
+                  "time": {"run_s": seconds, "evaluation_s": self.evaluation_seconds,
+                           "evaluation_share": self.evaluation_seconds / seconds if seconds > 0 else None},
+                  "peak_memory_gib": peaks,
                   "layout": {**dataclasses.asdict(self.plan.layout), "expert_ranges": expert_ranges},
                   "history": self.history}
         if init_report is not None:
@@ -232,6 +245,28 @@ class TrainingMonitor:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def evaluation_lines(step: int, evaluation: Evaluation, seconds: float) -> list[str]:
+    """What an evaluation prints: its figures in one line, the routing drift per layer in another."""
+    f, parts = evaluation.get, []
+    if f("val_loss") is not None:
+        parts.append(f"val loss {f('val_loss'):.4f} (ppl {math.exp(min(f('val_loss'), 50)):.1f}, "
+                     f"{f('val_bpb') or float('nan'):.4f} bits per byte)")
+    if f("chat_end_prob") is not None:
+        parts.append(f"end-of-turn probability {f('chat_end_prob'):.1%}")
+    if f("humaneval_bpb") is not None:
+        parts.append(f"HumanEval {f('humaneval_bpb'):.4f} bits per byte ({f('humaneval_problems'):.0f} problems)")
+    if f("mtp_acceptance") is not None:
+        parts.append(f"MTP draft acceptance {f('mtp_acceptance'):.1%}")
+    what = f"step {step}" + (" (the parent, before fine-tuning)" if step == 0 else "")
+    lines = [f"{what}: {'; '.join(parts)} [{seconds:.1f} s]"] if parts else []
+    if evaluation.drift:
+        lines.append(f"{what}: routing drift from the parent, JS bits per MoE layer: "
+                     + ", ".join(f"{d.layer}: {d.js:.4f}" for d in evaluation.drift)
+                     + "".join(f"; layer {d.layer} experts became dead {d.became_dead}" for d in evaluation.drift
+                               if d.became_dead))
+    return lines
 
 
 def current_memory_gib(device: torch.device) -> float:

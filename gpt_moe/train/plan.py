@@ -91,6 +91,14 @@ class RunPlan:
             return min(self.train.max_steps, math.ceil(self.train.max_tokens / self.tokens_per_step))
         return self.train.max_steps
 
+    @property
+    def eval_suite(self) -> bool:
+        """Whether evaluations run the whole suite (`--eval-suite`): "auto" turns it on for a run that reaches at
+        least one --eval-interval, so a short run (a smoke test, whose only evaluation is the final one) does not
+        pay for it."""
+        return self.train.eval_suite == "on" or (self.train.eval_suite == "auto"
+                                                 and self.last_step >= self.train.eval_interval)
+
     def memory_layout(self, **changes: Any) -> MemoryLayout:
         """The run's layout for `gpt_moe.train.memory_plan` (fields in `changes` replaced)."""
         t, zero = self.train, self.ds_config.get("zero_optimization", {})
@@ -128,6 +136,8 @@ class RunPlan:
                            if t.compile else "off (eager; --compile compiles each decoder layer)"),
             describe(account(model, t.seq_len)),
             self.resume.describe(self.layout) if self.resume else "resume: nothing to resume, the run starts at step 0",
+            f"evaluation: every {t.eval_interval} steps and at step {self.last_step}; HumanEval and the parent's "
+            f"figures {'on' if self.eval_suite else 'off'} (--eval-suite {t.eval_suite})",
             *self.memory_lines(),
             "model config: " + json.dumps({k: v for k, v in model.to_dict().items() if k != "extra"}),
             "training config: " + json.dumps(dataclasses.asdict(t)),

@@ -26,16 +26,18 @@ import torch
 import torch.distributed as dist
 
 from gpt_moe.atomic import write_atomic
+from gpt_moe.checkpoint.evaluation import Evaluation
 from gpt_moe.checkpoint.records import ClientState, run_directory_lock
 from gpt_moe.data.chat_batches import ChatBatches, ChatValBatches, PackedBatch
 from gpt_moe.data.shards import TokenShards, TrainBatches, ValBatches
+from gpt_moe.data.validation import model_inputs
 from gpt_moe.data.verify import verify_data
 from gpt_moe.errors import DataError, GptMoeError
 from gpt_moe.model.moe import update_bias
 from gpt_moe.train.checkpointer import Checkpointer, open_resume_source
 from gpt_moe.train.config import FaultInjection
 from gpt_moe.train.engine import build_engine, build_model, check_same_precision, start_distributed
-from gpt_moe.train.evaluator import Evaluator, model_inputs
+from gpt_moe.train.evaluator import Evaluator, ParentRouting
 from gpt_moe.train.hardware import release_freed_memory
 from gpt_moe.train.monitor import LOSS_NAMES, TrainingMonitor
 from gpt_moe.train.plan import RunPlan
@@ -60,6 +62,7 @@ class Trainer:
 
     def __init__(self, plan: RunPlan, faults: FaultInjection = FaultInjection(),
                  prepare_data: Callable[[Path], None] | None = None) -> None:
+        self.started = time.perf_counter()
         self.plan, self.cfg, self.faults = plan, plan.train, faults
         self.resume_source = open_resume_source(plan.resume)  # before anything starts: a refusal costs nothing
         self.context = context = start_distributed(plan.zero_stage)
@@ -83,9 +86,10 @@ class Trainer:
         self.moe_layers = self.engine.module.moe_layers()
         self.expert_ranges = self._gather_expert_ranges()
         self.progress = Progress()
-        self.val_loss, self.val_bpb, self.mtp_acceptance = float("nan"), None, None  # of the last evaluation
+        self.evaluation: Evaluation | None = None  # the last one
+        self.parent: ParentRouting | None = None  # rank 0 of an --init-from run: what it drifts from
         self.evaluator = Evaluator(self.engine, val_batches, self.chat, self.shards.tokenizer(), context,
-                                   self.cfg.sample_tokens)
+                                   self.cfg.sample_tokens, plan.eval_suite, self.cfg.micro_batch * self.cfg.seq_len)
         self.checkpointer = Checkpointer(plan, context, self.engine, self.shards.manifest.tokenizer,
                                          self.shards.directory, self.expert_ranges, faults)
         self.monitor = TrainingMonitor(plan, context, self.moe_layers, self.chat)
@@ -218,6 +222,22 @@ class Trainer:
                 write_atomic(run_dir / name, json.dumps(config, indent=2))
             print(self.plan.banner(), flush=True)
         self.monitor.start()
+        if self.plan.init_from is not None and self.evaluator.val_batches is not None:
+            self._parent(resumed=client is not None)
+
+    def _parent(self, resumed: bool) -> None:
+        """An --init-from run compares its evaluations with its parent: measured before step 1 (with the suite
+        off, the validation pass alone), logged at step 0 and kept in the run directory (rank 0); a resumed run
+        reads it back."""
+        if resumed:
+            self.parent = ParentRouting.load(self.plan.run_dir) if self.context.is_rank0 else None
+            return
+        started = time.perf_counter()
+        result = self.evaluator.evaluate(0, validation_only=not self.plan.eval_suite)
+        if self.context.is_rank0:
+            self.parent = ParentRouting.measured(result, self.engine.module)
+            self.parent.save(self.plan.run_dir)
+        self.monitor.evaluation(0, result.evaluation, result.sample, time.perf_counter() - started, None)
 
     def _loop(self, bar) -> None:
         progress, tokens_per_step = self.progress, self.plan.tokens_per_step
@@ -252,10 +272,13 @@ class Trainer:
         return self.progress.step % interval == 0 or self.progress.step == self.plan.last_step
 
     def _evaluate(self, bar) -> None:
-        result = self.evaluator.evaluate()
-        if result.val_loss is not None:
-            self.val_loss, self.val_bpb, self.mtp_acceptance = result.val_loss, result.val_bpb, result.mtp_acceptance
-        self.monitor.evaluation(self.progress.step, result, bar)
+        started = time.perf_counter()
+        result = self.evaluator.evaluate(self.progress.step)
+        evaluation = result.evaluation
+        if self.parent is not None:
+            evaluation = self.parent.compare(result, self.engine.module)
+        self.evaluation = evaluation
+        self.monitor.evaluation(self.progress.step, evaluation, result.sample, time.perf_counter() - started, bar)
 
     def _skipped_step(self, bar) -> None:
         """A non-finite step: counted; `max_bad_steps` in a row save the last good state and stop."""
@@ -275,12 +298,13 @@ class Trainer:
         client = ClientState(p.step, p.tokens_seen, self.loader.state_dict(), p.trained_tokens, p.bad_steps_total,
                              asdict(self.cfg), plan.model.to_dict(), plan.ds_config,
                              self.shards.manifest.tokenizer.to_dict(), self.context.world, self.cfg.ep_size)
-        return self.checkpointer.save(client, self.val_loss, self.val_bpb, self.mtp_acceptance, self.chat)
+        return self.checkpointer.save(client, self.evaluation, self.chat)
 
     def _summary(self) -> dict[str, Any]:
         counters = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
                     "skipped_steps": self.progress.bad_steps_total}
-        return self.monitor.summary(counters, self.val_loss, self.expert_ranges, self.init_report, self.val_bpb)
+        return self.monitor.summary(counters, self.evaluation, self.expert_ranges, self.init_report,
+                                    time.perf_counter() - self.started)
 
     def close(self) -> None:
         """Flush the logs and take the process group down on every rank together. Leaving it to
