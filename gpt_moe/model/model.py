@@ -131,12 +131,20 @@ class MultiTokenPredictionLayer(DecoderLayer):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """hidden, next_embeds: [batch, seq, hidden] -> (normalised output [batch, seq, hidden], router losses).
         With `cache` (the block's own latent cache, self-speculative decoding) the positions continue it."""
+        if cache is not None:
+            return self.shared_head.norm(self.decode(hidden, next_embeds, cos, sin, cache)), {}
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        if cache is not None:  # decoding: no gradients, nothing to recompute
-            x, losses = self.forward(x, cos, sin, cache=cache, attn_mask=attn_mask)
-        else:
-            x, losses = self.run(self.forward, x, cos, sin, attn_mask)
+        x, losses = self.run(self.forward, x, cos, sin, attn_mask)
         return self.shared_head.norm(x), losses
+
+    def decode(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: LatentCache) -> torch.Tensor:
+        """Decoding with the block's own latent cache (no gradients, nothing to recompute): hidden, next_embeds:
+        [batch, new, hidden] at the positions after the cache's -> the block's output before the shared head's norm
+        [batch, new, hidden]. That output plays the main model's hidden state when the block drafts again from
+        its own draft (a chain of drafts: see `gpt_moe.serve.speculative`)."""
+        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+        return self.forward(x, cos, sin, cache=cache)[0]
 
 
 class DeepSeekModel(nn.Module):
