@@ -78,6 +78,24 @@ def test_greedy_speculative_with_a_repetition_penalty_equals_plain_greedy(traine
     greedy_three_ways(model, prompts, dataclasses.replace(GREEDY, max_new_tokens=32, repetition_penalty=1.3))
 
 
+def test_a_draft_vocabulary_of_the_first_ids_keeps_greedy_output_and_drafts_only_from_it(trained):
+    """`draft_vocab`: drafts scored over the first ids only; the main model still decides every token."""
+    model, ids = trained
+    prompts = [ids[s:s + 4 + s % 23].tolist() for s in range(0, 8 * 41, 41)]
+    limited = dataclasses.replace(GREEDY, speculative=True, draft_tokens=2, draft_vocab=120)
+    stats = DecodeStats()
+    for prompt in prompts:
+        plain = [int(t) for t in generate_ids(model, [prompt], GREEDY)]
+        assert [int(t) for t in generate_ids(model, [prompt], limited, stats=stats)] == plain
+        decoder = SelfSpeculativeDecoder(model, limited, len(prompt) + 8)
+        with torch.no_grad():
+            decoder.prefill(torch.tensor([prompt]))
+            drafts, _ = decoder._draft(3)
+        assert max(drafts) < 120
+    assert 0 < stats.accepted < stats.drafted
+    assert any(t >= 120 for prompt in prompts for t in generate_ids(model, [prompt], GREEDY))
+
+
 def test_greedy_speculative_equals_plain_greedy_on_an_untrained_model():
     model = DeepSeekForCausalLM(shrunk_tiny(), seed=4).eval()
     generator = torch.Generator().manual_seed(5)
@@ -142,11 +160,12 @@ def target_joint(model: DeepSeekForCausalLM) -> torch.Tensor:
     return joint
 
 
-def speculative_counts(model: DeepSeekForCausalLM, draws: int, accept, draft_tokens: int) -> torch.Tensor:
+def speculative_counts(model: DeepSeekForCausalLM, draws: int, accept, draft_tokens: int,
+                       draft_vocab: int | None = None) -> torch.Tensor:
     """[vocab, vocab, vocab] counts of the first three tokens of `draws` speculative generations (seeded)."""
     generator = torch.Generator().manual_seed(1234)
     counts = torch.zeros(SMALL_VOCAB, SMALL_VOCAB, SMALL_VOCAB, dtype=torch.float64)
-    sampling = dataclasses.replace(SAMPLED, draft_tokens=draft_tokens)
+    sampling = dataclasses.replace(SAMPLED, draft_tokens=draft_tokens, draft_vocab=draft_vocab)
     with torch.no_grad():
         for _ in range(draws):
             decoder = SelfSpeculativeDecoder(model, sampling, len(PROMPT) + 3 + draft_tokens, generator, accept)
@@ -179,12 +198,13 @@ def small_vocab_model() -> DeepSeekForCausalLM:
     return DeepSeekForCausalLM(shrunk_tiny(vocab_size=SMALL_VOCAB, initializer_range=0.2), seed=2).eval()
 
 
-@pytest.mark.parametrize("draft_tokens", [1, 2])
-def test_speculative_sampling_matches_the_main_models_distribution(small_vocab_model, draft_tokens):
-    """With 2 drafts per step the 2nd and 3rd tokens are a chained draft's, accepted or corrected by the rule."""
+@pytest.mark.parametrize("draft_tokens, draft_vocab", [(1, None), (2, None), (2, 2)])
+def test_speculative_sampling_matches_the_main_models_distribution(small_vocab_model, draft_tokens, draft_vocab):
+    """With 2 drafts per step the 2nd and 3rd tokens are a chained draft's, accepted or corrected by the rule;
+    with a draft vocabulary of 2 of the 4 ids, half the tokens can only come from the correction."""
     with torch.no_grad():
         probs = target_joint(small_vocab_model)
-    counts = speculative_counts(small_vocab_model, 1000, speculative_accept, draft_tokens)
+    counts = speculative_counts(small_vocab_model, 1000, speculative_accept, draft_tokens, draft_vocab)
     assert chi_square_p_value(counts, probs) > 1e-3
 
 

@@ -30,6 +30,7 @@ class SamplingConfig:
     vocab_limit: int | None = None  # sample only ids below this (the tokenizer's n_vocab; the model may have more rows)
     speculative: bool = False  # draft with the model's MTP block, verify with the main model (batch 1)
     draft_tokens: int = DEFAULT_DRAFT_TOKENS  # speculative: drafts per step (the MTP block chained this many times)
+    draft_vocab: int | None = None  # speculative: the drafts come from the first this many ids (None: all it may draw)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from gpt_moe.errors import ConfigError
 from gpt_moe.model.attention import LatentCache
@@ -66,14 +67,19 @@ class SelfSpeculativeDecoder:
         if self.mtp is None:
             raise ConfigError("speculative decoding needs the model's MTP block, and this model has none "
                               "(num_nextn_predict_layers 0)")
-        if sampling.draft_tokens < 1:
-            raise ConfigError(f"speculative decoding: draft_tokens {sampling.draft_tokens}: expected 1 or more")
+        for name in ("draft_tokens", "draft_vocab"):
+            value = getattr(sampling, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"speculative decoding: {name} {value}: expected 1 or more")
         self.model, self.sampling, self.generator, self.accept = model, sampling, generator, accept
         self.greedy = sampling.temperature <= 0
         self.caches = model.new_cache(1, capacity)
         weight = model.lm_head.weight
         self.mtp_cache = LatentCache.empty(model.config, 1, capacity, weight.device, weight.dtype)
         self.stats = DecodeStats()
+        # the rows of the output head the drafts are scored with: a view, no copy
+        self.vocab = min(sampling.vocab_limit or weight.shape[0], weight.shape[0])
+        self.draft_head = weight[: min(sampling.draft_vocab or self.vocab, self.vocab)]
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """prompt: [1, len] -> the first new token [1] (the main model's choice)."""
@@ -105,8 +111,7 @@ class SelfSpeculativeDecoder:
         for j in range(count):
             if j:  # the block's own output and draft stand for the main model's hidden state and token
                 out = self._mtp_read(out, context[:, -1:])
-            logits = self.model.lm_head(self.mtp.shared_head.norm(out[:, -1]))
-            logits = sampling_logits(logits, context, self.sampling)[0]
+            logits = sampling_logits(self._draft_logits(out[:, -1]), context, self.sampling)[0]
             if self.greedy:
                 draft, dist = int(logits.argmax()), logits
             else:
@@ -118,6 +123,15 @@ class SelfSpeculativeDecoder:
                 context = torch.cat((context, context.new_tensor([[draft]])), dim=1)
         self.mtp_cache.rewind(read)
         return drafts, dists
+
+    def _draft_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """out: [1, hidden] the MTP block's output -> [1, vocab] logits of its draft, -inf beyond the draft
+        vocabulary (`sampling.draft_vocab`: scoring the first ids only makes a draft over a large vocabulary
+        cheap; tokens it leaves out are never drafted, and the main model's choice takes their place)."""
+        logits = F.linear(self.mtp.shared_head.norm(out), self.draft_head)
+        if logits.shape[-1] == self.vocab:
+            return logits
+        return torch.cat((logits, logits.new_full((1, self.vocab - logits.shape[-1]), float("-inf"))), dim=-1)
 
     def step(self, draft_tokens: int | None = None) -> list[int]:
         """Drafts `draft_tokens` (default sampling.draft_tokens) tokens, verifies them in one main forward, and
