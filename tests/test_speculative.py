@@ -90,7 +90,7 @@ def test_a_draft_vocabulary_of_the_first_ids_keeps_greedy_output_and_drafts_only
         decoder = SelfSpeculativeDecoder(model, limited, len(prompt) + 8)
         with torch.no_grad():
             decoder.prefill(torch.tensor([prompt]))
-            drafts, _ = decoder._draft(3)
+            drafts, _ = decoder.draft(3)
         assert max(drafts) < 120
     assert 0 < stats.accepted < stats.drafted
     assert any(t >= 120 for prompt in prompts for t in generate_ids(model, [prompt], GREEDY))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gpt_moe.model.attention import ExpandedCache, LatentCache, MultiHeadLatentAttention
+from gpt_moe.model.attention import ExpandedCache, LatentCache, MultiHeadLatentAttention, decode_mask
 from gpt_moe.model.config import ModelConfig
 from gpt_moe.model.loss import IGNORE_INDEX, linear_cross_entropy, token_nats
 from gpt_moe.model.moe import MLP, ExpertParallelism, Experts, MoE, TopkRouter
@@ -66,19 +66,19 @@ class DecoderLayer(nn.Module):
         """fn(x, cos, sin, attn_mask=attn_mask), where fn is this layer's __call__ or forward; recomputed in
         the backward pass under full checkpointing (`gpt_moe.model.recompute`)."""
         if self.checkpoint_activations and self.training:
-            return checkpointed(self, fn, x, cos, sin, None, None, attn_mask)
+            return checkpointed(self, fn, x, cos, sin, None, attn_mask)
         return fn(x, cos, sin, attn_mask=attn_mask)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, key_mask: torch.Tensor | None = None,
+                cache: LatentCache | None = None,
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x: [batch, seq, hidden] -> (same shape, this layer's router losses: see `MoE`). attn_mask: see
-        `MultiHeadLatentAttention.forward`; cache/key_mask: decoding."""
+        `MultiHeadLatentAttention.forward`, or with `cache` (decoding) `MultiHeadLatentAttention.decode`."""
         h = self.input_layernorm(x)
         if cache is None:
             h = self.self_attn(h, cos, sin, attn_mask)
         else:
-            h = self.self_attn.decode(h, cos, sin, cache, key_mask)
+            h = self.self_attn.decode(h, cos, sin, cache, attn_mask)
         x = x + h
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
@@ -297,12 +297,13 @@ class DeepSeekForCausalLM(nn.Module):
 
     def decode_step(self, input_ids: torch.Tensor, caches: list[LatentCache | ExpandedCache],
                     positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    last_logits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs new tokens [batch, new] through the cached model (prefill when the cache is empty).
 
         positions: [batch, new] (default cache length + 0..new-1); key_mask: [batch, total] bool,
-        False for cache slots to ignore (left padding). Returns (logits [batch, new, vocab],
-        final hidden state before the norm [batch, new, hidden])."""
+        False for cache slots to ignore (left padding); last_logits: compute the logits of the last this many
+        positions only (a prefill needs one: the head over a long prompt costs more than the layers).
+        Returns (logits [batch, new or last_logits, vocab], final hidden state before the norm [batch, new, hidden])."""
         past = caches[0].length
         x = self.model.embed_tokens(input_ids)
         if positions is None:
@@ -310,9 +311,10 @@ class DeepSeekForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         if cos.dim() == 3:  # per-row positions: broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        mask = decode_mask(past, input_ids.shape[1], key_mask, input_ids.device)  # one for every layer
         for layer, cache in zip(self.model.main_layers, caches):
-            x, _ = layer(x, cos, sin, cache=cache, key_mask=key_mask)
-        return self.lm_head(self.model.norm(x)), x
+            x, _ = layer(x, cos, sin, cache=cache, attn_mask=mask)
+        return self.lm_head(self.model.norm(x if last_logits is None else x[:, -last_logits:])), x
 
     def moe_layers(self, include_mtp: bool = True) -> list[tuple[int, MoE]]:
         """(layer index, MoE block) of every MoE layer in order; the MTP block's index is num_hidden_layers."""

@@ -40,35 +40,39 @@ def generate_ids(model: DeepSeekForCausalLM, prompts: list[list[int]], sampling:
 @torch.no_grad()
 def _plain_ids(model: DeepSeekForCausalLM, prompts: list[list[int]], sampling: SamplingConfig, stop_ids: set[int],
                stats: DecodeStats) -> Iterator[torch.Tensor]:
-    """One token per step from the latent cache; rows left-padded to a common length."""
+    """One token per step from the latent cache; rows left-padded to a common length. Per step: one forward and
+    the sampler; the context grows in a buffer allocated once, and without padding there is no mask at all."""
     device = model.lm_head.weight.device
     batch, longest = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    key_mask = torch.zeros(batch, longest + sampling.max_new_tokens, dtype=torch.bool, device=device)
+    total = longest + sampling.max_new_tokens
+    context = torch.zeros(batch, total, dtype=torch.long, device=device)  # prompts (left-padded), then new tokens
+    key_mask = torch.zeros(batch, total, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):  # left padding: every row's last prompt token is aligned
-        ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        context[row, longest - len(prompt):longest] = torch.tensor(prompt, device=device)
         key_mask[row, longest - len(prompt):] = True
-    key_mask[:, longest:] = True
+    padded = any(len(p) < longest for p in prompts)
     positions = (key_mask[:, :longest].long().cumsum(1) - 1).clamp(min=0)
     generator = new_generator(sampling, device)
 
-    caches = model.new_cache(batch, longest + sampling.max_new_tokens)
-    logits, _ = model.decode_step(ids, caches, positions=positions, key_mask=key_mask[:, :longest])
-    context = ids
+    caches = model.new_cache(batch, total)
+    logits, _ = model.decode_step(context[:, :longest], caches, positions=positions,
+                                  key_mask=key_mask[:, :longest] if padded else None, last_logits=1)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     for step in range(sampling.max_new_tokens):
-        next_ids = sample_next(logits[:, -1], context, sampling, generator)
-        next_ids = torch.where(finished, context[:, -1], next_ids)
+        length = longest + step
+        next_ids = sample_next(logits[:, -1], context[:, :length], sampling, generator)
+        if batch > 1:  # a finished row repeats its last token
+            next_ids = torch.where(finished, context[:, length - 1], next_ids)
         stats.tokens += 1
         yield next_ids
         finished |= torch.isin(next_ids, stop)
         if finished.all() or step == sampling.max_new_tokens - 1:
             return
-        context = torch.cat((context, next_ids[:, None]), dim=1)
+        context[:, length] = next_ids
         positions = positions[:, -1:] + 1
-        logits, _ = model.decode_step(next_ids[:, None], caches, positions=positions,
-                                      key_mask=key_mask[:, :longest + step + 1])
+        logits, _ = model.decode_step(context[:, length:length + 1], caches, positions=positions,
+                                      key_mask=key_mask[:, :length + 1] if padded else None)
 
 
 class TextStream:

@@ -93,11 +93,15 @@ def sampling_logits(logits: torch.Tensor, context: torch.Tensor, sampling: Sampl
     if sampling.temperature <= 0:
         return logits
     logits = logits / sampling.temperature
-    if sampling.top_k > 0 and sampling.top_k < logits.shape[-1]:
+    kept = logits.shape[-1]
+    if sampling.top_k > 0 and sampling.top_k < kept:
         kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+        kept = int((logits > float("-inf")).sum(dim=-1).max())  # top_k, more where tokens tie with the k-th
     if sampling.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        # the tokens in descending order: only the ones top-k kept (the rest are -inf), not the whole vocabulary
+        sorted_logits, order = logits.topk(kept, dim=-1) if kept < logits.shape[-1] else \
+            logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = probs.cumsum(dim=-1) - probs > sampling.top_p

@@ -83,7 +83,7 @@ class SelfSpeculativeDecoder:
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         """prompt: [1, len] -> the first new token [1] (the main model's choice)."""
-        logits, hidden = self.model.decode_step(prompt, self.caches)
+        logits, hidden = self.model.decode_step(prompt, self.caches, last_logits=1)
         token = sample_next(logits[:, -1], prompt, self.sampling, self.generator)
         self.context = torch.cat((prompt, token[:, None]), dim=1)
         if prompt.shape[1] > 1:  # the MTP block reads the prompt's positions 0..len-2 now, as part of the prefill
@@ -101,7 +101,7 @@ class SelfSpeculativeDecoder:
         cos, sin = self.model.model.rotary_emb(positions, hidden.dtype)
         return self.mtp.decode(hidden, self.model.model.embed_tokens(next_ids), cos, sin, self.mtp_cache)
 
-    def _draft(self, count: int) -> tuple[list[int], list[torch.Tensor]]:
+    def draft(self, count: int) -> tuple[list[int], list[torch.Tensor]]:
         """The MTP block reads its pending inputs and chains itself `count` times -> (drafts, the distribution
         each was drawn from [vocab_limit]; greedy: the logits it was the argmax of). Its cache keeps only what it
         read from the main model."""
@@ -136,7 +136,7 @@ class SelfSpeculativeDecoder:
     def step(self, draft_tokens: int | None = None) -> list[int]:
         """Drafts `draft_tokens` (default sampling.draft_tokens) tokens, verifies them in one main forward, and
         returns the 1 .. draft_tokens + 1 new tokens (the newest token is already in `context`)."""
-        drafts, dists = self._draft(draft_tokens or self.sampling.draft_tokens)
+        drafts, dists = self.draft(draft_tokens or self.sampling.draft_tokens)
         block = torch.cat((self.context[:, -1:], self.context.new_tensor([drafts])), dim=1)
         logits, hidden = self.model.decode_step(block, self.caches)
         tokens = self._verify(drafts, dists, logits[0])
