@@ -12,10 +12,12 @@ import pytest
 import torch
 from conftest import CORPUS, shrunk_tiny
 
+from gpt_moe.data.chat_template import ChatPrompt
 from gpt_moe.data.tokenizer import train_bpe
 from gpt_moe.errors import ConfigError
 from gpt_moe.model.model import DeepSeekForCausalLM
 from gpt_moe.model.mtp_acceptance import mtp_agreement
+from gpt_moe.serve.chat import ReplyStream
 from gpt_moe.serve.generate import (DecodeStats, SamplingConfig, SelfSpeculativeDecoder, generate_ids, sampling_logits,
                                     speculative_accept)
 from gpt_moe.train.evaluator import greedy_uncached
@@ -125,6 +127,21 @@ def test_a_stop_token_inside_an_accepted_run_and_max_new_tokens_mid_draft_end_wh
             assert [int(t) for t in generate_ids(model, [prompt], dataclasses.replace(speculative,
                                                                                      max_new_tokens=limit))] \
                 == plain[:limit], (k, limit)
+
+
+def test_each_token_of_a_speculative_step_shows_the_routing_plain_decoding_gives_it(trained):
+    """`DecodeStats.predictor`: the chat stream reads the j-th token of a step's routing at the verifying forward's
+    position j; token by token it must be the routing of plain decoding (on a model that accepts drafts)."""
+    model, ids = trained
+    tokenizer = train_bpe([CORPUS], vocab_size=300)
+    prompt = ChatPrompt(ids[300:340].tolist())
+    streams = {}
+    for k in (0, 3):
+        sampling = dataclasses.replace(GREEDY, max_new_tokens=40, speculative=k > 0, draft_tokens=max(k, 1))
+        streams[k] = ReplyStream(model, tokenizer, prompt, sampling, stop_ids=set())
+        list(streams[k])
+    assert streams[3].token_ids == streams[0].token_ids and streams[3].stats.accepted_length > 2
+    assert streams[3].routing.experts == streams[0].routing.experts
 
 
 def test_decode_stats_count_each_draft_position():
