@@ -2,7 +2,7 @@
 
     python launch/sample.py --checkpoint PATH --max-new-tokens N [--temperature T] [--top-k K] [--top-p P]
                             [--seed S] [--repetition-penalty R] [--stop STR ...] [--chat [--system TEXT]]
-                            [--speculative] [PROMPT]
+                            [--speculative [--draft-tokens K] [--draft-vocab N]] [PROMPT]
 
 PROMPT comes from the argument or, when absent, from stdin; only the generated text is printed.
 Plain mode continues the prompt as a document (stops at <|endoftext|>); chat mode wraps it as a user
@@ -10,10 +10,11 @@ turn of the chat template and prints the assistant's reply (stops at <|end|>). A
 model's tokenizer (a transformers directory, or fine-tuned from one) uses that model's own chat template, BOS,
 end-of-turn and EOS tokens. The default follows the
 checkpoint (chat for a model fine-tuned on conversations); --chat / --no-chat choose. --speculative drafts
-with the model's MTP block and verifies with the main model (same tokens greedily, same distribution when
-sampling) and prints the draft acceptance on stderr. Without --checkpoint: the newest complete checkpoint under
-runs/. Errors print one line and exit 2. Replies come from the functions the app uses
-(`gpt_moe.serve.chat.generate_reply` / `generate_continuation`), with `SamplingConfig`'s defaults.
+with the model's MTP block (K tokens per step, the block chained) and verifies with the main model (same tokens
+greedily, same distribution when sampling) and prints the draft acceptance and tokens per forward on stderr.
+Without --checkpoint: the newest complete checkpoint under runs/. Errors print one line and exit 2. Replies come
+from the functions the app uses (`gpt_moe.serve.chat.generate_reply` / `generate_continuation`), with
+`SamplingConfig`'s defaults.
 """
 
 from __future__ import annotations
@@ -47,7 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "chat for a model fine-tuned on conversations, continuation for a base model")
     parser.add_argument("--system", default="", help="system message for --chat")
     parser.add_argument("--speculative", action="store_true",
-                        help="self-speculative decoding: the checkpoint's MTP block drafts the token after next")
+                        help="self-speculative decoding: the checkpoint's MTP block drafts the tokens after next")
+    parser.add_argument("--draft-tokens", type=int, default=defaults.draft_tokens, metavar="K",
+                        help="--speculative: drafts per step (the MTP block chained K times, verified in one forward)")
+    parser.add_argument("--draft-vocab", type=int, default=defaults.draft_vocab, metavar="N",
+                        help="--speculative: draft from the first N token ids only (a cheaper draft over a large "
+                             "vocabulary; default: all)")
     return parser.parse_args(argv)
 
 
@@ -57,7 +63,10 @@ def check(args: argparse.Namespace) -> None:
                 (args.top_k >= 0, "--top-k must be >= 0"),
                 (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
                 (0 < args.repetition_penalty < math.inf, "--repetition-penalty must be a number > 0"),
-                (all(args.stop), "--stop needs a non-empty string")]
+                (all(args.stop), "--stop needs a non-empty string"),
+                (args.draft_tokens >= 1, f"--draft-tokens {args.draft_tokens}: expected 1 or more"),
+                (args.draft_vocab is None or args.draft_vocab >= 1,
+                 f"--draft-vocab {args.draft_vocab}: expected 1 or more")]
     for ok, message in problems:
         if not ok:
             raise DataError(message)
@@ -74,7 +83,8 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                         stop=tuple(args.stop), speculative=args.speculative)
+                         stop=tuple(args.stop), speculative=args.speculative, draft_tokens=args.draft_tokens,
+                         draft_vocab=args.draft_vocab)
     if args.speculative and model.model.mtp_layer is None:
         raise ConfigError(f"--speculative: {args.checkpoint or 'the checkpoint'} has no MTP block "
                           "(num_nextn_predict_layers 0) to draft with; drop --speculative")
@@ -90,8 +100,7 @@ def run(args: argparse.Namespace) -> None:
     sys.stdout.flush()
     if args.speculative:
         stats = reply.stats
-        print(f"speculative: {stats.tokens} tokens, MTP draft acceptance {stats.accepted}/{stats.drafted}"
-              f" ({stats.acceptance or 0:.0%})", file=sys.stderr)
+        print(f"speculative: {stats.tokens} tokens, {stats.draft_summary()}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,14 +107,17 @@ def test_speculative_replies_are_plain_replies_with_the_same_routing_and_show_sp
     from gpt_moe.serve.generate import SamplingConfig
 
     streams = {}
-    for speculative in (True, False):
-        cfg = SamplingConfig(max_new_tokens=24, temperature=0.0, speculative=speculative)
-        streams[speculative] = generate_reply(app.loaded.model, app.loaded.tokenizer, [{"role": "user",
-                                                                                        "content": "Hi"}], cfg)
-        list(streams[speculative])
-    assert streams[True].token_ids == streams[False].token_ids
-    assert streams[True].routing.experts == streams[False].routing.experts
-    assert streams[True].stats.drafted > 0 and streams[False].stats.drafted == 0
+    for draft_tokens in (0, 1, 3):  # 0: plain; 3: a step yields up to 4 tokens, each read at its own position
+        cfg = SamplingConfig(max_new_tokens=24, temperature=0.0, speculative=draft_tokens > 0,
+                             draft_tokens=max(draft_tokens, 1))
+        streams[draft_tokens] = generate_reply(app.loaded.model, app.loaded.tokenizer, [{"role": "user",
+                                                                                         "content": "Hi"}], cfg)
+        list(streams[draft_tokens])
+    for draft_tokens in (1, 3):
+        assert streams[draft_tokens].token_ids == streams[0].token_ids
+        assert streams[draft_tokens].routing.experts == streams[0].routing.experts
+        assert streams[draft_tokens].stats.drafted > 0
+    assert streams[0].stats.drafted == 0
 
 
 def test_model_facts_show_the_mtp_acceptance(app, tiny_checkpoint):

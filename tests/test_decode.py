@@ -17,6 +17,10 @@ def test_cached_decode_matches_full_forward(small_config, kind):
         pieces += [model.decode_step(tokens[:, t:t + 1], caches)[0] for t in range(8, 45)]
     assert caches[0].length == 45
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
+    with torch.no_grad():  # a prefill that computes the head at its last positions only
+        last, hidden = model.decode_step(tokens, model.new_cache(batch=2, capacity=64, kind=kind), last_logits=3)
+    assert last.shape == (2, 3, small_config.vocab_size) and hidden.shape[1] == 45
+    assert (last - full[:, -3:]).abs().max().item() <= 1e-5
 
 
 def test_cache_holds_only_latent_and_rope_key(small_config):

@@ -1,6 +1,8 @@
 """Generation: cached decoding equals uncached greedy decoding; sampling is seeded; streams reassemble and stop
 where a stop string begins."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from gpt_moe.data.chat_template import ChatPrompt
 from gpt_moe.data.tokenizer import train_bpe
 from gpt_moe.model.model import DeepSeekForCausalLM
 from gpt_moe.serve.chat import ReplyStream
-from gpt_moe.serve.generate import SamplingConfig, TextStream, generate_ids, sample_next
+from gpt_moe.serve.generate import SamplingConfig, TextStream, generate_ids, sample_next, sampling_logits
 from gpt_moe.train.evaluator import greedy_uncached
 
 
@@ -74,3 +76,23 @@ def test_stop_strings_end_the_text_before_the_first_of_them(small_config, seed):
     assert "".join(pieces) == reply.text == (whole[:min(found)] if found else whole)
     assert reply.finish_reason == ("stop" if found else "length")
     assert not any(stop in "".join(pieces) for stop in stops)
+
+
+def test_top_k_then_top_p_equals_a_per_token_reference():
+    """`sampling_logits` sorts only the tokens top-k kept; a plain loop over each row's sorted tokens decides the same
+    set (a token stays when the tokens ranked above it hold at most top_p of the top-k mass)."""
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(7)) * 3
+    for top_k, top_p in ((50, 0.9), (0, 0.8), (7, 0.5), (50, 1.0)):
+        cfg = SamplingConfig(temperature=0.7, top_k=top_k, top_p=top_p)
+        got = sampling_logits(logits, torch.zeros(3, 0, dtype=torch.long), cfg)
+        for row in range(3):
+            scaled = (logits[row] / 0.7).tolist()
+            ranked = sorted(range(500), key=lambda i: -scaled[i])[: top_k or 500]
+            weights = [math.exp(scaled[i] - scaled[ranked[0]]) for i in ranked]
+            kept, above = set(), 0.0
+            for token, weight in zip(ranked, weights):
+                if above / sum(weights) <= top_p:
+                    kept.add(token)
+                above += weight
+            assert {i for i in range(500) if got[row, i] > float("-inf")} == kept, (top_k, top_p, row)
+            assert all(abs(float(got[row, i]) - scaled[i]) < 1e-4 for i in kept)

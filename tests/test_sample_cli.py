@@ -49,6 +49,7 @@ def sample_main():
     (["--checkpoint", "{ckpt}", "--max-new-tokens", "100000", "hello"], "", "max new tokens 100000"),
     (["--checkpoint", "{ckpt}", "--top-p", "0", "hello"], "", "--top-p must be in"),
     (["--checkpoint", "{ckpt}"], "", "empty prompt"),
+    (["--checkpoint", "{ckpt}", "--speculative", "--draft-tokens", "0", "hello"], "", "--draft-tokens 0: expected"),
 ])
 def test_errors_are_one_line(sample_main, tiny_checkpoint, tmp_path, monkeypatch, capsys,
                              args, stdin, expected):
@@ -62,10 +63,11 @@ def test_errors_are_one_line(sample_main, tiny_checkpoint, tmp_path, monkeypatch
 def test_speculative_greedy_prints_the_plain_text_and_the_acceptance(tiny_checkpoint):
     """The exported checkpoint carries its MTP block in mtp.safetensors; greedy text is the same either way."""
     options = ["--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "24", "--temperature", "0", "def add("]
-    speculative = start("--speculative", *options)
+    speculative = start("--speculative", "--draft-tokens", "2", *options)
     plain_text = finish(start(*options))
     assert finish(speculative) == plain_text
-    assert "MTP draft acceptance" in speculative.stderr.read()
+    report = speculative.stderr.read()
+    assert "MTP draft acceptance" in report and "tokens per forward" in report, report
 
 
 def test_speculative_without_an_mtp_block_is_one_line(sample_main, tmp_path, monkeypatch, capsys):

@@ -12,10 +12,12 @@ import pytest
 import torch
 from conftest import CORPUS, shrunk_tiny
 
+from gpt_moe.data.chat_template import ChatPrompt
 from gpt_moe.data.tokenizer import train_bpe
 from gpt_moe.errors import ConfigError
 from gpt_moe.model.model import DeepSeekForCausalLM
 from gpt_moe.model.mtp_acceptance import mtp_agreement
+from gpt_moe.serve.chat import ReplyStream
 from gpt_moe.serve.generate import (DecodeStats, SamplingConfig, SelfSpeculativeDecoder, generate_ids, sampling_logits,
                                     speculative_accept)
 from gpt_moe.train.evaluator import greedy_uncached
@@ -42,23 +44,58 @@ def trained() -> tuple[DeepSeekForCausalLM, torch.Tensor]:
     return model.eval(), ids
 
 
-def greedy_three_ways(model: DeepSeekForCausalLM, prompts: list[list[int]]) -> DecodeStats:
-    """Asserts speculative greedy = plain cached greedy = uncached greedy for every prompt; returns the drafts."""
-    stats = DecodeStats()
+DRAFT_TOKENS = (1, 2, 3)
+
+
+def greedy_three_ways(model: DeepSeekForCausalLM, prompts: list[list[int]],
+                      greedy: SamplingConfig = GREEDY) -> dict[int, DecodeStats]:
+    """Asserts speculative greedy with 1, 2 and 3 drafts per step = plain cached greedy = uncached greedy for every
+    prompt; returns the drafts' statistics by drafts per step."""
+    stats = {k: DecodeStats() for k in DRAFT_TOKENS}
     for prompt in prompts:
-        speculative = [int(t) for t in generate_ids(model, [prompt], dataclasses.replace(GREEDY, speculative=True),
-                                                    stats=stats)]
-        plain = [int(t) for t in generate_ids(model, [prompt], GREEDY)]
-        uncached = greedy_uncached(model, torch.tensor([prompt]), GREEDY.max_new_tokens)[0, len(prompt):].tolist()
-        assert speculative == plain == uncached, f"prompt {prompt}"
+        plain = [int(t) for t in generate_ids(model, [prompt], greedy)]
+        if greedy.repetition_penalty == 1.0:
+            uncached = greedy_uncached(model, torch.tensor([prompt]), greedy.max_new_tokens)[0, len(prompt):]
+            assert plain == uncached.tolist(), f"prompt {prompt}"
+        for k in DRAFT_TOKENS:
+            speculative = generate_ids(model, [prompt], dataclasses.replace(greedy, speculative=True, draft_tokens=k),
+                                       stats=stats[k])
+            assert [int(t) for t in speculative] == plain, f"prompt {prompt}, {k} drafts per step"
     return stats
 
 
 def test_greedy_speculative_equals_plain_greedy_on_a_trained_model(trained):
     model, ids = trained
     prompts = [ids[s:s + 3 + s % 29].tolist() for s in range(0, 20 * 37, 37)]
-    stats = greedy_three_ways(model, prompts)
-    assert 0 < stats.accepted < stats.drafted, stats  # the draft is right sometimes, not always
+    for k, stats in greedy_three_ways(model, prompts).items():
+        assert 0 < stats.accepted < stats.drafted, (k, stats)  # the drafts are right sometimes, not always
+        assert stats.accepted_length == (stats.accepted + stats.forwards) / stats.forwards > 1
+        assert len(stats.reached) == k and stats.reached[0] == stats.forwards
+
+
+def test_greedy_speculative_with_a_repetition_penalty_equals_plain_greedy(trained):
+    """The penalty makes each position's choice depend on the drafts before it: verified one position at a time."""
+    model, ids = trained
+    prompts = [ids[s:s + 5 + s % 17].tolist() for s in range(0, 6 * 53, 53)]
+    greedy_three_ways(model, prompts, dataclasses.replace(GREEDY, max_new_tokens=32, repetition_penalty=1.3))
+
+
+def test_a_draft_vocabulary_of_the_first_ids_keeps_greedy_output_and_drafts_only_from_it(trained):
+    """`draft_vocab`: drafts scored over the first ids only; the main model still decides every token."""
+    model, ids = trained
+    prompts = [ids[s:s + 4 + s % 23].tolist() for s in range(0, 8 * 41, 41)]
+    limited = dataclasses.replace(GREEDY, speculative=True, draft_tokens=2, draft_vocab=120)
+    stats = DecodeStats()
+    for prompt in prompts:
+        plain = [int(t) for t in generate_ids(model, [prompt], GREEDY)]
+        assert [int(t) for t in generate_ids(model, [prompt], limited, stats=stats)] == plain
+        decoder = SelfSpeculativeDecoder(model, limited, len(prompt) + 8)
+        with torch.no_grad():
+            decoder.prefill(torch.tensor([prompt]))
+            drafts, _ = decoder.draft(3)
+        assert max(drafts) < 120
+    assert 0 < stats.accepted < stats.drafted
+    assert any(t >= 120 for prompt in prompts for t in generate_ids(model, [prompt], GREEDY))
 
 
 def test_greedy_speculative_equals_plain_greedy_on_an_untrained_model():
@@ -66,6 +103,56 @@ def test_greedy_speculative_equals_plain_greedy_on_an_untrained_model():
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 256, (1 + n % 13,), generator=generator).tolist() for n in range(20)]
     greedy_three_ways(model, prompts)
+
+
+def test_a_stop_token_inside_an_accepted_run_and_max_new_tokens_mid_draft_end_where_plain_decoding_does(trained):
+    """Speculative steps yield several tokens: generation must still end at the first stop token and after exactly
+    max_new_tokens, and the stop token chosen here is one that a step yields before the end of its run."""
+    model, ids = trained
+    prompt = ids[200:230].tolist()
+    plain = [int(t) for t in generate_ids(model, [prompt], GREEDY)]
+    decoder = SelfSpeculativeDecoder(model, dataclasses.replace(GREEDY, draft_tokens=3), len(prompt) + 64 + 3)
+    with torch.no_grad():
+        runs = [decoder.prefill(torch.tensor([prompt])).tolist()]
+        while sum(map(len, runs)) < 40:
+            runs.append(decoder.step())
+    inside = [run[j] for run in runs for j in range(len(run) - 1)]  # tokens a step yields before its last one
+    assert inside, runs
+    stop = inside[0]
+    for k in DRAFT_TOKENS:
+        speculative = dataclasses.replace(GREEDY, speculative=True, draft_tokens=k)
+        stopped = [int(t) for t in generate_ids(model, [prompt], speculative, stop_ids={stop})]
+        assert stopped == plain[:plain.index(stop) + 1]
+        for limit in range(1, 12):
+            assert [int(t) for t in generate_ids(model, [prompt], dataclasses.replace(speculative,
+                                                                                     max_new_tokens=limit))] \
+                == plain[:limit], (k, limit)
+
+
+def test_each_token_of_a_speculative_step_shows_the_routing_plain_decoding_gives_it(trained):
+    """`DecodeStats.predictor`: the chat stream reads the j-th token of a step's routing at the verifying forward's
+    position j; token by token it must be the routing of plain decoding (on a model that accepts drafts)."""
+    model, ids = trained
+    tokenizer = train_bpe([CORPUS], vocab_size=300)
+    prompt = ChatPrompt(ids[300:340].tolist())
+    streams = {}
+    for k in (0, 3):
+        sampling = dataclasses.replace(GREEDY, max_new_tokens=40, speculative=k > 0, draft_tokens=max(k, 1))
+        streams[k] = ReplyStream(model, tokenizer, prompt, sampling, stop_ids=set())
+        list(streams[k])
+    assert streams[3].token_ids == streams[0].token_ids and streams[3].stats.accepted_length > 2
+    assert streams[3].routing.experts == streams[0].routing.experts
+
+
+def test_decode_stats_count_each_draft_position():
+    """Three steps of 3 drafts accepting 3, 1 and 0, then one of 2 drafts accepting 2: counted by hand."""
+    stats = DecodeStats()
+    for drafts, accepted in ((3, 3), (3, 1), (3, 0), (2, 2)):
+        stats.count_step(drafts, accepted)
+    assert (stats.forwards, stats.drafted, stats.accepted) == (4, 11, 6)
+    assert stats.reached == [4, 3, 1] and stats.accepted_at == [3, 2, 1]
+    assert stats.acceptance_by_position() == [3 / 4, 2 / 3, 1.0]
+    assert stats.accepted_length == 10 / 4 and stats.acceptance == 6 / 11
 
 
 # ------------------------------------------------------------------ speculative sampling keeps the distribution
@@ -90,13 +177,15 @@ def target_joint(model: DeepSeekForCausalLM) -> torch.Tensor:
     return joint
 
 
-def speculative_counts(model: DeepSeekForCausalLM, draws: int, accept) -> torch.Tensor:
+def speculative_counts(model: DeepSeekForCausalLM, draws: int, accept, draft_tokens: int,
+                       draft_vocab: int | None = None) -> torch.Tensor:
     """[vocab, vocab, vocab] counts of the first three tokens of `draws` speculative generations (seeded)."""
     generator = torch.Generator().manual_seed(1234)
     counts = torch.zeros(SMALL_VOCAB, SMALL_VOCAB, SMALL_VOCAB, dtype=torch.float64)
+    sampling = dataclasses.replace(SAMPLED, draft_tokens=draft_tokens, draft_vocab=draft_vocab)
     with torch.no_grad():
         for _ in range(draws):
-            decoder = SelfSpeculativeDecoder(model, SAMPLED, len(PROMPT) + 4, generator, accept)
+            decoder = SelfSpeculativeDecoder(model, sampling, len(PROMPT) + 3 + draft_tokens, generator, accept)
             tokens = decoder.prefill(torch.tensor([PROMPT])).tolist()
             while len(tokens) < 3:
                 tokens += decoder.step()
@@ -126,17 +215,21 @@ def small_vocab_model() -> DeepSeekForCausalLM:
     return DeepSeekForCausalLM(shrunk_tiny(vocab_size=SMALL_VOCAB, initializer_range=0.2), seed=2).eval()
 
 
-def test_speculative_sampling_matches_the_main_models_distribution(small_vocab_model):
+@pytest.mark.parametrize("draft_tokens, draft_vocab", [(1, None), (2, None), (2, 2)])
+def test_speculative_sampling_matches_the_main_models_distribution(small_vocab_model, draft_tokens, draft_vocab):
+    """With 2 drafts per step the 2nd and 3rd tokens are a chained draft's, accepted or corrected by the rule;
+    with a draft vocabulary of 2 of the 4 ids, half the tokens can only come from the correction."""
     with torch.no_grad():
         probs = target_joint(small_vocab_model)
-    counts = speculative_counts(small_vocab_model, 1000, speculative_accept)
+    counts = speculative_counts(small_vocab_model, 1000, speculative_accept, draft_tokens, draft_vocab)
     assert chi_square_p_value(counts, probs) > 1e-3
 
 
-def test_a_wrong_acceptance_rule_fails_the_same_test(small_vocab_model):
+@pytest.mark.parametrize("draft_tokens", [1, 2])
+def test_a_wrong_acceptance_rule_fails_the_same_test(small_vocab_model, draft_tokens):
     with torch.no_grad():
         probs = target_joint(small_vocab_model)
-    counts = speculative_counts(small_vocab_model, 300, wrong_accept)
+    counts = speculative_counts(small_vocab_model, 300, wrong_accept, draft_tokens)
     assert chi_square_p_value(counts, probs) < 1e-3
 
 

@@ -72,6 +72,16 @@ class LatentCache:
         self.length = length
 
 
+def decode_mask(past: int, new: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Where `new` tokens after `past` cached ones may attend: [new, past + new] causal (or [b, 1, new, total]
+    with key_mask [b, total], False for padded slots); None for one new token and no key_mask (it sees them all)."""
+    if new == 1 and key_mask is None:
+        return None
+    total = past + new
+    mask = torch.arange(total, device=device)[None, :] <= (past + torch.arange(new, device=device))[:, None]
+    return mask if key_mask is None else mask[None, None] & key_mask[:, None, None, :]
+
+
 @dataclass
 class ExpandedCache:
     """Per-head keys and values, as a conventional multi-head attention would cache them (for comparison:
@@ -157,35 +167,42 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | ExpandedCache,
-               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of `x` ([b, new, hidden], positions cache.length ...) over the cache plus itself.
 
-        key_mask: optional [b, total] bool, False for padded cache slots. cos/sin: [b, 1, new, rope/2] or [new, rope/2].
+        attn_mask: `decode_mask` of this step (built once per step for every layer), or None: causal over the new
+        tokens, no cache slot masked. cos/sin: [b, 1, new, rope/2] or [new, rope/2].
         """
         past, new = cache.length, x.shape[1]
         q_nope, q_rope = self._queries(x, cos, sin)
         latent_new, k_rope_new = self._latents(x, cos, sin)
-        mask = self._decode_mask(past, new, key_mask, x.device)
+        mask = attn_mask if attn_mask is not None else decode_mask(past, new, None, x.device)
         if isinstance(cache, ExpandedCache):
             return self._decode_expanded(q_nope, q_rope, latent_new, k_rope_new, cache, mask)
         return self._decode_absorbed(q_nope, q_rope, latent_new, k_rope_new, cache, mask)
 
-    @staticmethod
-    def _decode_mask(past: int, new: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
-        """[new, total] causal mask (or [b, 1, new, total] with key_mask); None for one unmasked new token."""
-        if new == 1 and key_mask is None:
-            return None
-        total = past + new
-        mask = torch.arange(total, device=device)[None, :] <= (past + torch.arange(new, device=device))[:, None]
-        return mask if key_mask is None else mask[None, None] & key_mask[:, None, None, :]
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [heads, nope, rank], W_UV^T [heads, rank, v]): kv_b_proj's up-projections as the absorbed decode
+        multiplies by them, contiguous. They are slices of kv_b_proj.weight with a batch stride a batched matmul
+        cannot take, so it would copy them every step; they are copied once per version of the weight instead
+        (any in-place update or load bumps the version). Under autograd: computed fresh, no copy kept."""
+        weight = self.kv_b_proj.weight
+        w = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # [heads, nope, rank], [heads, v, rank]
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return w_uk, w_uv.transpose(1, 2)
+        version = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if getattr(self, "_absorbed_version", None) != version:
+            self._absorbed = (w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
+            self._absorbed_version = version
+        return self._absorbed
 
     def _decode_absorbed(self, q_nope, q_rope, latent_new, k_rope_new, cache: LatentCache, mask) -> torch.Tensor:
         """score = (q_nope W_UK) . latent + q_rope . k_rope; out = (p . latent) W_UV."""
         b, _, new, _ = q_nope.shape
         cached = cache.append(latent_new, k_rope_new)  # [b, total, rank + rope]
 
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # [heads, nope, rank], [heads, v, rank]
+        w_uk, w_uv_t = self.absorbed_weights()  # [heads, nope, rank], [heads, rank, v]
         q_latent = torch.matmul(q_nope, w_uk)  # [b, heads, new, rank] (matmul, not einsum: decode is overhead-bound)
         query = torch.cat((q_latent, q_rope), dim=-1)  # [b, heads, new, rank + rope]
         key = cached.unsqueeze(1)  # [b, 1, total, rank + rope]
@@ -201,7 +218,7 @@ class MultiHeadLatentAttention(nn.Module):
         out_latent = F.scaled_dot_product_attention(query.reshape(b, 1, heads * new, -1), key, value,
                                                     attn_mask=mask, scale=self.scale)
         out_latent = out_latent.view(b, heads, new, -1)[..., : self.kv_rank]  # [b, heads, new, rank]
-        out = torch.matmul(out_latent, w_uv.transpose(1, 2))  # [b, heads, new, v]
+        out = torch.matmul(out_latent, w_uv_t)  # [b, heads, new, v]
         return self.o_proj(out.transpose(1, 2).reshape(b, new, -1))
 
     def _decode_expanded(self, q_nope, q_rope, latent_new, k_rope_new, cache: ExpandedCache, mask) -> torch.Tensor:

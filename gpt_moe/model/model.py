@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gpt_moe.model.attention import ExpandedCache, LatentCache, MultiHeadLatentAttention
+from gpt_moe.model.attention import ExpandedCache, LatentCache, MultiHeadLatentAttention, decode_mask
 from gpt_moe.model.config import ModelConfig
 from gpt_moe.model.loss import IGNORE_INDEX, linear_cross_entropy, token_nats
 from gpt_moe.model.moe import MLP, ExpertParallelism, Experts, MoE, TopkRouter
@@ -69,19 +69,19 @@ class DecoderLayer(nn.Module):
         checkpointing (`gpt_moe.model.recompute`; the recomputation runs the same compiled graphs)."""
         fn = self.compiled_forward if self.compiled_forward is not None and self.training else self
         if self.checkpoint_activations and self.training:
-            return checkpointed(self, fn, x, cos, sin, None, None, attn_mask)
+            return checkpointed(self, fn, x, cos, sin, None, attn_mask)
         return fn(x, cos, sin, attn_mask=attn_mask)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None, key_mask: torch.Tensor | None = None,
+                cache: LatentCache | None = None,
                 attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x: [batch, seq, hidden] -> (same shape, this layer's router losses: see `MoE`). attn_mask: see
-        `MultiHeadLatentAttention.forward`; cache/key_mask: decoding."""
+        `MultiHeadLatentAttention.forward`, or with `cache` (decoding) `MultiHeadLatentAttention.decode`."""
         h = self.input_layernorm(x)
         if cache is None:
             h = self.self_attn(h, cos, sin, attn_mask)
         else:
-            h = self.self_attn.decode(h, cos, sin, cache, key_mask)
+            h = self.self_attn.decode(h, cos, sin, cache, attn_mask)
         x = x + h
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
@@ -134,12 +134,20 @@ class MultiTokenPredictionLayer(DecoderLayer):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """hidden, next_embeds: [batch, seq, hidden] -> (normalised output [batch, seq, hidden], router losses).
         With `cache` (the block's own latent cache, self-speculative decoding) the positions continue it."""
+        if cache is not None:
+            return self.shared_head.norm(self.decode(hidden, next_embeds, cos, sin, cache)), {}
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        if cache is not None:  # decoding: no gradients, nothing to recompute
-            x, losses = self.forward(x, cos, sin, cache=cache, attn_mask=attn_mask)
-        else:
-            x, losses = self.run(x, cos, sin, attn_mask)
+        x, losses = self.run(x, cos, sin, attn_mask)
         return self.shared_head.norm(x), losses
+
+    def decode(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: LatentCache) -> torch.Tensor:
+        """Decoding with the block's own latent cache (no gradients, nothing to recompute): hidden, next_embeds:
+        [batch, new, hidden] at the positions after the cache's -> the block's output before the shared head's norm
+        [batch, new, hidden]. That output plays the main model's hidden state when the block drafts again from
+        its own draft (a chain of drafts: see `gpt_moe.serve.speculative`)."""
+        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+        return self.forward(x, cos, sin, cache=cache)[0]
 
 
 class DeepSeekModel(nn.Module):
@@ -301,12 +309,13 @@ class DeepSeekForCausalLM(nn.Module):
 
     def decode_step(self, input_ids: torch.Tensor, caches: list[LatentCache | ExpandedCache],
                     positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    last_logits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs new tokens [batch, new] through the cached model (prefill when the cache is empty).
 
         positions: [batch, new] (default cache length + 0..new-1); key_mask: [batch, total] bool,
-        False for cache slots to ignore (left padding). Returns (logits [batch, new, vocab],
-        final hidden state before the norm [batch, new, hidden])."""
+        False for cache slots to ignore (left padding); last_logits: compute the logits of the last this many
+        positions only (a prefill needs one: the head over a long prompt costs more than the layers).
+        Returns (logits [batch, new or last_logits, vocab], final hidden state before the norm [batch, new, hidden])."""
         past = caches[0].length
         x = self.model.embed_tokens(input_ids)
         if positions is None:
@@ -314,9 +323,10 @@ class DeepSeekForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         if cos.dim() == 3:  # per-row positions: broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        mask = decode_mask(past, input_ids.shape[1], key_mask, input_ids.device)  # one for every layer
         for layer, cache in zip(self.model.main_layers, caches):
-            x, _ = layer(x, cos, sin, cache=cache, key_mask=key_mask)
-        return self.lm_head(self.model.norm(x)), x
+            x, _ = layer(x, cos, sin, cache=cache, attn_mask=mask)
+        return self.lm_head(self.model.norm(x if last_logits is None else x[:, -last_logits:])), x
 
     def moe_layers(self, include_mtp: bool = True) -> list[tuple[int, MoE]]:
         """(layer index, MoE block) of every MoE layer in order; the MTP block's index is num_hidden_layers."""

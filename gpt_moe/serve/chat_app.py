@@ -241,15 +241,13 @@ def routing_summary(reply: ReplyStream) -> str:
 
 
 def speed_summary(reply: ReplyStream) -> str:
-    """One markdown line: tokens/s of the reply (prefill included) and, when speculative, the MTP draft acceptance."""
+    """One markdown line: tokens/s of the reply (prefill included) and, when speculative, the MTP draft acceptance
+    and the tokens each main forward yielded."""
     rate = reply.tokens_per_second
     speed = f"**{rate:.1f} tokens/s**" if rate is not None else "**- tokens/s**"
-    acceptance = reply.stats.acceptance
     if not reply.sampling.speculative:
         return f"{speed} · plain decoding (one token per forward)"
-    drafts = f"{reply.stats.accepted}/{reply.stats.drafted}"
-    share = f"{acceptance:.0%}" if acceptance is not None else "-"
-    return f"{speed} · speculative decoding: MTP draft acceptance **{share}** ({drafts} drafts)"
+    return f"{speed} · speculative decoding: {reply.stats.draft_summary()}"
 
 
 # ------------------------------------------------------------------------------------------- page
