@@ -3,6 +3,7 @@
     moe      our MoE layer vs a dense SwiGLU of equal activated size vs transformers' DeepseekV3MoE
     train    a training step: ours vs transformers' DeepseekV3ForCausalLM under the same DeepSpeed config
     profile  where one training step's time goes, by part, in fp32 and bf16
+    compile  a training forward and backward with --compile's compiled layers vs eager
     decode   latent-cache decoding vs no cache and per-head K/V; self-speculative decoding
     data     data_prep tokens/s with 1 and 2 workers vs raw tiktoken, and peak memory
     sft      packed chat fine-tuning vs pretraining tokens/s at the same row shape, and the padding of the rows

@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
     pytest.param(["train", "--seq-len", "32", "--micro-batch", "2", "--steps", "1"],
                  ["gpt-moe / transformers:", "MFU"], id="train"),
     pytest.param(["data", "--rounds", "1", "--workers", "1"], ["data_prep --workers 1", "peak memory"], id="data"),
+    pytest.param(["compile", "--micro-batch", "2", "--seq-len", "32", "--rounds", "1"],
+                 ["first compiled step", "compiled speed-up"], id="compile"),
 ])
 def test_benchmark_runs_and_prints_its_ratios(args, expected):
     result = subprocess.run([sys.executable, "launch/bench.py", *args], cwd=REPO, capture_output=True, text=True,

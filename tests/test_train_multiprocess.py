@@ -403,9 +403,9 @@ def test_checkpointing_under_ep2_zero3_matches_keeping_activations(prepared_data
     """2 ranks, EP=2, ZeRO-3, fp32, tiny (MoE + MTP): `full` (recomputed layers replay their routing; the
     all-to-all repeats with the same split sizes) and `selective` (recomputation inside each rank's local expert
     computation) give the per-step losses, clipped gradient norms and per-expert token counts (the bias update's
-    input) of the run that keeps every activation. `--compile` with `full` (compiled layers inside the checkpoint; routing
-    and counters eager between compiled parts) gives them too, within the rounding of fused kernels (losses agree to
-    ~1e-6 relative after 3 steps; 1e-5 leaves room, a wrong gradient moves them by 1e-2)."""
+    input) of the run that keeps every activation. `--compile` with `full` (compiled layers inside the checkpoint;
+    routing and counters eager between compiled parts) gives them too, within the rounding of fused kernels (losses
+    agree to ~1e-6 relative after 3 steps; 1e-5 leaves room, a wrong gradient moves them by 1e-2)."""
     ds = variant(tmp_path, ZERO3, bf16={"enabled": False})
     runs = {mode: tmp_path / mode for mode in ("none", "full", "selective", "full+compile")}
     for mode, run_dir in runs.items():
