@@ -3,8 +3,10 @@
     python launch/bench.py compile [--model tiny] [--dtype fp32|bf16] [--micro-batch 8] [--seq-len 256] [--rounds 8]
 
 One model, compiled once (`compile_layers`); each round times one eager and one compiled step on the same batch
-(the compiled graphs are switched off and on), so machine noise falls on both. Prints the first compiled step (the
-compilation), each side's step times and median, and the ratio. The optimizer step is not part of it.
+(the compiled graphs are switched off and on), so machine noise falls on both, and each round draws a new batch, so
+the experts' row counts change from step to step as in training (bf16 kernels on CPU are built per shape). Prints
+the first compiled step (the compilation), each side's step times and median, and the ratio. The optimizer step is
+not part of it.
 """
 
 from __future__ import annotations
@@ -32,8 +34,15 @@ def main(argv: list[str]) -> int:
     model = DeepSeekForCausalLM(config, seed=0).to(dtype).train()
     model.compile_layers()
     compiled = [layer.compiled_forward for layer in model.model.layers]
-    tokens = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1))
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    generator = torch.Generator().manual_seed(0)
+
+    def new_batch() -> None:
+        nonlocal inputs, labels
+        tokens = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    inputs = labels = torch.empty(0)
+    new_batch()
 
     def step(compiled_on: bool) -> tuple[float, float]:
         for layer, forward in zip(model.model.layers, compiled):
@@ -50,6 +59,7 @@ def main(argv: list[str]) -> int:
           f"{first:.1f}s (compiling included); loss eager {eager_loss:.6f}, compiled {compiled_loss:.6f}")
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.rounds):
+        new_batch()
         for compiled_on in (False, True):
             times[compiled_on].append(step(compiled_on)[0])
     for compiled_on, label in ((False, "eager"), (True, "compiled")):

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt_moe.model.moe import MoE, update_bias
+from gpt_moe.model import moe as moe_module
+from gpt_moe.model.moe import MoE, padded_places, update_bias
 
 
 def naive_route(moe: MoE, x: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
@@ -65,7 +66,10 @@ def make_moe(config, seed=0):
     {"scoring_func": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.5},
     {"n_group": 8, "topk_group": 3, "num_experts_per_tok": 5, "n_shared_experts": 0},
 ])
-def test_moe_equals_naive_loop_in_output_and_gradients(small_config, changes):
+@pytest.mark.parametrize("row_multiple", [1, 8])
+def test_moe_equals_naive_loop_in_output_and_gradients(small_config, changes, row_multiple, monkeypatch):
+    """Also with every expert's rows padded to a multiple of 8 (the bf16 CPU path's padding, here in fp32)."""
+    monkeypatch.setattr(moe_module, "expert_row_multiple", lambda x: row_multiple)
     config = small_config.replace(**changes)
     moe = make_moe(config)
     x = torch.randn(2, 13, config.hidden_size, requires_grad=True)
@@ -152,3 +156,35 @@ def test_sequence_balance_loss_closed_form(small_config):
             p += torch.tensor(scores, dtype=torch.float32) / sum(scores) / len(seq)
         total += 0.01 * float((f * p).sum())
     assert aux.item() == pytest.approx(total / 2, rel=1e-5)
+
+
+def test_padded_places_put_each_expert_block_at_a_multiple_boundary():
+    counts = torch.tensor([3, 0, 8, 1, 9])
+    places, padded = padded_places(counts, 4)
+    assert padded.tolist() == [4, 0, 8, 4, 12]
+    expected, start = [], 0  # the naive loop: each block starts where the padded blocks before it end
+    for count, size in zip(counts.tolist(), padded.tolist()):
+        expected += list(range(start, start + count))
+        start += size
+    assert places.tolist() == expected
+
+
+def test_bf16_moe_on_cpu_pads_to_64_rows_and_matches_the_unpadded_layer(small_config, monkeypatch):
+    """bf16 on CPU runs the padded grouped matmuls (`expert_row_multiple` 64): the output and every gradient of the
+    unpadded bf16 layer (the same routing), to bf16's precision."""
+    assert moe_module.expert_row_multiple(torch.zeros(1, dtype=torch.bfloat16)) == 64
+    assert moe_module.expert_row_multiple(torch.zeros(1)) == 1
+    moe = make_moe(small_config).to(torch.bfloat16)
+    x = torch.randn(2, 37, small_config.hidden_size, dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    results = []
+    for padded in (True, False):
+        if not padded:
+            monkeypatch.setattr(moe_module, "expert_row_multiple", lambda x: 1)
+        moe.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out, _ = moe(inputs)
+        out.backward(grad)
+        results.append([out, inputs.grad, *(p.grad.clone() for p in moe.experts.parameters())])
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours.float(), reference.float(), atol=2e-2, rtol=2e-2)
