@@ -51,6 +51,16 @@ def prepared_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def chat_data(prepared_data, tmp_path_factory) -> Path:
+    """The built-in conversations in `prepared_data`'s tokenizer, none longer than 257 tokens."""
+    out = tmp_path_factory.mktemp("chat") / "chat-builtin"
+    subprocess.run([sys.executable, "-m", "data_prep", "--format", "chat", "--source", "builtin-chat",
+                    "--tokenizer-from", str(prepared_data), "--max-seq-len", "257", "--out", str(out),
+                    "--no-progress"], cwd=Path(__file__).resolve().parent.parent, check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def base_run(prepared_data, fp32_zero2, tmp_path_factory) -> Path:
     """A pretrained `tiny` (4 fp32 ZeRO-2 steps on one rank on the small built-in corpus, checkpoint at step 4):
     the model the fine-tuning and lm-eval tests start from (tests that use it are marked multiprocess)."""

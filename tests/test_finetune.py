@@ -27,15 +27,6 @@ def history(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "summary.json").read_text())["history"]
 
 
-@pytest.fixture(scope="module")
-def chat_data(prepared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("chat") / "chat-builtin"
-    subprocess.run([sys.executable, "-m", "data_prep", "--format", "chat", "--source", "builtin-chat",
-                    "--tokenizer-from", str(prepared_data), "--max-seq-len", "257", "--out", str(out),
-                    "--no-progress"], cwd=REPO, check=True, capture_output=True)
-    return out
-
-
 def test_expert_parallel_fine_tuning_equals_one_copy_of_the_experts(base_run, chat_data, fp32_zero2, tmp_path):
     """5 fine-tuning steps on 2 ranks: --ep-size 2 gives the losses and clipped norms of --ep-size 1 (fp32)."""
     runs = {}
@@ -52,7 +43,9 @@ def test_expert_parallel_fine_tuning_equals_one_copy_of_the_experts(base_run, ch
 
 
 def test_init_from_a_checkpoint_its_export_and_its_transformers_directory_starts_the_same(
-        base_run, chat_data, fp32_zero2, tmp_path):
+        base_run, prepared_data, chat_data, fp32_zero2, tmp_path):
+    """The same first losses from the three forms of one model, each mixing the same pretraining text into its rows
+    (--mix-data: an export or a transformers directory does not know its pretraining data)."""
     import transformers
 
     export = tmp_path / "export"
@@ -63,13 +56,27 @@ def test_init_from_a_checkpoint_its_export_and_its_transformers_directory_starts
     first = {}
     for name, source in (("checkpoint", base_run), ("export", export), ("transformers", hf_dir)):
         run_dir = tmp_path / f"from-{name}"
-        run("--deepspeed", str(fp32_zero2), "--init-from", str(source), "--data", str(chat_data), "--run-dir",
-            str(run_dir), "--max-steps", "1", "--save-interval", "100", *FINETUNE)
+        started = run("--deepspeed", str(fp32_zero2), "--init-from", str(source), "--data", str(chat_data),
+                      "--run-dir", str(run_dir), "--max-steps", "1", "--save-interval", "100", "--mix-data",
+                      str(prepared_data), *FINETUNE)
+        assert f"1 of every 2 rows from {prepared_data} (--mix-pretrain 0.25)" in started.stdout
         first[name] = history(run_dir)[0]
     # the language-model loss is bit-identical; transformers has no MTP block, so there it starts fresh
     assert first["checkpoint"]["train/lm_loss"] == first["export"]["train/lm_loss"] == \
         first["transformers"]["train/lm_loss"]
     assert first["checkpoint"]["train/mtp_loss"] == first["export"]["train/mtp_loss"]
+    refused = run("--init-from", str(export), "--data", str(chat_data), "--mix-pretrain", "0.5", "--run-dir",
+                  str(tmp_path / "x"), check=False)
+    assert refused.returncode == 2 and "the pretraining data of" in refused.stderr and "--mix-data" in refused.stderr
+    # a resumed run keeps its own mix: one from before --mix-pretrain (no such key in its config) resumes unmixed
+    config_file = tmp_path / "from-checkpoint" / "train_config.json"
+    config = json.loads(config_file.read_text())
+    assert (config["mix_pretrain"], config["mix_data"]) == (0.25, str(prepared_data))
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if not k.startswith("mix_")}))
+    resumed = run("--deepspeed", str(fp32_zero2), "--init-from", str(base_run), "--data", str(chat_data), "--run-dir",
+                  str(tmp_path / "from-checkpoint"), "--max-steps", "2", "--dry-run", *FINETUNE)
+    assert "resume from" in resumed.stdout
+    assert "(--mix-pretrain): off, as the run being resumed trained" in resumed.stdout
 
 
 def test_a_frozen_router_stays_bit_identical_while_the_experts_learn(base_run, chat_data, fp32_zero2, tmp_path):

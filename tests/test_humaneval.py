@@ -5,6 +5,7 @@ stop strings."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -18,6 +19,8 @@ from data_prep.sources import BuiltinSource, open_corpus
 from gpt_moe.checkpoint.loading import load_for_inference
 from gpt_moe.data.humaneval import canonical_bits_per_byte, read_problems
 from gpt_moe.errors import DataError
+from gpt_moe.serve.chat import generate_continuation
+from gpt_moe.serve.generate import SamplingConfig
 from gpt_moe.serve.humaneval import STOP, PassAtK, check_program, estimate_pass_at_k, pass_at_k, sample_completions
 from gpt_moe.serve.sandbox import SandboxLimits, run_sandboxed
 
@@ -108,6 +111,12 @@ def test_pass_at_k_samples_completions_cut_at_the_stop_strings_and_checks_each(t
     spec = PassAtK(n=3, ks=(1, 3), temperature=1.0, max_new_tokens=24, limits=SandboxLimits(timeout=3))
     completions = sample_completions(loaded.model, loaded.tokenizer, problems[0]["prompt"], spec, seed=0)
     assert len(completions) == 3 and not any(stop in c for c in completions for stop in STOP)
+    # decoded as one batch, a row is what the app's one-reply loop writes: greedy, against generate_continuation
+    greedy = dataclasses.replace(spec, n=1, temperature=0.0, max_new_tokens=48)
+    sampling = SamplingConfig(max_new_tokens=48, temperature=0.0, stop=STOP)
+    for problem in problems:
+        alone = "".join(generate_continuation(loaded.model, loaded.tokenizer, problem["prompt"], sampling))
+        assert sample_completions(loaded.model, loaded.tokenizer, problem["prompt"], greedy, seed=0) == [alone]
     result = pass_at_k(loaded.model, loaded.tokenizer, problems, spec)
     assert [len(row) for row in result.results] == [3, 3]
     assert all(r.status in ("passed", "failed", "timed out") for row in result.results for r in row)

@@ -43,6 +43,7 @@ TAG_PREFIX = "step_"
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_INFO_FILE = "tokenizer_info.json"
 RUN_LOCK_FILE = ".run.lock"
+RUN_CONFIG_FILE = "train_config.json"  # the resolved training config, written into the run directory by every run
 """The lock a training run holds on its run directory (`run_directory_lock`)."""
 LAYOUT_FREE = "layout-free"
 """`CheckpointRecord.format` of a checkpoint converted by `python launch/reshard.py` (`gpt_moe.checkpoint.reshard`)."""

@@ -205,6 +205,9 @@ class ChatBatches:
                 "rows_per_epoch": len(self.rows)}
 
     def load_state_dict(self, state: dict) -> None:
+        if "text" in state:
+            raise DataError("data loader state: the checkpoint was trained with --mix-pretrain "
+                            f"{state.get('text_rows')} text rows per micro-batch; resume it with --mix-pretrain > 0")
         for key in ("seed", "seq_len", "split", "rows_per_epoch"):
             mine = self.state_dict()[key]
             if state.get(key) != mine:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gpt_moe.checkpoint.evaluation import Evaluation
 from gpt_moe.checkpoint.loading import LoadedModel
-from gpt_moe.checkpoint.records import read_record
+from gpt_moe.checkpoint.records import RUN_CONFIG_FILE, read_record
 from gpt_moe.data.bits_per_byte import token_byte_lengths
 from gpt_moe.data.chat_batches import ChatValBatches
 from gpt_moe.data.chat_template import end_of_turn_ids
@@ -32,7 +32,6 @@ from gpt_moe.errors import DataError, GptMoeError
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "train_config.json"  # written into the run directory by every training run
 DEFAULT_SHAPE = (256, 16, 8)  # sequence length, micro-batch, batches: the training defaults, for data given alone
 
 

@@ -11,7 +11,6 @@ averages the unbiased estimator of Chen et al. 2021: 1 - C(n - c, k) / C(n, k) f
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from tqdm import tqdm
 
 from gpt_moe.errors import ConfigError
 from gpt_moe.model.model import DeepSeekForCausalLM
-from gpt_moe.serve.chat import generate_continuation
-from gpt_moe.serve.generate import SamplingConfig
+from gpt_moe.data.chat_template import continuation_prompt, end_of_text_id, prompt_budget
+from gpt_moe.serve.generate import SamplingConfig, generate_ids
 from gpt_moe.serve.sandbox import SandboxLimits, SandboxResult, run_sandboxed
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the end of a function body (Chen et al. 2021)
@@ -59,12 +58,34 @@ class PassResult:
     results: list[list[SandboxResult]]
 
 
+def cut_at_stop(text: str) -> str | None:
+    """`text` before the first stop string, or None when it holds none."""
+    found = [text.index(stop) for stop in STOP if stop in text]
+    return text[:min(found)] if found else None
+
+
 def sample_completions(model: DeepSeekForCausalLM, tokenizer, prompt: str, spec: PassAtK, seed: int) -> list[str]:
-    """n continuations of `prompt`, each cut before the first stop string (or at the end of text)."""
+    """n continuations of `prompt` decoded together as one batch of n rows (one random generator seeded with
+    `seed`), each cut before its first stop string or at the end of text; decoding ends when every row has."""
     sampling = SamplingConfig(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_k=0, top_p=1.0,
-                              stop=STOP)
-    return ["".join(generate_continuation(model, tokenizer, prompt, dataclasses.replace(sampling, seed=seed + i)))
-            for i in range(spec.n)]
+                              seed=seed, vocab_limit=tokenizer.n_vocab)
+    ids = continuation_prompt(tokenizer, prompt, prompt_budget(model.config.max_position_embeddings,
+                                                               spec.max_new_tokens)).ids
+    end = end_of_text_id(tokenizer)
+    rows: list[list[int]] = [[] for _ in range(spec.n)]
+    texts: list[str | None] = [None] * spec.n  # a finished row's completion
+    for step in generate_ids(model, [ids] * spec.n, sampling, stop_ids={end}):
+        for row, token in enumerate(step.tolist()):
+            if texts[row] is not None:
+                continue
+            if token == end:
+                texts[row] = tokenizer.decode(rows[row])
+                continue
+            rows[row].append(token)
+            texts[row] = cut_at_stop(tokenizer.decode(rows[row]))
+        if all(text is not None for text in texts):
+            break
+    return [text if text is not None else tokenizer.decode(row) for text, row in zip(texts, rows)]
 
 
 def pass_at_k(model: DeepSeekForCausalLM, tokenizer, problems: Sequence[dict], spec: PassAtK,

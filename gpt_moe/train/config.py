@@ -81,6 +81,12 @@ class TrainConfig:
     init_from: str = option("", "fine-tune: start from the weights of a training checkpoint (run or step directory), "
                                 "an export or a transformers DeepseekV3 directory; fresh optimizer and schedule")
     freeze_router: bool = option(False, "fine-tuning: keep every router weight and balancing bias as they are")
+    mix_pretrain: float = option(0.0, "fine-tuning: the fraction of each micro-batch's rows drawn from pretraining "
+                                      "text (--mix-data), trained on every token and packed apart from the "
+                                      "conversations, against forgetting (--init-from default: see "
+                                      "gpt_moe/train/plan.py FINE_TUNING_DEFAULTS)")
+    mix_data: str = option("", "fine-tuning with --mix-pretrain: the pretraining text to mix in (default: the data "
+                               "the --init-from run trained on, from its run directory's train_config.json)")
     activation_checkpointing: str = option("none", "none, full (recompute each decoder layer in backward; MoE "
                                                    "routing replayed) or selective (recompute the SwiGLU "
                                                    "feed-forwards only); see gpt_moe/model/recompute.py")
@@ -117,6 +123,8 @@ class TrainConfig:
             fail("schedule", "'cosine' or 'wsd'")
         if not 0 < self.decay_fraction <= 1:
             fail("decay_fraction", "a number in (0, 1]")
+        if not 0 <= self.mix_pretrain < 1:
+            fail("mix_pretrain", "a fraction in [0, 1)")
         if self.weight_decay < 0 or self.clip < 0:
             fail("weight_decay" if self.weight_decay < 0 else "clip", "a number >= 0")
 

@@ -20,10 +20,11 @@ from typing import Any
 
 from gpt_moe.checkpoint.loading import open_weights
 from gpt_moe.checkpoint.model_dir import ModelDirectory, locate
-from gpt_moe.checkpoint.records import RUNS_DIR, CheckpointRecord, Layout, newest_complete, read_record
+from gpt_moe.checkpoint.records import RUN_CONFIG_FILE, RUNS_DIR, CheckpointRecord, Layout, newest_complete, read_record
 from gpt_moe.checkpoint.weights import check_weights
-from gpt_moe.data.manifest import DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, Manifest
-from gpt_moe.errors import CheckpointError, ConfigError, DataError
+from gpt_moe.data.manifest import DEFAULT_CHAT_DATA_DIR, DEFAULT_DATA_DIR, MANIFEST_FILE, Manifest
+from gpt_moe.data.mixed_batches import text_rows
+from gpt_moe.errors import CheckpointError, ConfigError, DataError, GptMoeError
 from gpt_moe.model.config import ModelConfig
 from gpt_moe.model.params import account, describe
 from gpt_moe.model.recompute import MODES
@@ -66,6 +67,16 @@ class RunPlan:
     device_type: str = "cuda"  # DeepSpeed's accelerator
     resume: ResumePlan | None = None  # None: the run starts at step 0
     precision: str = ""  # why the run trains in bf16 or fp32 (the banner says it)
+    mix_off: str = "off"  # why no pretraining text is mixed in, when none is
+
+    @property
+    def mixing(self) -> str:
+        """What the fine-tuning rows hold besides conversations (`--mix-pretrain`), in words."""
+        t = self.train
+        if not t.mix_pretrain:
+            return self.mix_off
+        return (f"{text_rows(t.mix_pretrain, t.micro_batch)} of every {t.micro_batch} rows from {t.mix_data} "
+                f"(--mix-pretrain {t.mix_pretrain}), every token trained")
 
     @property
     def bf16(self) -> bool:
@@ -135,6 +146,7 @@ class RunPlan:
             "compile: " + ("each decoder layer and the MTP block (torch.compile); the first step includes compiling"
                            if t.compile else "off (eager; --compile compiles each decoder layer)"),
             describe(account(model, t.seq_len)),
+            *([f"pretraining text mixed in (--mix-pretrain): {self.mixing}"] if self.init_from else []),
             self.resume.describe(self.layout) if self.resume else "resume: nothing to resume, the run starts at step 0",
             f"evaluation: every {t.eval_interval} steps and at step {self.last_step}; HumanEval and the parent's "
             f"figures {'on' if self.eval_suite else 'off'} (--eval-suite {t.eval_suite})",
@@ -154,7 +166,23 @@ def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardwa
     if resume is None:
         return plan
     plan, resume = keep_global_batch(plan, resume, cfg, explicit, hardware)
-    return dataclasses.replace(plan, resume=resume)
+    return dataclasses.replace(keep_mix(plan, resume, explicit), resume=resume)
+
+
+def keep_mix(plan: RunPlan, resume: ResumePlan, explicit: frozenset[str]) -> RunPlan:
+    """A resumed fine-tuning run that would mix by default keeps the pretraining text mix it trained with (its run
+    directory's train_config.json; a run from before --mix-pretrain had none) unless --mix-pretrain is given."""
+    if plan.init_from is None or "--mix-pretrain" in explicit or not plan.train.mix_pretrain:
+        return plan
+    try:
+        config = json.loads((resume.tag.parent.parent / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
+        fraction, data = float(config.get("mix_pretrain", 0.0)), str(config.get("mix_data", ""))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return plan
+    if fraction == plan.train.mix_pretrain and (not fraction or data == plan.train.mix_data):
+        return plan
+    train = dataclasses.replace(plan.train, mix_pretrain=fraction, mix_data=data if fraction else "")
+    return dataclasses.replace(plan, train=train, mix_off="off, as the run being resumed trained")
 
 
 def _plan(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware: Hardware) -> RunPlan:
@@ -177,6 +205,7 @@ def _plan(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware:
     prepare_default_data = check_data(cfg)
     if not prepare_default_data:
         check_fine_tuning_data(cfg, base)
+    cfg, mix_off = plan_mix(cfg, base, explicit)
     shape = TrainingShape(cfg.micro_batch, cfg.grad_accum, world_size, cfg.lr, cfg.weight_decay, cfg.clip,
                           hardware.bf16_supported, model.hidden_size, explicit, bf16_native=hardware.bf16_native,
                           device_type=hardware.device_type)
@@ -184,9 +213,12 @@ def _plan(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware:
     validate_with_deepspeed(ds_config, cfg.deepspeed_config)
     train = dataclasses.replace(cfg, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum, clip=shape.clip,
                                 lr=shape.lr, weight_decay=shape.weight_decay)
+    if train.mix_pretrain and train.micro_batch == 1 and "--mix-pretrain" not in explicit:
+        train, mix_off = dataclasses.replace(train, mix_pretrain=0.0), "off (a micro-batch of 1 row holds no mix)"
+    text_rows(train.mix_pretrain, train.micro_batch)  # an explicit mix in a micro-batch of 1 is refused here
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(RUNS_DIR) / (model.name + ("-sft" if base else ""))
     return RunPlan(train, model, ds_config, world_size, zero_stage(ds_config), run_dir, prepare_default_data, base,
-                   hardware.device_type, precision=precision)
+                   hardware.device_type, precision=precision, mix_off=mix_off)
 
 
 def resolve_precision(raw_ds: dict[str, Any], shape: TrainingShape, model: ModelConfig,
@@ -289,9 +321,10 @@ def fit_lines(plan: RunPlan, budget_gib: float) -> list[str]:
 
 
 FINE_TUNING_DEFAULTS = {"data": DEFAULT_CHAT_DATA_DIR, "seq_len": 512, "micro_batch": 8, "lr": 1e-3,
-                        "warmup_steps": 20}
+                        "warmup_steps": 20, "mix_pretrain": 0.125}
 """What --init-from changes in the defaults: the built-in conversations, rows long enough to hold the longest of
-them (323 tokens), and a gentler learning rate than pretraining's."""
+them (323 tokens), a gentler learning rate than pretraining's, and an eighth of the rows pretraining text where the
+base model's pretraining data is known (measured: docs/evaluation.md#forgetting)."""
 
 
 def fine_tuning_defaults(cfg: TrainConfig, explicit: frozenset[str]) -> TrainConfig:
@@ -343,3 +376,48 @@ def check_fine_tuning_data(cfg: TrainConfig, base: ModelDirectory | None) -> Non
         raise DataError(f"{cfg.data}: tokenized with {manifest.tokenizer.name} ({manifest.tokenizer.sha256[:12]}...), "
                         f"but {base.path} was trained with {base.tokenizer.name} ({base.tokenizer.sha256[:12]}...); "
                         f"prepare the data with --tokenizer-from {cfg.init_from}")
+
+
+def pretraining_data_of(base: ModelDirectory) -> Path | None:
+    """The prepared text data a training checkpoint's run trained on (its run directory's train_config.json), or
+    None: an export or a transformers directory, a run whose config or data is gone, or a run on chat data."""
+    if not base.is_checkpoint:
+        return None
+    try:
+        config = json.loads((base.path.parent.parent / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
+        data = Path(config["data"])
+        manifest = Manifest.load(data)
+    except (OSError, ValueError, KeyError, TypeError, GptMoeError):
+        return None
+    return data if manifest.content == "text" else None
+
+
+def plan_mix(cfg: TrainConfig, base: ModelDirectory | None, explicit: frozenset[str]) -> tuple[TrainConfig, str]:
+    """`cfg` with --mix-data resolved (or --mix-pretrain 0 where a default finds no text), and why no text is mixed
+    in when none is. Given flags that cannot work are one error before anything starts: mixing without
+    --init-from, no text known, text of another tokenizer."""
+    asked = "--mix-pretrain" in explicit or "--mix-data" in explicit
+    if cfg.mix_pretrain == 0:
+        return cfg, "off"
+    if base is None:
+        raise ConfigError(f"--mix-pretrain {cfg.mix_pretrain}: mixing pretraining text is for fine-tuning; add "
+                          "--init-from a pretrained run")
+    if (Path(cfg.data) / MANIFEST_FILE).is_file() and Manifest.load(Path(cfg.data)).content == "text":
+        if asked:
+            raise ConfigError(f"--mix-pretrain {cfg.mix_pretrain}: {cfg.data} is text already; the mix is for "
+                              "fine-tuning on conversations")
+        return dataclasses.replace(cfg, mix_pretrain=0.0), f"off ({cfg.data} is text)"
+    data = Path(cfg.mix_data) if cfg.mix_data else pretraining_data_of(base)
+    if data is None:
+        if asked:
+            raise ConfigError(f"--mix-pretrain {cfg.mix_pretrain}: the pretraining data of {base.path} is not known "
+                              "(not a training run, or its data is gone); give --mix-data DIR")
+        return dataclasses.replace(cfg, mix_pretrain=0.0), (f"off (the pretraining data of {base.path} is not "
+                                                            "known; --mix-data DIR --mix-pretrain F)")
+    manifest = Manifest.load(data)
+    if manifest.content != "text":
+        raise DataError(f"{data}: --mix-data must be pretraining text, found {manifest.content!r} data")
+    if base.tokenizer is not None and manifest.tokenizer.sha256 != base.tokenizer.sha256:
+        raise DataError(f"{data}: --mix-data is tokenized with {manifest.tokenizer.name}, {base.path} was trained "
+                        f"with {base.tokenizer.name}; give text prepared with --tokenizer-from {cfg.init_from}")
+    return dataclasses.replace(cfg, mix_data=str(data)), "off"

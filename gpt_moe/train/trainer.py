@@ -27,8 +27,9 @@ import torch.distributed as dist
 
 from gpt_moe.atomic import write_atomic
 from gpt_moe.checkpoint.evaluation import Evaluation
-from gpt_moe.checkpoint.records import ClientState, run_directory_lock
+from gpt_moe.checkpoint.records import RUN_CONFIG_FILE, ClientState, run_directory_lock
 from gpt_moe.data.chat_batches import ChatBatches, ChatValBatches, PackedBatch
+from gpt_moe.data.mixed_batches import MixedBatches, text_rows
 from gpt_moe.data.shards import TokenShards, TrainBatches, ValBatches
 from gpt_moe.data.validation import model_inputs
 from gpt_moe.data.verify import verify_data
@@ -51,7 +52,7 @@ class Progress:
 
     step: int = 0
     tokens_seen: int = 0
-    trained_tokens: int = 0  # chat data: assistant tokens trained on
+    trained_tokens: int = 0  # chat data: assistant tokens trained on (and the text rows' with --mix-pretrain)
     bad_steps_total: int = 0
     bad_steps_in_a_row: int = 0
 
@@ -73,11 +74,10 @@ class Trainer:
             self._prepare_default_data(prepare_data)
         self.shards = TokenShards(self.cfg.data)
         self.shards.check_vocab(plan.model.vocab_size)
+        self.mix_shards = TokenShards(self.cfg.mix_data) if self.cfg.mix_pretrain else None
         self._verify_data()
         self.chat = self.shards.content == "chat"  # fine-tuning on conversations: packed rows, trained tokens
-        batches = ChatBatches if self.chat else TrainBatches
-        self.loader = batches(self.shards, self.cfg.seq_len, self.cfg.micro_batch, context.rank, context.world,
-                              self.cfg.seed)
+        self.loader = self._training_batches()
         val_batches = self._validation_batches()
         model, self.init_report = build_model(plan, context)
         self.engine = build_engine(plan, model)
@@ -109,16 +109,28 @@ class Trainer:
         """Rank 0 checks every shard against the manifest (`gpt_moe.data.verify`, `--verify-data`) and the data's
         largest token id against the model's vocabulary; every rank gets the verdict, before step 1."""
         def check() -> None:
-            found = verify_data(self.shards, self.cfg.verify_data)
-            if found.record is None and found.hashed:
-                log.warning("%s: verification not recorded (%s): every start hashes the shards again",
-                            self.cfg.data, found.record_error)
-            if found.max_token_id >= self.plan.model.vocab_size:
-                raise DataError(f"{self.cfg.data}: token id {found.max_token_id} in the data, but the model's "
-                                f"vocab_size is {self.plan.model.vocab_size}; use a model config with vocab_size > "
-                                f"{found.max_token_id} or data prepared with the model's tokenizer")
+            for shards in (self.shards, self.mix_shards):
+                if shards is None:
+                    continue
+                found = verify_data(shards, self.cfg.verify_data)
+                if found.record is None and found.hashed:
+                    log.warning("%s: verification not recorded (%s): every start hashes the shards again",
+                                shards.directory, found.record_error)
+                if found.max_token_id >= self.plan.model.vocab_size:
+                    raise DataError(f"{shards.directory}: token id {found.max_token_id} in the data, but the "
+                                    f"model's vocab_size is {self.plan.model.vocab_size}; use a model config with "
+                                    f"vocab_size > {found.max_token_id} or data prepared with the model's tokenizer")
 
         self.context.on_rank0(check)
+
+    def _training_batches(self) -> TrainBatches | ChatBatches | MixedBatches:
+        """The training rows of this rank: text windows, packed conversations, or both (--mix-pretrain)."""
+        cfg, context = self.cfg, self.context
+        if self.chat and cfg.mix_pretrain:
+            return MixedBatches(self.shards, self.mix_shards, cfg.seq_len, cfg.micro_batch,
+                                text_rows(cfg.mix_pretrain, cfg.micro_batch), context.rank, context.world, cfg.seed)
+        batches = ChatBatches if self.chat else TrainBatches
+        return batches(self.shards, cfg.seq_len, cfg.micro_batch, context.rank, context.world, cfg.seed)
 
     def _validation_batches(self) -> ValBatches | ChatValBatches | None:
         """The evaluation batches, or None (with one warning) for data prepared with --val-fraction 0."""
@@ -217,7 +229,7 @@ class Trainer:
             run_dir = self.plan.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
             for name, config in (("ds_config.resolved.json", self.plan.ds_config),
-                                 ("train_config.json", asdict(self.cfg)),
+                                 (RUN_CONFIG_FILE, asdict(self.cfg)),
                                  ("model_config.json", self.plan.model.to_dict())):
                 write_atomic(run_dir / name, json.dumps(config, indent=2))
             print(self.plan.banner(), flush=True)
