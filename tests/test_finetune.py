@@ -59,7 +59,7 @@ def test_init_from_a_checkpoint_its_export_and_its_transformers_directory_starts
         started = run("--deepspeed", str(fp32_zero2), "--init-from", str(source), "--data", str(chat_data),
                       "--run-dir", str(run_dir), "--max-steps", "1", "--save-interval", "100", "--mix-data",
                       str(prepared_data), *FINETUNE)
-        assert f"1 of every 2 rows from {prepared_data} (--mix-pretrain 0.25)" in started.stdout
+        assert f"1 of every 2 rows from {prepared_data} (--mix-pretrain 0.125)" in started.stdout
         first[name] = history(run_dir)[0]
     # the language-model loss is bit-identical; transformers has no MTP block, so there it starts fresh
     assert first["checkpoint"]["train/lm_loss"] == first["export"]["train/lm_loss"] == \
@@ -71,7 +71,7 @@ def test_init_from_a_checkpoint_its_export_and_its_transformers_directory_starts
     # a resumed run keeps its own mix: one from before --mix-pretrain (no such key in its config) resumes unmixed
     config_file = tmp_path / "from-checkpoint" / "train_config.json"
     config = json.loads(config_file.read_text())
-    assert (config["mix_pretrain"], config["mix_data"]) == (0.25, str(prepared_data))
+    assert (config["mix_pretrain"], config["mix_data"]) == (0.125, str(prepared_data))
     config_file.write_text(json.dumps({k: v for k, v in config.items() if not k.startswith("mix_")}))
     resumed = run("--deepspeed", str(fp32_zero2), "--init-from", str(base_run), "--data", str(chat_data), "--run-dir",
                   str(tmp_path / "from-checkpoint"), "--max-steps", "2", "--dry-run", *FINETUNE)
