@@ -68,6 +68,8 @@ def train_on_nodes(form: str, *args: str, nodes: int = 2, timeout: int = 600) ->
     all started at once, as a cluster job starts them; their results in node order. Each launcher's output goes to
     a file (a full pipe would stall one node while the others wait for it in a collective). Past `timeout` seconds
     every launcher's process group is killed and the run fails."""
+    if not 1 <= nodes <= len(LOOPBACK_NODES):
+        raise ValueError(f"nodes={nodes}: between 1 and {len(LOOPBACK_NODES)} loopback nodes")
     port, env = free_port(), rank_env()
     with tempfile.TemporaryDirectory(prefix="nodes-") as scratch:
         hostfile = Path(scratch) / "hostfile"

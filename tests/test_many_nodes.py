@@ -4,11 +4,13 @@ forms of docs/training.md "Many nodes" train as one node with as many ranks does
 collective timeout is a validated flag."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import shrunk_tiny
-from launching import NODE_LAUNCHERS, train, train_on_nodes
+from launching import NODE_LAUNCHERS, rank_env, train, train_on_nodes
 
 from gpt_moe.data.shards import TokenShards
 from gpt_moe.errors import ConfigError
@@ -88,3 +90,19 @@ def test_dist_timeout_defaults_to_ten_minutes_and_says_so():
     assert parse_train_args(["--dist-timeout", "45"])[0].dist_timeout == 45
     help_text = next(action.help for action in build_parser()._actions if action.dest == "dist_timeout")
     assert "frozen or lost node" in help_text and help_text.endswith("(default: 600.0)")
+
+
+def test_the_dist_timeout_is_the_process_groups_timeout():
+    """start_distributed (the trainer passes it --dist-timeout) gives gloo's process group that timeout: a collective
+    waiting for a frozen rank raises after it. One rank, in a fresh interpreter (the process group and the launcher
+    variables it sets stay out of this one)."""
+    script = ("import torch, torch.distributed as dist\n"
+              "from gpt_moe.train.engine import start_distributed, end_distributed\n"
+              "start_distributed(2, 7.5)\n"
+              "backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))\n"
+              "print('timeout', backend.options._timeout.total_seconds())\n"
+              "end_distributed()\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=rank_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "timeout 7.5" in result.stdout.splitlines()
