@@ -1,15 +1,20 @@
 """Starting real training jobs from the tests and `bench.py scale`: `python launch/train.py` or the `deepspeed` launcher
-with N CPU ranks."""
+with N CPU ranks on this machine, or several launchers each standing for one node on a loopback address."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+LOOPBACK_NODES = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4")  # the only "nodes" tests may use
+NODE_LAUNCHERS = ("torchrun", "deepspeed")
 
 
 def free_port() -> str:
@@ -18,10 +23,15 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def rank_env(threads: str = "1") -> dict[str, str]:
+    """This process's environment for the ranks: `threads` OpenMP threads each (they share this machine's cores)."""
+    return dict(os.environ, OMP_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
+
+
 def train(*args: str, ranks: int = 2, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus RANKS launch/train.py ARGS`, or `python launch/train.py ARGS` for ranks=0; one thread
     per rank when there are several (they share this machine's cores)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1" if ranks else "2", TOKENIZERS_PARALLELISM="false")
+    env = rank_env("1" if ranks else "2")
     port = free_port()
     if ranks:
         cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, "launch/train.py", *args]
@@ -31,8 +41,65 @@ def train(*args: str, ranks: int = 2, check: bool = True, timeout: int = 900) ->
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    # DeepSpeed's CPU allreduce workspaces (69 MB of RAM each) must not outlive the run: see
-    # gpt_moe.train.hardware.unlink_cpu_allreduce_buffer
+    assert_no_allreduce_workspace_left(port)
+    return result
+
+
+def assert_no_allreduce_workspace_left(port: str) -> None:
+    """DeepSpeed's CPU allreduce workspaces (69 MB of RAM each) must not outlive the run: see
+    gpt_moe.train.hardware.unlink_cpu_allreduce_buffer"""
     left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"left in /dev/shm: {[p.name for p in left]}"
-    return result
+
+
+def node_launcher(form: str, node_rank: int, nodes: int, port: str, hostfile: Path) -> list[str]:
+    """The command one node runs before `launch/train.py`, 1 rank per node, the master on node 0 (127.0.0.1):
+    torchrun's static rendezvous, or DeepSpeed's launcher without ssh given this node's line of `hostfile`."""
+    master = ["--master_addr", LOOPBACK_NODES[0], "--master_port", port]
+    if form == "torchrun":
+        return ["torchrun", "--nnodes", str(nodes), "--node_rank", str(node_rank), "--nproc_per_node", "1", *master]
+    if form == "deepspeed":
+        return ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank), *master]
+    raise ValueError(f"unknown node launcher {form!r}; expected one of {NODE_LAUNCHERS}")
+
+
+def train_on_nodes(form: str, *args: str, nodes: int = 2, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """`launch/train.py ARGS` on `nodes` loopback "nodes" of 1 rank each: one launcher per node (`node_launcher`),
+    all started at once, as a cluster job starts them; their results in node order. Each launcher's output goes to
+    a file (a full pipe would stall one node while the others wait for it in a collective). Past `timeout` seconds
+    every launcher's process group is killed and the run fails."""
+    if not 1 <= nodes <= len(LOOPBACK_NODES):
+        raise ValueError(f"nodes={nodes}: between 1 and {len(LOOPBACK_NODES)} loopback nodes")
+    port, env = free_port(), rank_env()
+    with tempfile.TemporaryDirectory(prefix="nodes-") as scratch:
+        hostfile = Path(scratch) / "hostfile"
+        hostfile.write_text("".join(f"{host} slots=1\n" for host in LOOPBACK_NODES[:nodes]))
+        started = []
+        for node in range(nodes):
+            out, err = (open(Path(scratch) / f"node{node}.{name}", "w+") for name in ("out", "err"))
+            cmd = [*node_launcher(form, node, nodes, port, hostfile), "launch/train.py", *args]
+            started.append((cmd, out, err, subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, env=env,
+                                                            start_new_session=True)))
+        deadline = time.monotonic() + timeout
+        results = [_finish(cmd, out, err, process, deadline) for cmd, out, err, process in started]
+    failed = [r for r in results if r.returncode != 0]
+    if failed:
+        raise AssertionError("\n".join(f"node launcher failed ({r.returncode}): {' '.join(r.args[:8])} ...\n"
+                                       f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}" for r in failed))
+    assert_no_allreduce_workspace_left(port)
+    return results
+
+
+def _finish(cmd: list[str], out, err, process: subprocess.Popen, deadline: float) -> subprocess.CompletedProcess:
+    """The launcher's result once it exits (its whole process group killed past `deadline`, a monotonic time)."""
+    try:
+        process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    texts = []
+    for stream in (out, err):
+        stream.seek(0)
+        texts.append(stream.read())
+        stream.close()
+    return subprocess.CompletedProcess(cmd, process.returncode, *texts)

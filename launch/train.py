@@ -19,7 +19,7 @@ from gpt_moe.cli import run_cli
 from gpt_moe.errors import ConfigError
 from gpt_moe.train.config import parse_train_args
 from gpt_moe.train.hardware import Hardware
-from gpt_moe.train.plan import RunPlan, plan_run
+from gpt_moe.train.plan import RunPlan, launcher_ranks_per_node, plan_run
 
 
 def prepare_default_data(plan: RunPlan, directory: Path) -> None:
@@ -39,7 +39,8 @@ def train(argv: list[str] | None) -> int:
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg, explicit, faults = parse_train_args(argv)
-    plan = plan_run(cfg, explicit, int(os.environ.get("WORLD_SIZE", "1")), Hardware.detect())
+    plan = plan_run(cfg, explicit, int(os.environ.get("WORLD_SIZE", "1")), Hardware.detect(),
+                    launcher_ranks_per_node())
     if cfg.dry_run:
         print(plan.banner())
         return 0

@@ -21,6 +21,7 @@ from gpt_moe.model.recompute import MODES
 
 
 EVAL_SUITE_MODES = ("auto", "on", "off")
+DIST_TIMEOUT_S = 600.0  # DeepSpeed's own default (10 minutes, DEEPSPEED_TIMEOUT), stated rather than inherited
 
 
 def option(default: Any, help: str) -> Any:
@@ -94,6 +95,9 @@ class TrainConfig:
                                   "training (inductor: C++ on CPU, Triton on CUDA); the first step also compiles")
     memory_per_rank: str = option("", "with --dry-run: memory of one rank (e.g. 80GB, 24GiB): print the largest "
                                       "micro-batch that fits per checkpointing mode, or what to change")
+    dist_timeout: float = option(DIST_TIMEOUT_S, "seconds a collective (all-reduce, barrier ...) waits for the other "
+                                                 "ranks before the run ends with an error: how long a frozen or "
+                                                 "lost node can hold the others (the process group's timeout)")
     dry_run: bool = option(False, "resolve and print both configs, parameter counts and a memory estimate, then exit")
 
     def validate(self) -> None:
@@ -109,6 +113,8 @@ class TrainConfig:
                 fail(key, "an integer >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             fail("lr", "a positive number")
+        if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
+            fail("dist_timeout", "a positive number of seconds")
         if not (self.peak_flops >= 0 and math.isfinite(self.peak_flops)):
             fail("peak_flops", "a number >= 0 (FLOP/s; 0 = table or measured)")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,17 @@ class RunPlan:
     resume: ResumePlan | None = None  # None: the run starts at step 0
     precision: str = ""  # why the run trains in bf16 or fp32 (the banner says it)
     mix_off: str = "off"  # why no pretraining text is mixed in, when none is
+    ranks_per_node: int = 0  # ranks on this rank's node, as the launcher said (`launcher_ranks_per_node`); 0: all
+
+    @property
+    def nodes(self) -> str:
+        """The run's nodes x ranks per node, in words: the world divided by the ranks on this rank's node (every
+        node holds as many ranks in the launch forms this trainer documents; a world that does not divide is
+        said as it is)."""
+        per_node = self.ranks_per_node or self.world_size
+        if self.world_size % per_node:
+            return f"{self.world_size} rank(s), {per_node} on this node (nodes of unequal size)"
+        return f"{self.world_size // per_node} node(s) x {per_node} rank(s) per node"
 
     @property
     def mixing(self) -> str:
@@ -142,6 +155,7 @@ class RunPlan:
             f"world {self.world_size} rank(s), expert-parallel size {t.ep_size} "
             f"({model.n_routed_experts // t.ep_size} routed experts per rank per layer), "
             f"ZeRO stage {self.zero_stage}, bf16 {self.ds_config['bf16']['enabled']}",
+            f"nodes: {self.nodes}",
             f"precision: {self.precision}",
             "compile: " + ("each decoder layer and the MTP block (torch.compile); the first step includes compiling"
                            if t.compile else "off (eager; --compile compiles each decoder layer)"),
@@ -158,10 +172,24 @@ class RunPlan:
         ])
 
 
-def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware: Hardware) -> RunPlan:
-    """The run `cfg` describes on `world_size` ranks of `hardware`; `explicit` names the flags given on the
-    command line (a DeepSpeed JSON value that contradicts one of them is an error)."""
-    plan = _plan(cfg, explicit, world_size, hardware)
+def launcher_ranks_per_node(environ: Mapping[str, str] = os.environ) -> int:
+    """The ranks on this process's node, from the environment its launcher set: LOCAL_WORLD_SIZE (torchrun) or
+    LOCAL_SIZE (the deepspeed launcher, with or without ssh, which sets no LOCAL_WORLD_SIZE); 0 where neither is
+    set (plain `python`, a dry run): the banner then counts the whole world as one node. Both launchers count the
+    ranks they start on their own node, so this holds on every node; the node count is the world divided by it."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
+def plan_run(cfg: TrainConfig, explicit: frozenset[str], world_size: int, hardware: Hardware,
+             ranks_per_node: int = 0) -> RunPlan:
+    """The run `cfg` describes on `world_size` ranks of `hardware`, `ranks_per_node` of them on each node (0: one
+    node); `explicit` names the flags given on the command line (a DeepSpeed JSON value that contradicts one of
+    them is an error)."""
+    plan = dataclasses.replace(_plan(cfg, explicit, world_size, hardware), ranks_per_node=ranks_per_node)
     resume = plan_resume(cfg.resume, plan.checkpoint_dir, plan.layout)
     if resume is None:
         return plan
@@ -256,7 +284,8 @@ def keep_global_batch(plan: RunPlan, resume: ResumePlan, cfg: TrainConfig, expli
               f"tokens x {t.grad_accum} accumulation x {plan.world_size} rank(s) = {plan.tokens_per_step:,}")
     if needed and "--grad-accum" not in explicit:
         try:
-            kept = _plan(dataclasses.replace(cfg, grad_accum=needed), explicit, plan.world_size, hardware)
+            kept = dataclasses.replace(_plan(dataclasses.replace(cfg, grad_accum=needed), explicit,
+                                             plan.world_size, hardware), ranks_per_node=plan.ranks_per_node)
         except ConfigError:  # the DeepSpeed JSON fixes the accumulation
             kept = None
         if kept is not None and kept.tokens_per_step == saved:
