@@ -81,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.deepspeed} (ZeRO {plan.zero_stage}, bf16 {plan.bf16}), "
           f"{torch.get_num_threads()} threads; peak {peak / 1e9:.0f} GFLOP/s ({how})")
     print(f"{'':>14} {'tokens/s':>10} {'MFU':>7}")
+    wrong_peak = False
     for name, rate in rates.items():
-        print(f"{name:>14} {rate:10.0f} {rate * flops / peak:7.1%}")
+        mfu = rate * flops / peak
+        wrong_peak |= mfu > 1
+        print(f"{name:>14} {rate:10.0f} " + (f"{mfu:7.1%}" if mfu <= 1 else "  wrong peak"))
+    if wrong_peak:  # as the trainer's MFU (gpt_moe.train.metrics): above 100% the peak is what is wrong
+        print(f"MFU above 100%: the peak ({how}) is too low, likely measured while something else ran; remove its "
+              "entry from that cache file and run again")
     print(f"gpt-moe / transformers: {rates['gpt-moe'] / rates['transformers']:.2f}x")
     return 0
 
