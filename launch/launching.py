@@ -52,54 +52,89 @@ def assert_no_allreduce_workspace_left(port: str) -> None:
     assert not left, f"left in /dev/shm: {[p.name for p in left]}"
 
 
-def node_launcher(form: str, node_rank: int, nodes: int, port: str, hostfile: Path) -> list[str]:
-    """The command one node runs before `launch/train.py`, 1 rank per node, the master on node 0 (127.0.0.1):
+def node_launcher(form: str, node_rank: int, nodes: int, ranks_per_node: int, port: str,
+                  hostfile: Path) -> list[str]:
+    """The command one node runs before `launch/train.py`, `ranks_per_node` ranks, the master on node 0 (127.0.0.1):
     torchrun's static rendezvous, or DeepSpeed's launcher without ssh given this node's line of `hostfile`."""
     master = ["--master_addr", LOOPBACK_NODES[0], "--master_port", port]
     if form == "torchrun":
-        return ["torchrun", "--nnodes", str(nodes), "--node_rank", str(node_rank), "--nproc_per_node", "1", *master]
+        return ["torchrun", "--nnodes", str(nodes), "--node_rank", str(node_rank), "--nproc_per_node",
+                str(ranks_per_node), *master]
     if form == "deepspeed":
         return ["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank), *master]
     raise ValueError(f"unknown node launcher {form!r}; expected one of {NODE_LAUNCHERS}")
 
 
-def train_on_nodes(form: str, *args: str, nodes: int = 2, timeout: int = 600) -> list[subprocess.CompletedProcess]:
-    """`launch/train.py ARGS` on `nodes` loopback "nodes" of 1 rank each: one launcher per node (`node_launcher`),
-    all started at once, as a cluster job starts them; their results in node order. Each launcher's output goes to
-    a file (a full pipe would stall one node while the others wait for it in a collective). Past `timeout` seconds
-    every launcher's process group is killed and the run fails."""
-    if not 1 <= nodes <= len(LOOPBACK_NODES):
-        raise ValueError(f"nodes={nodes}: between 1 and {len(LOOPBACK_NODES)} loopback nodes")
-    port, env = free_port(), rank_env()
-    with tempfile.TemporaryDirectory(prefix="nodes-") as scratch:
-        hostfile = Path(scratch) / "hostfile"
-        hostfile.write_text("".join(f"{host} slots=1\n" for host in LOOPBACK_NODES[:nodes]))
-        started = []
+class NodeJob:
+    """`launch/train.py ARGS` started on loopback "nodes", one launcher per node (`node_launcher`), all at once as a
+    cluster job starts them. Each launcher is its own process group (with its ranks), so a test can kill or freeze
+    one node; its output goes to a file (a full pipe would stall one node while the others wait for it in a
+    collective). `node_dirs[i]` is node i's working directory (its own disk); by default every node runs in the
+    repository (one shared file system)."""
+
+    def __init__(self, form: str, *args: str, nodes: int = 2, ranks_per_node: int = 1,
+                 node_dirs: list[Path] | None = None) -> None:
+        if not 1 <= nodes <= len(LOOPBACK_NODES):
+            raise ValueError(f"nodes={nodes}: between 1 and {len(LOOPBACK_NODES)} loopback nodes")
+        self.port, env = free_port(), rank_env()
+        self._scratch = tempfile.TemporaryDirectory(prefix="nodes-")
+        scratch = Path(self._scratch.name)
+        hostfile = scratch / "hostfile"
+        hostfile.write_text("".join(f"{host} slots={ranks_per_node}\n" for host in LOOPBACK_NODES[:nodes]))
+        self.commands: list[list[str]] = []
+        self.processes: list[subprocess.Popen] = []
+        self._logs = []
         for node in range(nodes):
-            out, err = (open(Path(scratch) / f"node{node}.{name}", "w+") for name in ("out", "err"))
-            cmd = [*node_launcher(form, node, nodes, port, hostfile), "launch/train.py", *args]
-            started.append((cmd, out, err, subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, env=env,
-                                                            start_new_session=True)))
+            out, err = (open(scratch / f"node{node}.{name}", "w+") for name in ("out", "err"))
+            cmd = [*node_launcher(form, node, nodes, ranks_per_node, self.port, hostfile),
+                   str(REPO / "launch" / "train.py"), *args]
+            cwd = node_dirs[node] if node_dirs else REPO
+            self.commands.append(cmd)
+            self._logs.append((out, err))
+            self.processes.append(subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, env=env,
+                                                   start_new_session=True))
+
+    def output(self, node: int) -> str:
+        """What node `node`'s launcher and ranks printed so far (stdout)."""
+        out, _ = self._logs[node]
+        out.flush()
+        return Path(out.name).read_text()
+
+    def signal(self, node: int, signum: int) -> None:
+        """`signum` to node `node`'s launcher and all its ranks (SIGKILL: the node dies; SIGSTOP: it freezes with
+        its sockets open, as a hung GPU or a network partition leaves it)."""
+        os.killpg(self.processes[node].pid, signum)
+
+    def finish(self, timeout: float = 600, check: bool = True) -> list[subprocess.CompletedProcess]:
+        """Every launcher's result once it exits, in node order; past `timeout` seconds (from now) the stragglers'
+        process groups are killed. `check`: raise unless every launcher exited with 0."""
         deadline = time.monotonic() + timeout
-        results = [_finish(cmd, out, err, process, deadline) for cmd, out, err, process in started]
-    failed = [r for r in results if r.returncode != 0]
-    if failed:
-        raise AssertionError("\n".join(f"node launcher failed ({r.returncode}): {' '.join(r.args[:8])} ...\n"
-                                       f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}" for r in failed))
-    assert_no_allreduce_workspace_left(port)
-    return results
+        results = []
+        for cmd, (out, err), process in zip(self.commands, self._logs, self.processes):
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGCONT)  # a frozen node must wake to die
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            texts = []
+            for stream in (out, err):
+                stream.seek(0)
+                texts.append(stream.read())
+                stream.close()
+            results.append(subprocess.CompletedProcess(cmd, process.returncode, *texts))
+        self._scratch.cleanup()
+        failed = [r for r in results if r.returncode != 0]
+        if check and failed:
+            raise AssertionError("\n".join(f"node launcher failed ({r.returncode}): {' '.join(r.args[:8])} ...\n"
+                                           f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}" for r in failed))
+        if check:
+            assert_no_allreduce_workspace_left(self.port)
+        return results
 
 
-def _finish(cmd: list[str], out, err, process: subprocess.Popen, deadline: float) -> subprocess.CompletedProcess:
-    """The launcher's result once it exits (its whole process group killed past `deadline`, a monotonic time)."""
-    try:
-        process.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    texts = []
-    for stream in (out, err):
-        stream.seek(0)
-        texts.append(stream.read())
-        stream.close()
-    return subprocess.CompletedProcess(cmd, process.returncode, *texts)
+def train_on_nodes(form: str, *args: str, nodes: int = 2, ranks_per_node: int = 1,
+                   node_dirs: list[Path] | None = None, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """`launch/train.py ARGS` on `nodes` loopback nodes (`NodeJob`) to the end; their results in node order. Past
+    `timeout` seconds every launcher's process group is killed and the run fails."""
+    return NodeJob(form, *args, nodes=nodes, ranks_per_node=ranks_per_node, node_dirs=node_dirs).finish(timeout)
