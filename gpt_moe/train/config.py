@@ -22,6 +22,10 @@ from gpt_moe.model.recompute import MODES
 
 EVAL_SUITE_MODES = ("auto", "on", "off")
 DIST_TIMEOUT_S = 600.0  # DeepSpeed's own default (10 minutes, DEEPSPEED_TIMEOUT), stated rather than inherited
+# Launchers that start every node together (pdsh over ssh, srun) bring all ranks to the join within seconds of each
+# other: what differs is each node's start-up (python, torch and DeepSpeed imports). 20 s leaves room for that and
+# still ends a run with a node missing within about 30 s of its launch (`gpt_moe.train.join`).
+JOIN_TIMEOUT_S = 20.0
 
 
 def option(default: Any, help: str) -> Any:
@@ -98,6 +102,12 @@ class TrainConfig:
     dist_timeout: float = option(DIST_TIMEOUT_S, "seconds a collective (all-reduce, barrier ...) waits for the other "
                                                  "ranks before the run ends with an error: how long a frozen or "
                                                  "lost node can hold the others (the process group's timeout)")
+    join_timeout: float = option(JOIN_TIMEOUT_S, "seconds each rank waits at the start for every other rank to join "
+                                                 "before the run ends with an error naming the missing ranks and "
+                                                 "their node (one whose launcher never started them: an unreachable "
+                                                 "host). Enough where the launcher starts all nodes together (pdsh "
+                                                 "over ssh, srun; torchrun's ranks always meet at once); where "
+                                                 "nodes start independently, raise it to the gap between them")
     dry_run: bool = option(False, "resolve and print both configs, parameter counts and a memory estimate, then exit")
 
     def validate(self) -> None:
@@ -113,8 +123,9 @@ class TrainConfig:
                 fail(key, "an integer >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             fail("lr", "a positive number")
-        if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
-            fail("dist_timeout", "a positive number of seconds")
+        for key in ("dist_timeout", "join_timeout"):
+            if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
+                fail(key, "a positive number of seconds")
         if not (self.peak_flops >= 0 and math.isfinite(self.peak_flops)):
             fail("peak_flops", "a number >= 0 (FLOP/s; 0 = table or measured)")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -28,9 +28,10 @@ from gpt_moe.checkpoint.weights import check_weights
 from gpt_moe.errors import CheckpointError, ConfigError, GptMoeError
 from gpt_moe.model.model import DeepSeekForCausalLM, mtp_prefix
 from gpt_moe.model.moe import MoE
-from gpt_moe.train.config import DIST_TIMEOUT_S, lr_at
+from gpt_moe.train.config import DIST_TIMEOUT_S, JOIN_TIMEOUT_S, lr_at
 from gpt_moe.train.hardware import (MemoryWindow, deepspeed_cuda_arch_list, keep_freed_memory, release_freed_memory,
                                     unlink_cpu_allreduce_buffer)
+from gpt_moe.train.join import join_all_ranks
 from gpt_moe.train.plan import RunPlan
 from gpt_moe.train.zero_memory import share_fp32_master
 
@@ -105,21 +106,25 @@ def ensure_single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def start_distributed(zero_stage: int, timeout_s: float = DIST_TIMEOUT_S) -> Distributed:
+def start_distributed(zero_stage: int, timeout_s: float = DIST_TIMEOUT_S,
+                      join_timeout_s: float = JOIN_TIMEOUT_S) -> Distributed:
     """Joins the process group on DeepSpeed's accelerator (gloo on CPU, NCCL on GPUs) and prepares the process:
     on CPU the memory allocator (see `gpt_moe.train.hardware`), on CUDA the architecture list DeepSpeed's op builder
     reads. Rank, world size and local rank come from the environment any launcher sets (the deepspeed launcher,
     with or without ssh, and torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); this rank's device
-    is the one of its local rank. A collective that waits longer than `timeout_s` seconds for another rank (one
-    frozen or lost) raises instead of hanging."""
+    is the one of its local rank. Every rank joins first (`gpt_moe.train.join`): a rank missing after
+    `join_timeout_s` seconds (its node never started it) ends the run naming it. A collective that waits longer than
+    `timeout_s` seconds for another rank (one frozen or lost) raises instead of hanging."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     ensure_single_process_env()
     accelerator = get_accelerator()
     accelerator.set_device(int(os.environ["LOCAL_RANK"]))  # torchrun passes no --local_rank, only the variable
+    joined = join_all_ranks(join_timeout_s)  # kept until torch's rendezvous below shares rank 0's server
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
                                timeout=timedelta(seconds=timeout_s))
+    del joined
     context = Distributed(dist.get_rank(), dist.get_world_size(), torch.device(accelerator.current_device_name()))
     if context.device.type == "cpu" and zero_stage < 3:
         # reuse freed activations instead of faulting fresh pages in every step; not under ZeRO-3, the stage

@@ -66,7 +66,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.plan, self.cfg, self.faults = plan, plan.train, faults
         self.resume_source = open_resume_source(plan.resume)  # before anything starts: a refusal costs nothing
-        self.context = context = start_distributed(plan.zero_stage, plan.train.dist_timeout)
+        self.context = context = start_distributed(plan.zero_stage, self.cfg.dist_timeout, self.cfg.join_timeout)
         check_same_precision(plan, context)
         # one run per run directory: a second run is refused here, before it writes anything
         self.run_lock = context.on_rank0(lambda: run_directory_lock(plan.run_dir).acquire())
