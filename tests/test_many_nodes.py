@@ -1,21 +1,26 @@
-"""Many nodes on one machine: each "node" is its own launcher on a loopback address (127.0.0.1 the master, 127.0.0.2),
-started together as a cluster job starts them, sharing the run directory (the shared-file-system case). The launch
-forms of docs/training.md "Many nodes" train as one node with as many ranks does; the banner counts the nodes; the
-collective timeout is a validated flag."""
+"""Many nodes on one machine: each "node" is a loopback address (127.0.0.1 the master, 127.0.0.2), reached by its own
+launcher started together with the others as a cluster job starts them, or over ssh by DeepSpeed's pdsh runner
+(`tests/loopback_ssh.py`), sharing the run directory (the shared-file-system case). The launch forms of
+docs/training.md "Many nodes" train as one node with as many ranks does; the banner counts the nodes; a node that
+never starts ends the run in bounded time, named; the timeouts are validated flags."""
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import shrunk_tiny
-from launching import NODE_LAUNCHERS, rank_env, train, train_on_nodes
+from launching import LOOPBACK_NODES, NODE_LAUNCHERS, free_port, rank_env, train, train_on_nodes
+from loopback_ssh import SSH_NODES, LoopbackSshd
 
 from gpt_moe.data.shards import TokenShards
 from gpt_moe.errors import ConfigError
-from gpt_moe.train.config import DIST_TIMEOUT_S, build_parser, parse_train_args
+from gpt_moe.train.config import DIST_TIMEOUT_S, JOIN_TIMEOUT_S, build_parser, parse_train_args
 from gpt_moe.train.hardware import Hardware
+from gpt_moe.train.join import JoinError, join_all_ranks, span_list
 from gpt_moe.train.plan import launcher_ranks_per_node, plan_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,28 +31,48 @@ def history(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "summary.json").read_text())["history"]
 
 
-@pytest.mark.multiprocess
-def test_two_nodes_by_torchrun_and_by_deepspeed_without_ssh_train_as_one_node_of_two_ranks(
-        prepared_data, fp32_zero2, tmp_path):
-    """2 nodes x 1 rank, by `torchrun --nnodes 2 --node_rank R` and by `deepspeed --hostfile H --no_ssh --node_rank R`,
-    against `deepspeed --num_gpus 2` on one node, same seed, fp32, a micro model for 3 steps: the same losses, clipped
-    gradient norms and per-expert token counts at every step, the same checkpoint files written once into the shared
-    run directory, and a banner that says 2 nodes x 1 rank per node (1 x 2 on one node)."""
-    model = tmp_path / "model.json"
+@pytest.fixture
+def sshd(tmp_path):
+    with LoopbackSshd(tmp_path / "ssh") as server:
+        yield server
+
+
+def micro_run_args(prepared_data: Path, ds_config: Path, folder: Path) -> list[str]:
+    """launch/train.py's arguments for 3 steps of a micro model (fp32), saving at the last."""
+    model = folder / "model.json"
     model.write_text(json.dumps(shrunk_tiny(vocab_size=TokenShards(prepared_data).n_vocab).to_dict()))
-    args = ["--deepspeed", str(fp32_zero2), "--model", str(model), "--data", str(prepared_data), "--max-steps", "3",
+    return ["--deepspeed", str(ds_config), "--model", str(model), "--data", str(prepared_data), "--max-steps", "3",
             "--save-interval", "3", "--seq-len", "64", "--micro-batch", "4", "--grad-accum", "2", "--log-interval",
             "1", "--eval-interval", "1000", "--eval-batches", "2", "--sample-tokens", "0", "--warmup-steps", "2"]
+
+
+@pytest.mark.multiprocess
+def test_two_nodes_by_every_launch_form_train_as_one_node_of_two_ranks(prepared_data, fp32_zero2, sshd, tmp_path):
+    """2 nodes x 1 rank, by `torchrun --nnodes 2 --node_rank R`, by `deepspeed --hostfile H --no_ssh --node_rank R`
+    and by `deepspeed --hostfile H` run once on node 0 (pdsh over ssh), against `deepspeed --num_gpus 2` on one
+    node, same seed, fp32, a micro model for 3 steps: the same losses, clipped gradient norms and per-expert token
+    counts at every step, the same checkpoint files written once into the shared run directory, and a banner that
+    says 2 nodes x 1 rank per node (1 x 2 on one node)."""
+    args = micro_run_args(prepared_data, fp32_zero2, tmp_path)
     one_node = tmp_path / "one-node"
     banner = train(*args, "--run-dir", str(one_node), ranks=2).stdout
     assert "nodes: 1 node(s) x 2 rank(s) per node" in banner
     reference = history(one_node)
     assert [h["step"] for h in reference] == [1, 2, 3]
-    for form in NODE_LAUNCHERS:
+    for form in (*NODE_LAUNCHERS, "pdsh"):
         run_dir = tmp_path / form
-        node0, node1 = train_on_nodes(form, *args, "--run-dir", str(run_dir))
-        assert "nodes: 2 node(s) x 1 rank(s) per node" in node0.stdout, (form, node0.stdout[-2000:])
-        assert "gpt-moe training" not in node1.stdout  # one banner: global rank 0's
+        if form == "pdsh":  # one runner, the ranks' output prefixed with their host by pdsh
+            result, _ = sshd.deepspeed(list(SSH_NODES), "launch/train.py", *args, "--run-dir", str(run_dir))
+            assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            assert "export OMP_NUM_THREADS=1;" in result.stderr + result.stdout  # reached the ranks over ssh
+            lines = result.stdout.splitlines()
+            node0 = "\n".join(line for line in lines if line.startswith(f"{SSH_NODES[0]}: "))
+            node1 = "\n".join(line for line in lines if line.startswith(f"{SSH_NODES[1]}: "))
+            assert f"{SSH_NODES[1]}: " in node1 and not sshd.sessions(grace=5)  # both ran, and ended
+        else:
+            node0, node1 = (r.stdout for r in train_on_nodes(form, *args, "--run-dir", str(run_dir)))
+        assert "nodes: 2 node(s) x 1 rank(s) per node" in node0, (form, node0[-2000:])
+        assert "gpt-moe training" not in node1  # one banner: global rank 0's
         ours = history(run_dir)
         assert [h["step"] for h in ours] == [1, 2, 3], form
         for a, b in zip(reference, ours):
@@ -62,6 +87,48 @@ def test_two_nodes_by_torchrun_and_by_deepspeed_without_ssh_train_as_one_node_of
         tag = Path("checkpoints") / "step_00000003"
         assert (run_dir / tag / "COMPLETE").is_file(), form
         assert sorted(p.name for p in (run_dir / tag).iterdir()) == sorted(p.name for p in (one_node / tag).iterdir())
+
+
+@pytest.mark.multiprocess
+def test_an_unreachable_node_ends_the_run_within_30_seconds_naming_it(prepared_data, fp32_zero2, sshd, tmp_path):
+    """`deepspeed --hostfile H` over ssh with default flags, H naming 127.0.0.1 and 127.0.0.3 where no sshd listens:
+    pdsh says at once that ssh to 127.0.0.3 failed; node 0's rank waits --join-timeout for rank 1, then names it
+    and the run ends, non-zero, within about 30 s of the launch (measured ~27 s here) with nothing left running
+    (without the join it waited out the 10-minute process-group timeout). With no sshd answering at all, DeepSpeed's
+    runner refuses at once, naming the first host."""
+    args = [*micro_run_args(prepared_data, fp32_zero2, tmp_path), "--run-dir", str(tmp_path / "run")]
+    unreachable = LOOPBACK_NODES[2]
+    assert unreachable not in SSH_NODES
+    result, elapsed = sshd.deepspeed([SSH_NODES[0], unreachable], "launch/train.py", *args, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    # the ranks' start-up (~5 s here, more under load), the join, the launchers' exits
+    assert elapsed < JOIN_TIMEOUT_S + 20, (elapsed, output[-3000:])
+    assert re.search(rf"^pdsh@.+: {re.escape(unreachable)}: ssh exited with exit code 255$", output, re.M), output
+    assert re.search(rf"^{re.escape(SSH_NODES[0])}: error: rank 1 \(node 1 of 2\) did not join the run at "
+                     rf"{re.escape(LOOPBACK_NODES[0])}:\d+ within {JOIN_TIMEOUT_S:g} s \(--join-timeout\); 1 of 2 "
+                     r"ranks did\. ", output, re.M), output[-3000:]
+    assert not sshd.sessions(grace=5)
+
+    result, elapsed = sshd.deepspeed(list(SSH_NODES), "launch/train.py", *args, ssh_port=free_port(), timeout=120)
+    assert result.returncode != 0 and elapsed < 30, (elapsed, result.stderr[-3000:])
+    assert f"host={SSH_NODES[0]} was not reachable via ssh" in result.stderr.splitlines()[-1]
+
+
+def test_rank_0_names_the_ranks_and_nodes_that_did_not_join():
+    """Rank 0 of 4 (2 ranks per node, as the deepspeed launcher says) alone at the rendezvous: past the join
+    timeout, one line naming ranks 1-3 on nodes 0 and 1. In this process: the join is a TCP store, no process
+    group."""
+    environ = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_SIZE": "2", "MASTER_ADDR": LOOPBACK_NODES[0],
+               "MASTER_PORT": free_port()}
+    started = time.monotonic()
+    with pytest.raises(JoinError, match=rf"^ranks 1-3 \(nodes 0-1 of 2\) did not join the run at "
+                                        rf"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']} within 1.5 s "
+                                        r"\(--join-timeout\); 1 of 4 ranks did\. [^\n]+$"):
+        join_all_ranks(1.5, environ)
+    assert 1.5 <= time.monotonic() - started < 10
+    assert join_all_ranks(1.5, {"RANK": "0", "WORLD_SIZE": "1"}) is None  # one rank: nothing to join
+    assert span_list([7, 1, 2, 3, 9, 10]) == "1-3, 7, 9-10"
 
 
 def test_the_banner_counts_nodes_from_the_launchers_environment(tmp_path):
@@ -79,10 +146,11 @@ def test_the_banner_counts_nodes_from_the_launchers_environment(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "inf", "nan"])
-def test_a_dist_timeout_that_is_not_a_positive_number_is_one_line(value):
-    with pytest.raises(ConfigError, match=rf"^training config: dist_timeout={float(value)!r} is invalid; expected a "
+@pytest.mark.parametrize("flag", ["dist_timeout", "join_timeout"])
+def test_a_timeout_that_is_not_a_positive_number_is_one_line(flag, value):
+    with pytest.raises(ConfigError, match=rf"^training config: {flag}={float(value)!r} is invalid; expected a "
                                           r"positive number of seconds$"):
-        parse_train_args(["--dist-timeout", value])
+        parse_train_args([f"--{flag.replace('_', '-')}", value])
 
 
 def test_dist_timeout_defaults_to_ten_minutes_and_says_so():
@@ -90,6 +158,13 @@ def test_dist_timeout_defaults_to_ten_minutes_and_says_so():
     assert parse_train_args(["--dist-timeout", "45"])[0].dist_timeout == 45
     help_text = next(action.help for action in build_parser()._actions if action.dest == "dist_timeout")
     assert "frozen or lost node" in help_text and help_text.endswith("(default: 600.0)")
+
+
+def test_join_timeout_defaults_to_twenty_seconds_and_says_when_to_raise_it():
+    assert JOIN_TIMEOUT_S == 20 and parse_train_args([])[0].join_timeout == 20
+    assert parse_train_args(["--join-timeout", "300"])[0].join_timeout == 300
+    help_text = next(action.help for action in build_parser()._actions if action.dest == "join_timeout")
+    assert "where nodes start independently, raise it" in help_text and help_text.endswith("(default: 20.0)")
 
 
 def test_the_dist_timeout_is_the_process_groups_timeout():
