@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -46,8 +47,8 @@ class LoopbackSshd:
 
     def __init__(self, folder: Path) -> None:
         self.folder, self.port = folder, free_port()
-        self.pdsh, self.ssh = program("pdsh"), program("ssh")
-        self.sshd = program("sshd", "/usr/sbin", "/usr/local/sbin")
+        program("pdsh")  # DeepSpeed's runner finds it on PATH
+        self.ssh, self.sshd = program("ssh"), program("sshd", "/usr/sbin", "/usr/local/sbin")
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> LoopbackSshd:
@@ -68,7 +69,8 @@ class LoopbackSshd:
             "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  GlobalKnownHostsFile /dev/null\n"
             "  LogLevel ERROR\n  ConnectTimeout 10\n")
         shim = folder / "bin" / "ssh"
-        shim.write_text(f"#!/bin/sh\nexec {self.ssh} -F {folder / 'ssh_config'} \"$@\"\n")
+        ssh = shlex.join([self.ssh, "-F", str(folder / "ssh_config")])
+        shim.write_text(f"#!/bin/sh\nexec {ssh} \"$@\"\n")
         shim.chmod(0o755)
         environment = rank_env()
         (folder / "deepspeed_env").write_text("".join(f"{name}={environment[name]}\n" for name in RANK_VARIABLES))

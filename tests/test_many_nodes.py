@@ -20,7 +20,7 @@ from gpt_moe.data.shards import TokenShards
 from gpt_moe.errors import ConfigError
 from gpt_moe.train.config import DIST_TIMEOUT_S, JOIN_TIMEOUT_S, build_parser, parse_train_args
 from gpt_moe.train.hardware import Hardware
-from gpt_moe.train.join import JoinError, join_all_ranks, span_list
+from gpt_moe.train.join import JoinError, join_all_ranks, missing_ranks_named, span_list
 from gpt_moe.train.plan import launcher_ranks_per_node, plan_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,6 +129,9 @@ def test_rank_0_names_the_ranks_and_nodes_that_did_not_join():
     assert 1.5 <= time.monotonic() - started < 10
     assert join_all_ranks(1.5, {"RANK": "0", "WORLD_SIZE": "1"}) is None  # one rank: nothing to join
     assert span_list([7, 1, 2, 3, 9, 10]) == "1-3, 7, 9-10"
+    # nodes of unequal size (a hostfile with 2 and 4 slots): this node's 2 ranks do not say where rank 3 is
+    assert missing_ranks_named([3], 6, {"LOCAL_SIZE": "2", "CROSS_SIZE": "2"}) == "rank 3"
+    assert missing_ranks_named([3, 4, 5], 6, {"LOCAL_SIZE": "3", "CROSS_SIZE": "2"}) == "ranks 3-5 (node 1 of 2)"
 
 
 def test_the_banner_counts_nodes_from_the_launchers_environment(tmp_path):

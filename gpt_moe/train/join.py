@@ -2,8 +2,9 @@
 
 DeepSpeed's launchers start each node's ranks apart (pdsh over ssh from node 0, or one `deepspeed --no_ssh` launcher
 per node). When one node's ranks never start (an unreachable host, a refused ssh, a launcher that failed), nothing
-tells the ranks that did: torch's rendezvous would hold them for the whole process-group timeout (--dist-timeout, 10
-minutes by default) and then fail without saying which node. So before torch's rendezvous every rank joins on the
+tells the ranks that did: torch's rendezvous holds them for the whole process-group timeout (--dist-timeout, 10
+minutes by default), then fails without saying which node (measured with --dist-timeout 30: "DistStoreError: Timed
+out after 31 seconds waiting for clients. 1/2 clients joined."). So before torch's rendezvous every rank joins on the
 master's store itself (MASTER_ADDR:MASTER_PORT; rank 0's server is the one torch's rendezvous then shares) and waits
 at most --join-timeout seconds for the others; past that rank 0 names the ranks, and their node, that did not come.
 
@@ -43,15 +44,16 @@ def span_list(numbers: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def missing_ranks_named(missing: list[int], world: int, ranks_per_node: int) -> str:
-    """"rank 1 (node 1 of 2)": the missing ranks and, where the nodes are of equal size (the launcher counted
-    `ranks_per_node` on this node and the world divides by it), their nodes in the launcher's order (the hostfile's
-    lines; torchrun's --node_rank)."""
+def missing_ranks_named(missing: list[int], world: int, environ: Mapping[str, str]) -> str:
+    """The missing ranks, e.g. "rank 1 (node 1 of 2)": with their nodes in the launcher's order (the hostfile's
+    lines) where the nodes are of equal size: the world divides by the ranks the launcher started on this node
+    (`launcher_ranks_per_node`) into as many nodes as it says there are (the deepspeed launcher's CROSS_SIZE)."""
     names = f"rank{'s' if len(missing) > 1 else ''} {span_list(missing)}"
-    if ranks_per_node <= 0 or world % ranks_per_node:
+    per_node = launcher_ranks_per_node(environ)
+    if per_node <= 0 or world % per_node or environ.get("CROSS_SIZE", str(world // per_node)) != str(world // per_node):
         return names
-    nodes = sorted({r // ranks_per_node for r in missing})
-    return f"{names} (node{'s' if len(nodes) > 1 else ''} {span_list(nodes)} of {world // ranks_per_node})"
+    nodes = sorted({r // per_node for r in missing})
+    return f"{names} (node{'s' if len(nodes) > 1 else ''} {span_list(nodes)} of {world // per_node})"
 
 
 def join_all_ranks(join_timeout_s: float = JOIN_TIMEOUT_S,
@@ -88,7 +90,7 @@ def join_all_ranks(join_timeout_s: float = JOIN_TIMEOUT_S,
     while store.add(JOINED, 0) < world:  # a count read 20 times a second (a timed-out wait logs torch warnings)
         if time.monotonic() > deadline:
             missing = [r for r in range(world) if not store.check([f"{KEY}{r}"])]
-            named = missing_ranks_named(missing, world, launcher_ranks_per_node(environ))
+            named = missing_ranks_named(missing, world, environ)
             raise JoinError(f"{named} did not join the run at {master} {within}; {world - len(missing)} of "
                             f"{world} ranks did. Not started by the node's launcher (an unreachable host, a refused "
                             "ssh: see the launcher's lines above) or failed before joining; a node that starts "
