@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import shrunk_tiny
-from launching import NODE_LAUNCHERS, rank_env, train, train_on_nodes
+from launching import NODE_LAUNCHERS, rank_env, train_on_nodes
 
-from gpt_moe.data.shards import TokenShards
 from gpt_moe.errors import ConfigError
 from gpt_moe.train.config import DIST_TIMEOUT_S, build_parser, parse_train_args
 from gpt_moe.train.hardware import Hardware
@@ -28,19 +26,14 @@ def history(run_dir: Path) -> list[dict]:
 
 @pytest.mark.multiprocess
 def test_two_nodes_by_torchrun_and_by_deepspeed_without_ssh_train_as_one_node_of_two_ranks(
-        prepared_data, fp32_zero2, tmp_path):
+        prepared_data, two_ranks_one_node, tmp_path):
     """2 nodes x 1 rank, by `torchrun --nnodes 2 --node_rank R` and by `deepspeed --hostfile H --no_ssh --node_rank R`,
     against `deepspeed --num_gpus 2` on one node, same seed, fp32, a micro model for 3 steps: the same losses, clipped
     gradient norms and per-expert token counts at every step, the same checkpoint files written once into the shared
     run directory, and a banner that says 2 nodes x 1 rank per node (1 x 2 on one node)."""
-    model = tmp_path / "model.json"
-    model.write_text(json.dumps(shrunk_tiny(vocab_size=TokenShards(prepared_data).n_vocab).to_dict()))
-    args = ["--deepspeed", str(fp32_zero2), "--model", str(model), "--data", str(prepared_data), "--max-steps", "3",
-            "--save-interval", "3", "--seq-len", "64", "--micro-batch", "4", "--grad-accum", "2", "--log-interval",
-            "1", "--eval-interval", "1000", "--eval-batches", "2", "--sample-tokens", "0", "--warmup-steps", "2"]
-    one_node = tmp_path / "one-node"
-    banner = train(*args, "--run-dir", str(one_node), ranks=2).stdout
-    assert "nodes: 1 node(s) x 2 rank(s) per node" in banner
+    args = [*two_ranks_one_node.args, "--data", str(prepared_data)]
+    one_node = two_ranks_one_node.run_dir
+    assert "nodes: 1 node(s) x 2 rank(s) per node" in two_ranks_one_node.stdout
     reference = history(one_node)
     assert [h["step"] for h in reference] == [1, 2, 3]
     for form in NODE_LAUNCHERS:
@@ -48,6 +41,7 @@ def test_two_nodes_by_torchrun_and_by_deepspeed_without_ssh_train_as_one_node_of
         node0, node1 = train_on_nodes(form, *args, "--run-dir", str(run_dir))
         assert "nodes: 2 node(s) x 1 rank(s) per node" in node0.stdout, (form, node0.stdout[-2000:])
         assert "gpt-moe training" not in node1.stdout  # one banner: global rank 0's
+        assert f"disks: shared (all 2 nodes see one {run_dir})" in node0.stdout, form
         ours = history(run_dir)
         assert [h["step"] for h in ours] == [1, 2, 3], form
         for a, b in zip(reference, ours):

@@ -63,6 +63,36 @@ class Distributed:
             raise verdict[0]
         return result
 
+    def on_ranks(self, here: bool, work: Callable[[], T]) -> T | None:
+        """`work()` on the ranks where `here` is true (None elsewhere); when it raises a one-line error on any of
+        them, every rank raises it (the lowest rank's)."""
+        result, error = None, None
+        if here:
+            try:
+                result = work()
+            except GptMoeError as err:
+                error = err
+        self.raise_any(error)
+        return result
+
+    def raise_any(self, error: GptMoeError | None) -> None:
+        """Every rank raises the one-line error of the lowest rank that has one (`error`: this rank's, or None)."""
+        first = next((err for err in self.gather(error) if err is not None), None)
+        if first is not None:
+            raise first
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's `value` (picklable), in rank order, on every rank."""
+        values: list[T] = [value] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def from_rank0(self, value: T) -> T:
+        """Rank 0's `value` (picklable) on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def all_reduce(self, values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """`values` summed (or `op`) over every rank, on this rank's device."""
         values = values.to(self.device)
