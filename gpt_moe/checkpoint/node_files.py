@@ -29,6 +29,11 @@ SHOWN = 4
 """Missing files named in an error line; the rest are counted."""
 
 
+def tag_files(tag_dir: Path) -> list[str]:
+    """The names of the files in `tag_dir` as written so far (hidden temporaries and subdirectories left out)."""
+    return sorted(p.name for p in Path(tag_dir).iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 def rank_files(listed: Iterable[str], rank: int, experts: tuple[int, int] | None) -> set[str]:
     """Those of `listed` that DeepSpeed's loader reads on rank `rank` (which holds routed experts [first, end), or
     None): the rank's own files, the files of the experts it holds, and the files of no rank (ZeRO-1/2's

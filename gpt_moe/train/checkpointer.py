@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from gpt_moe.atomic import fsync_dir, fsync_file
 from gpt_moe.checkpoint.deepspeed_files import check_data_only, load_rank_state, save_rank_state
 from gpt_moe.checkpoint.evaluation import Evaluation
-from gpt_moe.checkpoint.node_files import require_files
+from gpt_moe.checkpoint.node_files import rank_files, require_files, tag_files
 from gpt_moe.checkpoint.records import (CheckpointRecord, ClientState, describe_save_failure, newest_complete, prune,
                                         save_inference_files, tag_for_step, write_record)
 from gpt_moe.checkpoint.reshard import DeepSpeedSource, LayoutFreeSource, load_into_engine, open_source
@@ -73,6 +74,7 @@ class Checkpointer:
             self.engine.save_checkpoint(str(self.plan.checkpoint_dir), tag=tag_dir.name,
                                         client_state=client.to_dict())
             save_rank_state(tag_dir, self.context.rank)
+            self._make_durable(tag_dir)
             if client.step == self.faults.full_disk_at:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
         except (OSError, RuntimeError) as err:  # a full disk surfaces as either (torch.save: "unexpected pos")
@@ -96,6 +98,15 @@ class Checkpointer:
             prune(plan.checkpoint_dir, plan.train.keep_last)
         dist.barrier()
         return tag_dir
+
+    def _make_durable(self, tag_dir: Path) -> None:
+        """fsync the files of `tag_dir` this rank's resume reads (`node_files.rank_files`), its own among them:
+        DeepSpeed writes without it, and COMPLETE must come after every file is on disk."""
+        rank = self.context.rank
+        experts = self.expert_ranges[rank]
+        for name in sorted(rank_files(tag_files(tag_dir), rank, tuple(experts) if experts else None)):
+            fsync_file(tag_dir / name)
+        fsync_dir(tag_dir)
 
     def _abandon(self, tag_dir: Path, failure: BaseException | None) -> None:
         """A save failed on some rank: remove the partial tag, keep the complete ones, stop with one line."""

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt_moe.atomic import write_atomic
+from gpt_moe.checkpoint.node_files import tag_files
 from gpt_moe.checkpoint.records import COMPLETE, NodeFiles
 from gpt_moe.errors import CheckpointError, ConfigError, DataError
 from gpt_moe.train.engine import Distributed
@@ -97,8 +98,7 @@ class Disks:
         written its files); None on a shared disk, where all of them are in the one directory."""
         if not self.node_local:
             return None
-        listing = sorted(p.name for p in tag_dir.iterdir()
-                         if p.is_file() and p.name != COMPLETE and not p.name.startswith(".")) if self.writer else []
+        listing = [name for name in tag_files(tag_dir) if name != COMPLETE] if self.writer else []
         return tuple(NodeFiles(node.index, node.host, node.ranks, tuple(files))
                      for node, files in zip(self.nodes, self.per_node(context, listing)))
 
@@ -154,6 +154,7 @@ def detect_disks(run_dir: Path, context: Distributed) -> Disks:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     name = f"{PROBE_PREFIX}{secrets.token_hex(8)}" if context.is_rank0 else None
     if name is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / name, "")
     name = context.from_rank0(name)  # sent once written
     sees = (run_dir / name).is_file() if local_rank == 0 else None

@@ -50,19 +50,6 @@ class Distributed:
     def is_rank0(self) -> bool:
         return self.rank == 0
 
-    def on_rank0(self, check: Callable[[], T]) -> T | None:
-        """`check()` on rank 0 (None elsewhere); when it raises a one-line error there, every rank raises it."""
-        result, verdict = None, [None]
-        if self.is_rank0:
-            try:
-                result = check()
-            except GptMoeError as err:
-                verdict = [err]
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0] is not None:
-            raise verdict[0]
-        return result
-
     def on_ranks(self, here: bool, work: Callable[[], T]) -> T | None:
         """`work()` on the ranks where `here` is true (None elsewhere); when it raises a one-line error on any of
         them, every rank raises it (the lowest rank's)."""
