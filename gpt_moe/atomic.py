@@ -31,6 +31,12 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def fsync_file(path: Path) -> None:
+    """Make what was written to `path` (by any process of this host) durable."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(directory: Path) -> None:
     """Make renames and removals inside `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
@@ -133,8 +139,7 @@ def publish_dir(partial: Path, out: str | Path) -> Path:
     out = Path(out)
     for path in sorted(partial.rglob("*"), key=lambda p: -len(p.parts)):  # files first, then their directories
         if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
         else:
             fsync_dir(path)
     fsync_dir(partial)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from launching import train
 from gpt_moe.checkpoint.export import export
 from gpt_moe.checkpoint.loading import LoadedModel
 from gpt_moe.checkpoint.records import TrainingFacts
+from gpt_moe.data.shards import TokenShards
 from gpt_moe.data.tokenizer import save_tokenizer, train_bpe
 from gpt_moe.model.config import ModelConfig
 from gpt_moe.model.model import DeepSeekForCausalLM
@@ -40,13 +42,17 @@ def _deterministic():
     yield
 
 
+SMALL_DATA_PREP = ("--source", "builtin", "--tokenizer", "bpe:1024", "--max-tokens", "600000", "--val-fraction", "0.1",
+                   "--no-progress")
+"""`python -m data_prep` options of `prepared_data` (add --out)."""
+
+
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory):
     """A small prepared corpus (the built-in one, capped) shared by the training tests."""
     out = tmp_path_factory.mktemp("data") / "builtin_small"
-    subprocess.run([sys.executable, "-m", "data_prep", "--source", "builtin", "--tokenizer", "bpe:1024",
-                    "--max-tokens", "600000", "--val-fraction", "0.1", "--out", str(out), "--no-progress"],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data_prep", *SMALL_DATA_PREP, "--out", str(out)], check=True,
+                   capture_output=True)
     return out
 
 
@@ -69,6 +75,32 @@ def base_run(prepared_data, fp32_zero2, tmp_path_factory) -> Path:
           "--seq-len", "64", "--micro-batch", "4", "--save-interval", "4", "--eval-interval", "1000",
           "--sample-tokens", "0", ranks=0)
     return run_dir
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """A finished training run the tests compare others with: its arguments but --data and --run-dir, its run
+    directory (summary.json, checkpoints/), what it printed."""
+
+    args: tuple[str, ...]
+    run_dir: Path
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def two_ranks_one_node(prepared_data, fp32_zero2, tmp_path_factory) -> ReferenceRun:
+    """The micro model trained 3 steps (fp32, seed fixed, a checkpoint at step 3) on `prepared_data` by
+    `deepspeed --num_gpus 2` on one node: what runs on many nodes must equal (tests/test_many_nodes.py,
+    tests/test_node_local_disks.py)."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    model = root / "model.json"
+    model.write_text(json.dumps(shrunk_tiny(vocab_size=TokenShards(prepared_data).n_vocab).to_dict()))
+    args = ("--deepspeed", str(fp32_zero2), "--model", str(model), "--max-steps", "3", "--save-interval", "3",
+            "--seq-len", "64", "--micro-batch", "4", "--grad-accum", "2", "--log-interval", "1", "--eval-interval",
+            "1000", "--eval-batches", "2", "--sample-tokens", "0", "--warmup-steps", "2")
+    run_dir = root / "run"
+    stdout = train(*args, "--data", str(prepared_data), "--run-dir", str(run_dir), ranks=2).stdout
+    return ReferenceRun(args, run_dir, stdout)
 
 
 @pytest.fixture(scope="session")

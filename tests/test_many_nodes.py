@@ -12,11 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import shrunk_tiny
-from launching import LOOPBACK_NODES, NODE_LAUNCHERS, free_port, rank_env, train, train_on_nodes
+from launching import LOOPBACK_NODES, NODE_LAUNCHERS, free_port, rank_env, train_on_nodes
 from loopback_ssh import SSH_NODES, LoopbackSshd
 
-from gpt_moe.data.shards import TokenShards
 from gpt_moe.errors import ConfigError
 from gpt_moe.train.config import DIST_TIMEOUT_S, JOIN_TIMEOUT_S, build_parser, parse_train_args
 from gpt_moe.train.hardware import Hardware
@@ -37,26 +35,17 @@ def sshd(tmp_path):
         yield server
 
 
-def micro_run_args(prepared_data: Path, ds_config: Path, folder: Path) -> list[str]:
-    """launch/train.py's arguments for 3 steps of a micro model (fp32), saving at the last."""
-    model = folder / "model.json"
-    model.write_text(json.dumps(shrunk_tiny(vocab_size=TokenShards(prepared_data).n_vocab).to_dict()))
-    return ["--deepspeed", str(ds_config), "--model", str(model), "--data", str(prepared_data), "--max-steps", "3",
-            "--save-interval", "3", "--seq-len", "64", "--micro-batch", "4", "--grad-accum", "2", "--log-interval",
-            "1", "--eval-interval", "1000", "--eval-batches", "2", "--sample-tokens", "0", "--warmup-steps", "2"]
-
-
 @pytest.mark.multiprocess
-def test_two_nodes_by_every_launch_form_train_as_one_node_of_two_ranks(prepared_data, fp32_zero2, sshd, tmp_path):
+def test_two_nodes_by_every_launch_form_train_as_one_node_of_two_ranks(prepared_data, two_ranks_one_node, sshd,
+                                                                        tmp_path):
     """2 nodes x 1 rank, by `torchrun --nnodes 2 --node_rank R`, by `deepspeed --hostfile H --no_ssh --node_rank R`
     and by `deepspeed --hostfile H` run once on node 0 (pdsh over ssh), against `deepspeed --num_gpus 2` on one
     node, same seed, fp32, a micro model for 3 steps: the same losses, clipped gradient norms and per-expert token
     counts at every step, the same checkpoint files written once into the shared run directory, and a banner that
-    says 2 nodes x 1 rank per node (1 x 2 on one node)."""
-    args = micro_run_args(prepared_data, fp32_zero2, tmp_path)
-    one_node = tmp_path / "one-node"
-    banner = train(*args, "--run-dir", str(one_node), ranks=2).stdout
-    assert "nodes: 1 node(s) x 2 rank(s) per node" in banner
+    says 2 nodes x 1 rank per node (1 x 2 on one node) on one shared disk."""
+    args = [*two_ranks_one_node.args, "--data", str(prepared_data)]
+    one_node = two_ranks_one_node.run_dir
+    assert "nodes: 1 node(s) x 2 rank(s) per node" in two_ranks_one_node.stdout
     reference = history(one_node)
     assert [h["step"] for h in reference] == [1, 2, 3]
     for form in (*NODE_LAUNCHERS, "pdsh"):
@@ -73,6 +62,7 @@ def test_two_nodes_by_every_launch_form_train_as_one_node_of_two_ranks(prepared_
             node0, node1 = (r.stdout for r in train_on_nodes(form, *args, "--run-dir", str(run_dir)))
         assert "nodes: 2 node(s) x 1 rank(s) per node" in node0, (form, node0[-2000:])
         assert "gpt-moe training" not in node1  # one banner: global rank 0's
+        assert f"disks: shared (all 2 nodes see one {run_dir})" in node0, form
         ours = history(run_dir)
         assert [h["step"] for h in ours] == [1, 2, 3], form
         for a, b in zip(reference, ours):
@@ -90,13 +80,14 @@ def test_two_nodes_by_every_launch_form_train_as_one_node_of_two_ranks(prepared_
 
 
 @pytest.mark.multiprocess
-def test_an_unreachable_node_ends_the_run_within_30_seconds_naming_it(prepared_data, fp32_zero2, sshd, tmp_path):
+def test_an_unreachable_node_ends_the_run_within_30_seconds_naming_it(prepared_data, two_ranks_one_node, sshd,
+                                                                       tmp_path):
     """`deepspeed --hostfile H` over ssh with default flags, H naming 127.0.0.1 and 127.0.0.3 where no sshd listens:
     pdsh says at once that ssh to 127.0.0.3 failed; node 0's rank waits --join-timeout for rank 1, then names it
     and the run ends, non-zero, within about 30 s of the launch (measured ~27 s here) with nothing left running
     (without the join it waited out the 10-minute process-group timeout). With no sshd answering at all, DeepSpeed's
     runner refuses at once, naming the first host."""
-    args = [*micro_run_args(prepared_data, fp32_zero2, tmp_path), "--run-dir", str(tmp_path / "run")]
+    args = [*two_ranks_one_node.args, "--data", str(prepared_data), "--run-dir", str(tmp_path / "run")]
     unreachable = LOOPBACK_NODES[2]
     assert unreachable not in SSH_NODES
     result, elapsed = sshd.deepspeed([SSH_NODES[0], unreachable], "launch/train.py", *args, timeout=120)

@@ -4,7 +4,7 @@
   DeepSpeed pickles, so that a file holding anything else is refused, never run;
 * each rank's RNG states (`client_rank{r:05d}.pt`, written beside DeepSpeed's files);
 * the per-expert format of expert-parallel runs: one DeepSpeed file per global expert,
-  `layer_L_expert_E_mp_rank_00_model_states.pt`, whose keys are
+  `layer_L_expert_E_mp_rank_00_model_states.pt` (`node_files.EXPERT_FILE`), whose keys are
   `{experts module}.deepspeed_moe.experts.deepspeed_experts.{E}.{gate_up_proj|down_proj}`
   (`expert_key` / `parse_expert_key`: the one definition of that format).
 """
@@ -103,7 +103,6 @@ def load_rank_state(tag_dir: Path, rank: int) -> bool:
     return True
 
 
-EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 DEEPSPEED_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 _EXPERT_KEY = re.compile(r"^(.*\.experts)\." + re.escape(DEEPSPEED_EXPERT_PREFIX) + r"(\d+)\.(\w+)$")
 

@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt_moe.checkpoint.node_files import require_files
 from gpt_moe.checkpoint.records import (COMPLETE, MODEL_CONFIG_FILE, TAG_PREFIX, TOKENIZER_INFO_FILE, CheckpointRecord,
                                         TrainingFacts, newest_complete, read_record)
 from gpt_moe.data.published_tokenizer import read_published
@@ -106,6 +107,9 @@ class ModelDirectory:
 
     @classmethod
     def _read(cls, directory: Path, kind: str) -> ModelDirectory:
+        record = read_record(directory) if kind in ("checkpoint", "layout-free") else None
+        if record is not None:
+            require_files(directory, record)  # written on node-local disks: gathered first
         tokenizer = read_tokenizer_record(directory, kind)
         if kind == "export":
             ours = _json(directory / EXPORT_RECORD_FILE)
@@ -118,7 +122,6 @@ class ModelDirectory:
         if not (directory / MODEL_CONFIG_FILE).is_file():
             raise CheckpointError(f"{directory}: {MODEL_CONFIG_FILE} is missing; this checkpoint was not written by "
                                   "gpt-moe's trainer")
-        record = read_record(directory)
         return cls(directory, kind, ModelConfig.from_json(directory / MODEL_CONFIG_FILE), tokenizer, record.facts,
                    record)
 

@@ -9,6 +9,10 @@ records a checkpoint holds besides DeepSpeed's tensors. Torch-free (`data_prep -
             COMPLETE                `CheckpointRecord` as JSON, written by rank 0 after every rank finished writing
         latest                      DeepSpeed's pointer, written before the save is complete: never trusted alone
 
+On node-local disks (`gpt_moe.train.disks`) every node holds such a tag directory with its own ranks' files, the
+inference files and the same COMPLETE record, which lists the files each node holds (`NodeFiles`); what a reader
+needs from the other nodes is `gpt_moe.checkpoint.node_files`.
+
 A tag directory without COMPLETE (a save killed part-way) is ignored on resume and removed when a newer checkpoint
 completes. The run's counters and data position travel inside DeepSpeed's model-states file as its client state
 (`ClientState`). This module is the only reader and writer of both records; what DeepSpeed writes, and how it is
@@ -59,6 +63,25 @@ def tag_for_step(step: int) -> str:
 
 
 # ---------------------------------------------------------------------- the records
+@dataclass(frozen=True)
+class NodeFiles:
+    """The files of a checkpoint tag that node `node` (on `host`, holding global ranks `ranks`) wrote on its own
+    disk: a record written on node-local disks keeps one per node."""
+
+    node: int
+    host: str
+    ranks: tuple[int, ...]
+    files: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "host": self.host, "ranks": list(self.ranks), "files": list(self.files)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NodeFiles:
+        """From its JSON object; KeyError, TypeError or ValueError when malformed."""
+        return cls(int(data["node"]), str(data["host"]), tuple(map(int, data["ranks"])), tuple(map(str, data["files"])))
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a run spreads over ranks and in which precision it trains: what a checkpoint's files depend on, and
@@ -166,7 +189,9 @@ class CheckpointRecord(HasEvaluation):
     readers from then on), read by everything that uses a checkpoint. `expert_ranges[r]` is [first, end) of the
     routed experts rank r held (None for ranks without MoE layers, or in records written before it existed).
     A layout-free conversion (`format` LAYOUT_FREE) keeps the source's record and names the `source` tag.
-    `evaluation`: the run's last evaluation before the save (None when it has not evaluated yet)."""
+    `evaluation`: the run's last evaluation before the save (None when it has not evaluated yet). `nodes`: which
+    node holds which files, for a checkpoint written on node-local disks (None: every file is in the tag directory).
+    """
 
     step: int
     layout: Layout
@@ -179,6 +204,7 @@ class CheckpointRecord(HasEvaluation):
     format: str | None = None
     source: str | None = None
     evaluation: Evaluation | None = None
+    nodes: tuple[NodeFiles, ...] | None = None
 
     REQUIRED = ("step", "world_size", "ep_size", "zero_stage")
 
@@ -208,6 +234,8 @@ class CheckpointRecord(HasEvaluation):
                 "evaluation": self.evaluation.to_dict() if self.evaluation is not None else None}
         if self.format is not None:
             data.update({"format": self.format, "source": self.source})
+        if self.nodes is not None:
+            data["nodes"] = [node.to_dict() for node in self.nodes]
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -220,12 +248,13 @@ class CheckpointRecord(HasEvaluation):
         try:
             layout = Layout(int(data["world_size"]), int(data["ep_size"]), int(data["zero_stage"]),
                             None if data.get("bf16") is None else bool(data["bf16"]))
-            ranges = data.get("expert_ranges")
+            ranges, nodes = data.get("expert_ranges"), data.get("nodes")
             return cls(int(data["step"]), layout, int(data.get("tokens_seen", 0)),
                        None if ranges is None else tuple(tuple(map(int, r)) if r else None for r in ranges),
                        data.get("model"), bool(data.get("chat", False)), data.get("init_from"),
-                       data.get("completed_at"), data.get("format"), data.get("source"), evaluation_from(data, where))
-        except (TypeError, ValueError) as err:
+                       data.get("completed_at"), data.get("format"), data.get("source"), evaluation_from(data, where),
+                       None if nodes is None else tuple(NodeFiles.from_dict(node) for node in nodes))
+        except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{where}: malformed record ({first_line(err)}); the checkpoint is damaged, "
                                   "resume from an earlier one") from None
 
@@ -259,8 +288,9 @@ class ClientState:
 
 # ---------------------------------------------------------------------- tags and runs
 def write_record(tag_dir: Path, record: CheckpointRecord) -> None:
-    """Marks `tag_dir` complete (the last file of a checkpoint)."""
-    write_atomic(Path(tag_dir) / COMPLETE, dataclasses.replace(record, completed_at=time.time()).to_json())
+    """Marks `tag_dir` complete (the last file of a checkpoint), at the record's `completed_at` or now."""
+    completed_at = record.completed_at if record.completed_at is not None else time.time()
+    write_atomic(Path(tag_dir) / COMPLETE, dataclasses.replace(record, completed_at=completed_at).to_json())
 
 
 def read_record(tag_dir: str | Path) -> CheckpointRecord:

@@ -41,8 +41,9 @@ import numpy as np
 import torch
 
 from gpt_moe.atomic import AtomicFile, partial_dir, publish_dir
-from gpt_moe.checkpoint.deepspeed_files import EXPERT_FILE, is_routed_expert_param, load_data_only, set_rng_state
+from gpt_moe.checkpoint.deepspeed_files import is_routed_expert_param, load_data_only, set_rng_state
 from gpt_moe.checkpoint.model_dir import RUN_STATE_FILE
+from gpt_moe.checkpoint.node_files import EXPERT_FILE
 from gpt_moe.checkpoint.records import (COMPLETE, LAYOUT_FREE, MODEL_CONFIG_FILE, CheckpointRecord, ClientState,
                                         read_record, write_record)
 from gpt_moe.checkpoint.weights import WeightSource, check_finite
@@ -253,7 +254,8 @@ def _write_layout_free(source: DeepSpeedSource, partial: Path, progress: bool) -
     for file in source.tag_dir.iterdir():  # model config and tokenizer: what inference needs besides weights
         if file.is_file() and file.suffix != ".pt" and file.name != COMPLETE:
             shutil.copy2(file, partial / file.name)
-    write_record(partial, dataclasses.replace(source.record, format=LAYOUT_FREE, source=str(source.tag_dir.resolve())))
+    write_record(partial, dataclasses.replace(source.record, format=LAYOUT_FREE, source=str(source.tag_dir.resolve()),
+                                              completed_at=None, nodes=None))  # its own files, completed now
 
 
 def _save(path: Path, obj: Any) -> None:

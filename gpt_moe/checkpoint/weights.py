@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from gpt_moe.checkpoint.deepspeed_files import EXPERT_FILE, is_routed_expert_param, load_data_only, parse_expert_key
+from gpt_moe.checkpoint.deepspeed_files import is_routed_expert_param, load_data_only, parse_expert_key
+from gpt_moe.checkpoint.node_files import EXPERT_FILE, require_files
 from gpt_moe.checkpoint.records import CheckpointRecord
 from gpt_moe.checkpoint.zero_files import ZeroCheckpoint
 from gpt_moe.errors import CheckpointError
@@ -184,6 +185,7 @@ class DeepSpeedWeights(WeightSource):
     def __init__(self, tag_dir: Path, record: CheckpointRecord, config: ModelConfig) -> None:
         super().__init__(tag_dir)
         self.record, self.n_experts = record, config.n_routed_experts
+        require_files(tag_dir, record)  # a checkpoint of node-local disks: gathered first
         self.zero = ZeroCheckpoint(tag_dir) if record.layout.zero_stage == 3 else None
         self._module: dict[str, torch.Tensor] | None = None
         self.expert_files: dict[tuple[str, int], Path] = {}

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from gpt_moe.checkpoint.deepspeed_files import load_data_only
+from gpt_moe.checkpoint.node_files import require_files
 from gpt_moe.checkpoint.records import read_record
 from gpt_moe.errors import CheckpointError
 
@@ -72,6 +73,7 @@ class ZeroCheckpoint:
     def __init__(self, tag_dir: str | Path) -> None:
         self.tag_dir = Path(tag_dir)
         self.record = read_record(self.tag_dir)
+        require_files(self.tag_dir, self.record)  # a checkpoint of node-local disks: gathered first
         self.world, self.stage = self.record.layout.world_size, self.record.layout.zero_stage
         self.models = self._model_files()
         self._optimizers: dict[int, dict[str, Any]] = {}

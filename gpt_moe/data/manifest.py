@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +212,11 @@ class Manifest:
         if self.content != "text":  # text manifests stay as they were before chat data existed
             data = {**data, "content": self.content, "chat": self.chat.to_dict() if self.chat else None}
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+    def content_sha256(self) -> str:
+        """sha256 of the manifest without its creation time: the same for two preparations of the same bytes (its
+        shards' sha256 and the tokenizer's are in it), as nodes that each prepare their own copy must have."""
+        return hashlib.sha256(replace(self, created_at="").to_json().encode()).hexdigest()
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:

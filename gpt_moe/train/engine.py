@@ -51,18 +51,35 @@ class Distributed:
     def is_rank0(self) -> bool:
         return self.rank == 0
 
-    def on_rank0(self, check: Callable[[], T]) -> T | None:
-        """`check()` on rank 0 (None elsewhere); when it raises a one-line error there, every rank raises it."""
-        result, verdict = None, [None]
-        if self.is_rank0:
+    def on_ranks(self, here: bool, work: Callable[[], T]) -> T | None:
+        """`work()` on the ranks where `here` is true (None elsewhere); when it raises a one-line error on any of
+        them, every rank raises it (the lowest rank's)."""
+        result, error = None, None
+        if here:
             try:
-                result = check()
+                result = work()
             except GptMoeError as err:
-                verdict = [err]
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0] is not None:
-            raise verdict[0]
+                error = err
+        self.raise_any(error)
         return result
+
+    def raise_any(self, error: GptMoeError | None) -> None:
+        """Every rank raises the one-line error of the lowest rank that has one (`error`: this rank's, or None)."""
+        first = next((err for err in self.gather(error) if err is not None), None)
+        if first is not None:
+            raise first
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's `value` (picklable), in rank order, on every rank."""
+        values: list[T] = [value] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def from_rank0(self, value: T) -> T:
+        """Rank 0's `value` (picklable) on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def all_reduce(self, values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """`values` summed (or `op`) over every rank, on this rank's device."""

@@ -71,6 +71,7 @@ class RunPlan:
     precision: str = ""  # why the run trains in bf16 or fp32 (the banner says it)
     mix_off: str = "off"  # why no pretraining text is mixed in, when none is
     ranks_per_node: int = 0  # ranks on this rank's node, as the launcher said (`launcher_ranks_per_node`); 0: all
+    disks: str = ""  # shared or node-local, found at start (`gpt_moe.train.disks`); "" before
 
     @property
     def nodes(self) -> str:
@@ -156,6 +157,7 @@ class RunPlan:
             f"({model.n_routed_experts // t.ep_size} routed experts per rank per layer), "
             f"ZeRO stage {self.zero_stage}, bf16 {self.ds_config['bf16']['enabled']}",
             f"nodes: {self.nodes}",
+            f"disks: {self.disks or 'found at start: shared, or node-local (docs/training.md, Many nodes)'}",
             f"precision: {self.precision}",
             "compile: " + ("each decoder layer and the MTP block (torch.compile); the first step includes compiling"
                            if t.compile else "off (eager; --compile compiles each decoder layer)"),

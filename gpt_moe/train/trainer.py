@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ from gpt_moe.errors import DataError, GptMoeError
 from gpt_moe.model.moe import update_bias
 from gpt_moe.train.checkpointer import Checkpointer, open_resume_source
 from gpt_moe.train.config import FaultInjection
+from gpt_moe.train.disks import detect_disks, planned_for
 from gpt_moe.train.engine import build_engine, build_model, check_same_precision, start_distributed
 from gpt_moe.train.evaluator import Evaluator, ParentRouting
 from gpt_moe.train.hardware import release_freed_memory
@@ -65,13 +67,21 @@ class Trainer:
                  prepare_data: Callable[[Path], None] | None = None) -> None:
         self.started = time.perf_counter()
         self.plan, self.cfg, self.faults = plan, plan.train, faults
-        self.resume_source = open_resume_source(plan.resume)  # before anything starts: a refusal costs nothing
-        self.context = context = start_distributed(plan.zero_stage, self.cfg.dist_timeout, self.cfg.join_timeout)
+        try:  # before anything heavy starts: a refusal costs little
+            self.resume_source, refusal = open_resume_source(plan.resume, int(os.environ.get("RANK", "0"))), None
+        except GptMoeError as err:  # raised once the process group is up, on every rank (a node's own disk may lack
+            self.resume_source, refusal = None, err  # the files: the other nodes must not wait for it)
+        self.context = context = start_distributed(plan.zero_stage, self.cfg.dist_timeout,
+                                                    self.cfg.join_timeout)
+        context.raise_any(refusal)
         check_same_precision(plan, context)
-        # one run per run directory: a second run is refused here, before it writes anything
-        self.run_lock = context.on_rank0(lambda: run_directory_lock(plan.run_dir).acquire())
-        if plan.prepare_default_data:
-            self._prepare_default_data(prepare_data)
+        self.disks = disks = detect_disks(plan.run_dir, context)
+        disks.check_same_resume(context, plan.resume, self.cfg.resume)
+        self.plan = plan = planned_for(plan, disks)
+        # one run per run directory (each node's, on node-local disks): a second run is refused here, before it
+        # writes anything
+        self.run_lock = context.on_ranks(disks.writer, lambda: run_directory_lock(plan.run_dir).acquire())
+        self._prepare_default_data(prepare_data)
         self.shards = TokenShards(self.cfg.data)
         self.shards.check_vocab(plan.model.vocab_size)
         self.mix_shards = TokenShards(self.cfg.mix_data) if self.cfg.mix_pretrain else None
@@ -90,28 +100,36 @@ class Trainer:
         self.parent: ParentRouting | None = None  # rank 0 of an --init-from run: what it drifts from
         self.evaluator = Evaluator(self.engine, val_batches, self.chat, self.shards.tokenizer(), context,
                                    self.cfg.sample_tokens, plan.eval_suite, self.cfg.micro_batch * self.cfg.seq_len)
-        self.checkpointer = Checkpointer(plan, context, self.engine, self.shards.manifest.tokenizer,
+        self.checkpointer = Checkpointer(plan, context, disks, self.engine, self.shards.manifest.tokenizer,
                                          self.shards.directory, self.expert_ranges, faults)
         self.monitor = TrainingMonitor(plan, context, self.moe_layers, self.chat)
 
     # ------------------------------------------------------------------ start-up
     def _prepare_default_data(self, prepare_data: Callable[[Path], None] | None) -> None:
+        """The default data where the plan found none: prepared by global rank 0 on a shared disk, by each node's
+        first rank on node-local disks (where its node lacks it); the others wait."""
+        if not any(self.context.gather(self.plan.prepare_default_data)):
+            return
         if prepare_data is None:
             raise DataError(f"{self.cfg.data}: no prepared data; prepare it with `python -m data_prep`")
-        if self.context.is_rank0:
+
+        def prepare() -> None:
             what = "conversations" if self.plan.init_from is not None else "corpus"
             log.warning("%s has no prepared data: preparing the built-in %s first (python -m data_prep)",
                         self.cfg.data, what)
             prepare_data(Path(self.cfg.data))
-        dist.barrier()
+
+        self.context.on_ranks(self.disks.writer and self.plan.prepare_default_data, prepare)
 
     def _verify_data(self) -> None:
-        """Rank 0 checks every shard against the manifest (`gpt_moe.data.verify`, `--verify-data`) and the data's
-        largest token id against the model's vocabulary; every rank gets the verdict, before step 1."""
+        """Rank 0 (each node's first rank on node-local disks) checks every shard against the manifest
+        (`gpt_moe.data.verify`, `--verify-data`) and the data's largest token id against the model's vocabulary;
+        every node must hold the same data; every rank gets the verdict, before step 1."""
+        opened = [shards for shards in (self.shards, self.mix_shards) if shards is not None]
+        self.disks.check_same_data(self.context, [(s.directory, s.manifest.content_sha256()) for s in opened])
+
         def check() -> None:
-            for shards in (self.shards, self.mix_shards):
-                if shards is None:
-                    continue
+            for shards in opened:
                 found = verify_data(shards, self.cfg.verify_data)
                 if found.record is None and found.hashed:
                     log.warning("%s: verification not recorded (%s): every start hashes the shards again",
@@ -121,7 +139,7 @@ class Trainer:
                                     f"model's vocab_size is {self.plan.model.vocab_size}; use a model config with "
                                     f"vocab_size > {found.max_token_id} or data prepared with the model's tokenizer")
 
-        self.context.on_rank0(check)
+        self.context.on_ranks(self.disks.writer, check)
 
     def _training_batches(self) -> TrainBatches | ChatBatches | MixedBatches:
         """The training rows of this rank: text windows, packed conversations, or both (--mix-pretrain)."""
@@ -225,13 +243,14 @@ class Trainer:
         if client is not None:
             self.progress = Progress(client.step, client.tokens_seen, client.trained_tokens, client.bad_steps_total)
             self.loader.load_state_dict(client.data)
-        if self.context.is_rank0:
+        if self.disks.writer:  # every node's: a resume there plans from them
             run_dir = self.plan.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
             for name, config in (("ds_config.resolved.json", self.plan.ds_config),
                                  (RUN_CONFIG_FILE, asdict(self.cfg)),
                                  ("model_config.json", self.plan.model.to_dict())):
                 write_atomic(run_dir / name, json.dumps(config, indent=2))
+        if self.context.is_rank0:
             print(self.plan.banner(), flush=True)
         self.monitor.start()
         if self.plan.init_from is not None and self.evaluator.val_batches is not None:
