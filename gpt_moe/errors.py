@@ -23,6 +23,10 @@ class CheckpointError(GptMoeError, ValueError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
+class LostRankError(GptMoeError, RuntimeError):
+    """A collective failed because another rank stopped answering: its node died, froze or lost the network."""
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type's name when it has none), cut to `limit` characters:
     what a one-line error quotes of a library's failure."""

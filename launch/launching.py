@@ -3,6 +3,7 @@ with N CPU ranks on this machine, or several launchers each standing for one nod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -101,9 +102,12 @@ class NodeJob:
         return Path(out.name).read_text()
 
     def signal(self, node: int, signum: int) -> None:
-        """`signum` to node `node`'s launcher and all its ranks (SIGKILL: the node dies; SIGSTOP: it freezes with
-        its sockets open, as a hung GPU or a network partition leaves it)."""
-        os.killpg(self.processes[node].pid, signum)
+        """`signum` to node `node`'s launcher and every process under it (SIGKILL: the node dies; SIGSTOP: it
+        freezes with its sockets open, as a hung GPU or a network partition leaves it). By process tree, not group:
+        torchrun starts its ranks in sessions of their own."""
+        for pid in [self.processes[node].pid, *descendants(self.processes[node].pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def finish(self, timeout: float = 600, check: bool = True) -> list[subprocess.CompletedProcess]:
         """Every launcher's result once it exits, in node order; past `timeout` seconds (from now) the stragglers'
@@ -114,8 +118,8 @@ class NodeJob:
             try:
                 process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGCONT)  # a frozen node must wake to die
-                os.killpg(process.pid, signal.SIGKILL)
+                node = self.processes.index(process)
+                self.signal(node, signal.SIGKILL)
                 process.wait()
             texts = []
             for stream in (out, err):
@@ -131,6 +135,20 @@ class NodeJob:
         if check:
             assert_no_allreduce_workspace_left(self.port)
         return results
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process under `pid` (children first), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], list(children.get(pid, []))
+    while queue:
+        found.append(queue.pop(0))
+        queue.extend(children.get(found[-1], []))
+    return found
 
 
 def train_on_nodes(form: str, *args: str, nodes: int = 2, ranks_per_node: int = 1,

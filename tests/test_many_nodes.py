@@ -162,16 +162,20 @@ def test_join_timeout_defaults_to_twenty_seconds_and_says_when_to_raise_it():
 
 
 def test_the_dist_timeout_is_the_process_groups_timeout():
-    """start_distributed (the trainer passes it --dist-timeout) gives gloo's process group that timeout: a collective
-    waiting for a frozen rank raises after it. One rank, in a fresh interpreter (the process group and the launcher
-    variables it sets stay out of this one)."""
+    """start_distributed (the trainer passes it --dist-timeout) gives gloo's process group that timeout, and every
+    group made after it (torch's default there is 30 minutes): a collective waiting for a frozen rank raises after
+    it. One rank, in a fresh interpreter (the process group and the launcher variables it sets stay out of this
+    one)."""
     script = ("import torch, torch.distributed as dist\n"
               "from gpt_moe.train.engine import start_distributed, end_distributed\n"
               "start_distributed(2, 7.5)\n"
               "backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))\n"
               "print('timeout', backend.options._timeout.total_seconds())\n"
+              "later = dist.new_group([0])._get_backend(torch.device('cpu'))\n"
+              "print('later group timeout', later.options._timeout.total_seconds())\n"
               "end_distributed()\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env=rank_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert "timeout 7.5" in result.stdout.splitlines()
+    assert "later group timeout 7.5" in result.stdout.splitlines()  # DeepSpeed's ZeRO and expert groups are later

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from gpt_moe.checkpoint.loading import every_rank_writes, load_weights, open_weights
 from gpt_moe.checkpoint.weights import check_weights
-from gpt_moe.errors import CheckpointError, ConfigError, GptMoeError
+from gpt_moe.errors import CheckpointError, ConfigError, GptMoeError, first_line
 from gpt_moe.model.model import DeepSeekForCausalLM, mtp_prefix
 from gpt_moe.model.moe import MoE
 from gpt_moe.train.config import DIST_TIMEOUT_S, JOIN_TIMEOUT_S, lr_at
@@ -142,6 +143,7 @@ def start_distributed(zero_stage: int, timeout_s: float = DIST_TIMEOUT_S,
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
                                timeout=timedelta(seconds=timeout_s))
     del joined
+    bound_later_groups(timedelta(seconds=timeout_s))
     context = Distributed(dist.get_rank(), dist.get_world_size(), torch.device(accelerator.current_device_name()))
     if context.device.type == "cpu" and zero_stage < 3:
         # reuse freed activations instead of faulting fresh pages in every step; not under ZeRO-3, the stage
@@ -157,6 +159,27 @@ def start_distributed(zero_stage: int, timeout_s: float = DIST_TIMEOUT_S,
         log.warning("TORCH_CUDA_ARCH_LIST=%s rewritten as %s for DeepSpeed's op builder", arch_list,
                     os.environ["TORCH_CUDA_ARCH_LIST"])
     return context
+
+
+def bound_later_groups(timeout: timedelta) -> None:
+    """torch gives a group made by `new_group` (DeepSpeed's ZeRO data-parallel and expert groups: the gradient
+    all-reduce runs in one) its backend's default timeout, 30 minutes for gloo, not the world group's: measured, a
+    survivor of a frozen node waited in the ZeRO bucket all-reduce past a 20 s --dist-timeout. Every group made
+    from now on gets `timeout` too (torch reads these module defaults when it makes one)."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def lost_rank_reason(err: BaseException) -> str | None:
+    """What a collective's failure says when another rank stopped answering (reset connection, timeout: gloo's
+    RuntimeError, NCCL's DistBackendError), as its first line; None for any other error."""
+    text = first_line(err, limit=2000)
+    if not (isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and ("gloo" in text or "NCCL" in text))):
+        return None
+    text = re.sub(r"^\[[^\]]*\] ", "", text)  # gloo's "[.../pair.cc:537] " source location
+    return text.split(". ")[0].rstrip(".")[:200]
 
 
 def check_same_precision(plan: RunPlan, context: Distributed) -> None:

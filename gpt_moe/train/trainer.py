@@ -28,18 +28,19 @@ import torch.distributed as dist
 
 from gpt_moe.atomic import write_atomic
 from gpt_moe.checkpoint.evaluation import Evaluation
-from gpt_moe.checkpoint.records import RUN_CONFIG_FILE, ClientState, run_directory_lock
+from gpt_moe.checkpoint.records import RUN_CONFIG_FILE, ClientState, newest_complete, run_directory_lock
 from gpt_moe.data.chat_batches import ChatBatches, ChatValBatches, PackedBatch
 from gpt_moe.data.mixed_batches import MixedBatches, text_rows
 from gpt_moe.data.shards import TokenShards, TrainBatches, ValBatches
 from gpt_moe.data.validation import model_inputs
 from gpt_moe.data.verify import verify_data
-from gpt_moe.errors import DataError, GptMoeError
+from gpt_moe.errors import DataError, GptMoeError, LostRankError
 from gpt_moe.model.moe import update_bias
 from gpt_moe.train.checkpointer import Checkpointer, open_resume_source
 from gpt_moe.train.config import FaultInjection
 from gpt_moe.train.disks import detect_disks, planned_for
-from gpt_moe.train.engine import build_engine, build_model, check_same_precision, start_distributed
+from gpt_moe.train.engine import (build_engine, build_model, check_same_precision, lost_rank_reason,
+                                  start_distributed)
 from gpt_moe.train.evaluator import Evaluator, ParentRouting
 from gpt_moe.train.hardware import release_freed_memory
 from gpt_moe.train.monitor import LOSS_NAMES, TrainingMonitor
@@ -233,9 +234,20 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         try:
             self._loop(bar)
+        except RuntimeError as err:
+            reason = lost_rank_reason(err)
+            if reason is None:
+                raise
+            raise LostRankError(self._lost_rank_message(reason)) from err
         finally:
             bar.close()  # before any error message: the bar's line must not swallow it
         return self._summary()
+
+    def _lost_rank_message(self, reason: str) -> str:
+        newest = newest_complete(self.plan.checkpoint_dir)
+        return (f"step {self.progress.step + 1}: another rank stopped answering ({reason}): its node died, froze past "
+                f"--dist-timeout {self.cfg.dist_timeout:g}s or lost its network; the newest complete checkpoint is "
+                f"{newest or 'none'}; rerun the command to resume (on fewer nodes --resume auto converts the layout)")
 
     def _begin(self) -> None:
         """Resume if the plan says so; write the resolved configs; print the banner; start the clock."""
