@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from launching import LOOPBACK_NODES, NODE_LAUNCHERS, free_port, rank_env, train_on_nodes
 from loopback_ssh import SSH_NODES, LoopbackSshd
+from test_train_multiprocess import LATER_STEP_TOLERANCE, STEP_TOLERANCE
 
 from gpt_moe.errors import ConfigError
 from gpt_moe.train.config import DIST_TIMEOUT_S, JOIN_TIMEOUT_S, build_parser, parse_train_args
@@ -22,6 +23,7 @@ from gpt_moe.train.join import JoinError, join_all_ranks, missing_ranks_named, s
 from gpt_moe.train.plan import launcher_ranks_per_node, plan_run
 
 REPO = Path(__file__).resolve().parent.parent
+EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
 OLD_RUN = REPO / "tests" / "fixtures" / "run_v0_1"
 
 
@@ -77,6 +79,34 @@ def test_two_nodes_by_every_launch_form_train_as_one_node_of_two_ranks(prepared_
         tag = Path("checkpoints") / "step_00000003"
         assert (run_dir / tag / "COMPLETE").is_file(), form
         assert sorted(p.name for p in (run_dir / tag).iterdir()) == sorted(p.name for p in (one_node / tag).iterdir())
+
+
+@pytest.mark.multiprocess
+def test_two_nodes_of_two_ranks_with_the_experts_spread_over_both_train_as_ep1(prepared_data, two_ranks_one_node,
+                                                                               tmp_path):
+    """2 nodes x 2 ranks, --ep-size 4 (each rank holds 4 of the 16 routed experts, so the expert all-to-all crosses
+    the nodes), each node on its own disk, against the EP=1 run of 2 ranks on one node with the same global batch
+    (micro-batch 2 x 4 ranks reads the windows micro-batch 4 x 2 ranks reads): the same losses and clipped gradient
+    norms within the EP tolerance (tests/test_train_multiprocess.py says why EP is not bit-identical), and every
+    expert's checkpoint file on the node that trained it, none on the other."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    args = [*two_ranks_one_node.args, "--data", str(prepared_data), "--micro-batch", "2", "--ep-size", "4",
+            "--run-dir", "runs/ep4"]
+    node0, _ = train_on_nodes("deepspeed", *args, ranks_per_node=2, node_dirs=nodes)
+    assert "nodes: 2 node(s) x 2 rank(s) per node" in node0.stdout
+    reference, ours = history(two_ranks_one_node.run_dir), history(nodes[0] / "runs" / "ep4")
+    assert [h["step"] for h in ours] == [h["step"] for h in reference] == [1, 2, 3]
+    for a, b in zip(reference, ours):
+        rel = STEP_TOLERANCE.get(a["step"], LATER_STEP_TOLERANCE)
+        for key in ("train/loss", "train/grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=0), (a["step"], key)
+    moe_layers = len(reference[0]["expert_loads"])  # the MoE layers and the MTP block's
+    for node, experts in zip(nodes, (range(0, 8), range(8, 16))):
+        files = (node / "runs" / "ep4" / "checkpoints" / "step_00000003").iterdir()
+        held = sorted(tuple(map(int, match.groups())) for f in files if (match := EXPERT_FILE.fullmatch(f.name)))
+        assert held == [(layer, e) for layer in range(moe_layers) for e in experts], (node, held)
 
 
 @pytest.mark.multiprocess
