@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from gpt_moe.atomic import missing_dirs, remove_empty_dirs, unwritable_reason
@@ -34,10 +35,13 @@ def prepare_default_data(plan: RunPlan, directory: Path) -> None:
 
 def train(argv: list[str] | None) -> int:
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    # every rank runs the same code: what it warns of is said once per run, by global rank 0 (errors by any rank)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    if rank != 0:
+        warnings.simplefilter("ignore")  # a library's deprecation and user warnings too
     cfg, explicit, faults = parse_train_args(argv)
     plan = plan_run(cfg, explicit, int(os.environ.get("WORLD_SIZE", "1")), Hardware.detect(),
                     launcher_ranks_per_node())

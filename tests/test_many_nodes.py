@@ -56,14 +56,15 @@ def test_two_nodes_by_every_launch_form_train_as_one_node_of_two_ranks(prepared_
             result, _ = sshd.deepspeed(list(SSH_NODES), "launch/train.py", *args, "--run-dir", str(run_dir))
             assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
             assert "export OMP_NUM_THREADS=1;" in result.stderr + result.stdout  # reached the ranks over ssh
-            lines = result.stdout.splitlines()
+            lines = (result.stdout + result.stderr).splitlines()
             node0 = "\n".join(line for line in lines if line.startswith(f"{SSH_NODES[0]}: "))
             node1 = "\n".join(line for line in lines if line.startswith(f"{SSH_NODES[1]}: "))
             assert f"{SSH_NODES[1]}: " in node1 and not sshd.sessions(grace=5)  # both ran, and ended
         else:
-            node0, node1 = (r.stdout for r in train_on_nodes(form, *args, "--run-dir", str(run_dir)))
+            node0, node1 = (r.stdout + r.stderr for r in train_on_nodes(form, *args, "--run-dir", str(run_dir)))
         assert "nodes: 2 node(s) x 1 rank(s) per node" in node0, (form, node0[-2000:])
         assert "gpt-moe training" not in node1  # one banner: global rank 0's
+        assert "Warning:" not in node1 and " WARNING gpt_moe" not in node1, (form, node1[-2000:])  # once per run
         assert f"disks: shared (all 2 nodes see one {run_dir})" in node0, form
         ours = history(run_dir)
         assert [h["step"] for h in ours] == [1, 2, 3], form
