@@ -5,6 +5,7 @@ docs/training.md "Many nodes" train as one node with as many ranks does; the ban
 never starts ends the run in bounded time, named; the timeouts are validated flags."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -108,6 +109,38 @@ def test_two_nodes_of_two_ranks_with_the_experts_spread_over_both_train_as_ep1(p
         files = (node / "runs" / "ep4" / "checkpoints" / "step_00000003").iterdir()
         held = sorted(tuple(map(int, match.groups())) for f in files if (match := EXPERT_FILE.fullmatch(f.name)))
         assert held == [(layer, e) for layer in range(moe_layers) for e in experts], (node, held)
+
+
+SRUN_ON_LOOPBACK = """#!/bin/bash
+# srun's stand-in: the task (after srun's options) once per node, all at once, SLURM_NODEID set; the worst exit
+while [[ $1 == --* ]]; do shift; done
+pids=(); for node in 0 1; do SLURM_NODEID=$node "$@" & pids+=($!); done
+status=0; for pid in "${pids[@]}"; do wait "$pid" || status=$?; done; exit $status
+"""
+SCONTROL_ON_LOOPBACK = "#!/bin/bash\n# scontrol show hostnames: the job's nodes\nprintf '127.0.0.1\\n127.0.0.2\\n'\n"
+
+
+@pytest.mark.multiprocess
+def test_the_slurm_template_trains_as_one_node_of_two_ranks(prepared_data, two_ranks_one_node, tmp_path):
+    """launch/slurm_train.sbatch run by bash with stand-ins for SLURM's `scontrol` (the job's hosts: 127.0.0.1 and
+    127.0.0.2) and `srun` (its task once per node, at once): one `deepspeed --no_ssh` launcher per node, and the
+    job trains exactly as one node of 2 ranks."""
+    tools = tmp_path / "slurm"
+    tools.mkdir()
+    for name, text in (("srun", SRUN_ON_LOOPBACK), ("scontrol", SCONTROL_ON_LOOPBACK)):
+        (tools / name).write_text(text)
+        (tools / name).chmod(0o755)
+    run_dir = tmp_path / "slurm-run"
+    env = dict(rank_env(), PATH=f"{tools}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="loop[1-2]",
+               GPUS_PER_NODE="1", MASTER_PORT=free_port(), TMPDIR=str(tmp_path),
+               TRAIN_ARGS=" ".join([*two_ranks_one_node.args, "--data", str(prepared_data), "--run-dir", str(run_dir)]))
+    job = subprocess.run(["bash", "launch/slurm_train.sbatch"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "nodes: 2 node(s) x 1 rank(s) per node" in job.stdout
+    assert (tmp_path / "gpt-moe-hosts.7.1").read_text() == "127.0.0.1 slots=1\n127.0.0.2 slots=1\n"
+    for a, b in zip(history(two_ranks_one_node.run_dir), history(run_dir), strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6, abs=0), a["step"]
 
 
 @pytest.mark.multiprocess
