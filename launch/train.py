@@ -8,6 +8,7 @@ Run with --help for the options. The logic lives in gpt_moe/train/ (plan.py, tra
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -75,5 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: train(argv))
 
 
+def exit_without_teardown(code: int) -> None:
+    """Ends the process once the run is over: every file is written and closed and the process group is down, so
+    the interpreter's own teardown has nothing left to do but destroy C++ objects, and there a communication
+    thread still joinable aborts the process now and then ("terminate called without an active exception", exit
+    134, after a ZeRO-3 run had finished). The exit handlers still run (a run that failed releases its run lock
+    there); the exit code is the run's."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())
